@@ -1,0 +1,309 @@
+"""Writing and reading WebDataset shards and ``_info.json``: keys, members, atomic writes, checksums, URLs.
+
+The layout (see README "Shard layout" and DESIGN.md):
+
+- ``{prefix}-{index:06d}.tar``: standard tar files. A sample is the members that share a key, adjacent:
+  the image bytes untouched (``key.jpg`` or the source's own extension), ``key.cls`` (class index as
+  ASCII decimal), ``key.json`` (source, width, height, class name), then ``key.rlm`` (the label-map
+  record, ``relabel_shards.labelmap``). Members passed through from input shards keep their order;
+  ``key.rlm`` always comes last.
+- Every member has mtime 0, uid/gid 0, empty user and group names and mode 0o444, so the same input
+  gives the same bytes.
+- ``_info.json`` beside the shards, timm's layout plus our own section per split (:func:`make_split_info`).
+
+Writes are atomic: a shard is written to a local temporary file and then renamed (local) or uploaded
+(object storage, where an upload becomes visible whole); ``_info.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+INFO_NAME = "_info.json"
+LABELMAP_EXT = "rlm"
+FORMAT_VERSION = 1
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+class ShardError(ValueError):
+    """A shard or ``_info.json`` that is missing, malformed or disagrees with itself; the message names it."""
+
+
+# ----------------------------------------------------------------------------------------------- keys
+
+
+def key_from_path(relpath: str) -> str:
+    """The sample key for a source file: its basename without the extension, unsafe characters as ``_``.
+
+    ``n01440764/n01440764_10026.JPEG`` -> ``n01440764_10026``. Keys never hold dots, because webdataset
+    splits a member name into key and extension at the first dot of the basename.
+    """
+    base = os.path.basename(relpath.replace("\\", "/"))
+    stem = base.rsplit(".", 1)[0] if "." in base else base
+    key = _KEY_UNSAFE.sub("_", stem)
+    if not key:
+        raise ValueError(f"cannot derive a sample key from path {relpath!r}")
+    return key
+
+
+def shard_name(prefix: str, index: int) -> str:
+    """``{prefix}-{index:06d}.tar``."""
+    return f"{prefix}-{index:06d}.tar"
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """Split a tar member name into (key, extension) the way webdataset does: at the basename's first dot."""
+    dirname, base = os.path.split(name)
+    if "." not in base:
+        return name, ""
+    stem, ext = base.split(".", 1)
+    return (f"{dirname}/{stem}" if dirname else stem), ext
+
+
+# ---------------------------------------------------------------------------------------------- write
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What ``_info.json`` says of one written shard."""
+
+    filename: str
+    num_samples: int
+    bytes: int
+    sha256: str
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size = size
+    ti.mtime = 0
+    ti.mode = 0o444
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    ti.type = tarfile.REGTYPE
+    return ti
+
+
+def write_tar(fileobj: io.BufferedIOBase, samples: Iterable[Sequence[tuple[str, bytes]]]) -> int:
+    """Write samples, each a sequence of (member name, bytes), into an uncompressed tar; return the count.
+
+    Member names are written as given and in the given order; the caller keeps each sample's members
+    adjacent and its keys unique.
+    """
+    n = 0
+    with tarfile.open(fileobj=fileobj, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for members in samples:
+            for name, data in members:
+                tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            n += 1
+    return n
+
+
+def sample_members(
+    key: str,
+    *,
+    image: bytes,
+    image_ext: str,
+    label: int,
+    meta: dict[str, Any],
+    labelmap: bytes,
+) -> list[tuple[str, bytes]]:
+    """The members of one sample built from a plain image, in the shard's fixed order."""
+    if "." in key or "/" in key:
+        raise ValueError(f"sample key must hold no '.' or '/', got {key!r}")
+    return [
+        (f"{key}.{image_ext.lower()}", image),
+        (f"{key}.cls", str(int(label)).encode("ascii")),
+        (f"{key}.json", json_bytes(meta)),
+        (f"{key}.{LABELMAP_EXT}", labelmap),
+    ]
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Canonical JSON: sorted keys, no extra white space, UTF-8. Same object, same bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def file_sha256(fileobj: io.BufferedIOBase, chunk: int = 1 << 20) -> tuple[int, str]:
+    """(size in bytes, hex sha256) of a readable binary file object, read from its current position."""
+    h = hashlib.sha256()
+    size = 0
+    while block := fileobj.read(chunk):
+        h.update(block)
+        size += len(block)
+    return size, h.hexdigest()
+
+
+def write_shard(out: str, filename: str, samples: Iterable[Sequence[tuple[str, bytes]]],
+                storage_options: dict | None = None) -> ShardRecord:
+    """Write one shard atomically to ``out/filename`` (local directory or fsspec URL) and describe it.
+
+    The tar is assembled in a local temporary file; a local destination gets it by ``os.replace``, a remote
+    one by a single upload, so a reader never sees a partial shard under its final name.
+    """
+    fs, root = url_to_fs(out, storage_options)
+    final = join(root, filename)
+    local = _is_local(fs)
+    tmp_dir = root if local else None
+    if local:
+        os.makedirs(root, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=tmp_dir)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            n = write_tar(f, samples)
+            f.flush()
+            os.fsync(f.fileno())
+            f.seek(0)
+            size, digest = file_sha256(f)
+        if local:
+            os.replace(tmp, final)
+        else:
+            fs.put_file(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return ShardRecord(filename=filename, num_samples=n, bytes=size, sha256=digest)
+
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write ``data`` to ``url`` so that readers see the old file or the new one, never a part."""
+    fs, path = url_to_fs(url, storage_options)
+    if _is_local(fs):
+        d = os.path.dirname(path) or "."
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=d)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        fs.pipe_file(path, data)
+
+
+# ------------------------------------------------------------------------------------------ _info.json
+
+
+def make_split_info(split: str, shards: Sequence[ShardRecord], project: dict[str, Any]) -> dict[str, Any]:
+    """One split of ``_info.json``: timm's fields plus ``relabel_shards`` (our section).
+
+    ``project`` holds what the writer knows (annotator, labelmap geometry, class names, failures, ...);
+    the shard list with sizes and sha256 and the format version are filled in here.
+    """
+    return {
+        "name": split,
+        "num_samples": sum(s.num_samples for s in shards),
+        "filenames": [s.filename for s in shards],
+        "shard_lengths": [s.num_samples for s in shards],
+        "relabel_shards": {
+            "format_version": FORMAT_VERSION,
+            **project,
+            "shards": [asdict(s) for s in shards],
+        },
+    }
+
+
+def write_info(out: str, split_info: dict[str, Any], storage_options: dict | None = None,
+               name: str | None = None) -> dict[str, Any]:
+    """Add or replace one split in ``out/_info.json`` (other splits are kept) and write it atomically."""
+    try:
+        info = read_info(out, storage_options)
+    except FileNotFoundError:
+        info = {}
+    if name is not None or "name" not in info:
+        info["name"] = name or os.path.basename(out.rstrip("/")) or "dataset"
+    info.setdefault("splits", {})[split_info["name"]] = split_info
+    write_bytes_atomic(join(out, INFO_NAME), json.dumps(info, indent=1, sort_keys=True).encode() + b"\n",
+                       storage_options)
+    return info
+
+
+def read_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """Read ``_info.json`` from a directory or URL prefix (or the file's own URL).
+
+    Raises:
+        FileNotFoundError: there is no ``_info.json`` there.
+        ShardError: it is not valid JSON, or has no ``splits`` object.
+    """
+    if not url.rstrip("/").endswith(".json"):
+        url = join(url, INFO_NAME)
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {INFO_NAME} at {url}") from None
+    try:
+        info = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(f"{url}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("splits", {}), dict):
+        raise ShardError(f"{url}: expected an object with a 'splits' object")
+    return info
+
+
+def get_split(info: dict[str, Any], split: str | None, where: str = INFO_NAME) -> dict[str, Any]:
+    """The named split of an ``_info.json`` (the only one, when ``split`` is None)."""
+    splits = info.get("splits", {})
+    if split is None:
+        if len(splits) != 1:
+            raise ShardError(f"{where} holds splits {sorted(splits)}; name one with split=...")
+        return next(iter(splits.values()))
+    if split not in splits:
+        raise ShardError(f"{where} has no split {split!r}; it holds {sorted(splits)}")
+    return splits[split]
+
+
+# ----------------------------------------------------------------------------------------------- URLs
+
+
+def url_to_fs(url: str, storage_options: dict | None = None):
+    """(fsspec filesystem, path) for a local path or URL; a missing s3fs/gcsfs names its extra."""
+    import fsspec  # light, but keep ``import relabel_shards.shards`` free of it until needed
+
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in ("s3", "s3a"):
+        from relabel_shards._optional import require
+
+        require("s3fs", f"reading or writing {url}")
+    elif protocol in ("gs", "gcs"):
+        from relabel_shards._optional import require
+
+        require("gcsfs", f"reading or writing {url}")
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path
+
+
+def join(base: str, name: str) -> str:
+    """Join a directory or URL prefix and a relative name with exactly one '/'."""
+    return f"{base.rstrip('/')}/{name}" if base else name
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def expand_urls(urls: str | Sequence[str]) -> list[str]:
+    """Expand brace patterns (``train-{000000..000009}.tar``) and '::'-joined lists into a flat list."""
+    from webdataset.shardlists import expand_urls as _wds_expand
+
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out: list[str] = []
+    for item in items:
+        out.extend(_wds_expand(item))
+    return out

@@ -1,0 +1,163 @@
+"""A readable summary of a dataset's ``_info.json`` (what ``relabel-shards info`` prints).
+
+The summary reads the file defensively: timm's fields (``splits.<name>.{num_samples, filenames,
+shard_lengths}``) and the project's ``relabel_shards`` section (format version, annotator, k/h/w/C, class
+names, per-shard bytes and sha256, failures) are shown when present and skipped quietly when not, so the
+command also works on plain timm/webdataset datasets and on older or partial files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from relabel_shards.shards import INFO_NAME, get_split, join, read_info
+
+# Keys of the project section that the summary lays out itself; any other scalar key is listed as is.
+_KNOWN = {"format_version", "shards", "annotator", "k", "height", "width", "num_classes", "class_names",
+          "failures"}
+
+
+def human_bytes(n: float) -> str:
+    """``1536 -> '1.5 KiB'``: a byte count in binary units with three significant digits."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (list, tuple)) and len(v) <= 8 and all(isinstance(x, (int, float, str)) for x in v):
+        return "(" + ", ".join(_scalar(x) for x in v) + ")"
+    if isinstance(v, str) and len(v) > 64:
+        return v[:24] + "…"
+    return str(v)
+
+
+def _failures(section: Mapping[str, Any]) -> tuple[int, list[str]]:
+    """(count, first few as text) of the build failures, whether stored as a list, a count or a dict."""
+    failures = section.get("failures")
+    if failures is None:
+        return 0, []
+    if isinstance(failures, int):
+        return failures, []
+    if isinstance(failures, Mapping):  # e.g. {"count": n, "items": [...]} or {path: reason}
+        items = failures.get("items", failures.get("list"))
+        if isinstance(items, Sequence) and not isinstance(items, str):
+            return int(failures.get("count", len(items))), [_failure_text(x) for x in items[:3]]
+        return len(failures), [f"{k}: {v}" for k, v in list(failures.items())[:3]]
+    if isinstance(failures, Sequence) and not isinstance(failures, str):
+        return len(failures), [_failure_text(x) for x in failures[:3]]
+    return 0, []
+
+
+def _failure_text(item: Any) -> str:
+    if isinstance(item, Mapping):
+        where = item.get("path", item.get("source", item.get("key", "?")))
+        why = item.get("reason", item.get("error", ""))
+        return f"{where}: {why}" if why else str(where)
+    return str(item)
+
+
+def format_split(split: Mapping[str, Any], *, max_shards: int = 4) -> list[str]:
+    """Lines describing one split of ``_info.json``.
+
+    Args:
+        split: ``splits.<name>`` of ``_info.json``.
+        max_shards: how many shards to list by name (the first ones and the last); 0 lists none.
+    """
+    name = split.get("name", "?")
+    section = split.get("relabel_shards") or {}
+    filenames = list(split.get("filenames") or [])
+    lengths = list(split.get("shard_lengths") or [])
+    records = [r for r in section.get("shards") or [] if isinstance(r, Mapping)]
+    num_samples = split.get("num_samples", sum(x for x in lengths if isinstance(x, int)))
+    sizes = [r["bytes"] for r in records if isinstance(r.get("bytes"), int)]
+    nshards = len(filenames) or len(records)
+    line = f"split {name}: {num_samples:,} samples in {nshards:,} shard{'s' if nshards != 1 else ''}"
+    if sizes:
+        line += f", {human_bytes(sum(sizes))}"
+        if num_samples:
+            line += f" ({human_bytes(sum(sizes) / num_samples)} per sample)"
+    lines = [line]
+    if not section:
+        lines.append("  no relabel_shards section: not written by relabel-shards (no label maps described)")
+    else:
+        k, h, w, c = (section.get(x) for x in ("k", "height", "width", "num_classes"))
+        names = section.get("class_names")
+        label = f"  label maps: k={k} top classes on a {h}x{w} grid (rows x columns), C={c} classes"
+        if isinstance(names, Sequence) and names:
+            label += f" ({', '.join(map(str, names[:3]))}{', …' if len(names) > 3 else ''})"
+        elif c == 1000:
+            label += " (ImageNet-1k)"
+        label += f", format version {section.get('format_version', '?')}"
+        lines.append(label)
+        annotator = section.get("annotator")
+        if isinstance(annotator, Mapping) and annotator:
+            lines.append("  annotator: " + ", ".join(f"{key} {_scalar(v)}" for key, v in annotator.items()))
+        elif annotator:
+            lines.append(f"  annotator: {_scalar(annotator)}")
+        nfail, examples = _failures(section)
+        lines.append(f"  failures: {nfail} source image{'s' if nfail != 1 else ''} skipped"
+                     + (f" (e.g. {'; '.join(examples)})" if examples else ""))
+        others = {key: v for key, v in section.items() if key not in _KNOWN}
+        if others:
+            lines.append("  also: " + ", ".join(f"{key}={_scalar(v)}" for key, v in sorted(others.items())))
+    if lengths and nshards:
+        lines.append(f"  samples per shard: min {min(lengths):,}, max {max(lengths):,}")
+    if max_shards and nshards:
+        by_name = {r.get("filename"): r for r in records}
+        order = filenames or [r.get("filename") for r in records]
+        shown = list(range(nshards)) if nshards <= max_shards else [*range(max_shards - 1), nshards - 1]
+        for pos, i in enumerate(shown):
+            if pos and i != shown[pos - 1] + 1:
+                lines.append(f"    … {i - shown[pos - 1] - 1:,} more")
+            rec = by_name.get(order[i], {})
+            n = lengths[i] if i < len(lengths) else rec.get("num_samples", "?")
+            extra = ""
+            if isinstance(rec.get("bytes"), int):
+                extra += f", {human_bytes(rec['bytes'])}"
+            if isinstance(rec.get("sha256"), str):
+                extra += f", sha256 {rec['sha256'][:12]}…"
+            lines.append(f"    {order[i]}: {n} samples{extra}")
+    return lines
+
+
+def format_info(info: Mapping[str, Any], *, url: str = "", split: str | None = None,
+                max_shards: int = 4) -> str:
+    """The readable summary of a parsed ``_info.json``, one fact per line.
+
+    Args:
+        info: the parsed ``_info.json``.
+        url: where it was read from (shown in the first line).
+        split: only this split (all splits when None).
+        max_shards: shards listed by name per split.
+
+    Raises:
+        ShardError: ``split`` names a split the file does not hold.
+    """
+    where = url or INFO_NAME
+    header = f"dataset {info.get('name', '?')}" + (f"  ({where})" if url else "")
+    lines = [header]
+    splits = [get_split(dict(info), split, where)] if split is not None else list(info.get("splits", {}).values())
+    if not splits:
+        lines.append("  no splits")
+    for s in splits:
+        lines.extend(format_split(s, max_shards=max_shards))
+    return "\n".join(lines)
+
+
+def describe(url: str, *, split: str | None = None, storage_options: dict | None = None,
+             max_shards: int = 4) -> str:
+    """Read ``_info.json`` at a directory or URL prefix (local, ``s3://``, ``gs://``, ``http(s)://``) and summarize it.
+
+    Raises:
+        FileNotFoundError: no ``_info.json`` there.
+        ShardError: it is not valid JSON, or ``split`` is not in it.
+    """
+    info = read_info(url, storage_options)
+    shown = url if url.rstrip("/").endswith(".json") else join(url, INFO_NAME)
+    return format_info(info, url=shown, split=split, max_shards=max_shards)

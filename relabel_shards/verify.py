@@ -1,0 +1,286 @@
+"""Read every shard of a dataset once, sequentially, and check it against ``_info.json`` and the layout.
+
+What is checked (DESIGN.md "Shard layout", "The label-map record"):
+
+- each shard listed in ``_info.json`` exists, and its byte count and sha256 match the listed ones;
+- the tar reads to its end (a truncated or corrupt tar is named, with the last key read);
+- each sample has one image member, ``.cls`` (an integer), ``.json`` (a JSON object) and ``.rlm``;
+  its members are adjacent, its key holds no dot and appears once in the whole split;
+- every label map decodes, and all have the same k, h, w and C, equal to those in ``_info.json``;
+- the sample count of each shard and of the split match ``shard_lengths`` and ``num_samples``.
+
+Shards are streamed (``tarfile`` stream mode over an fsspec file), so local paths, ``s3://``, ``gs://`` and
+``http(s)://`` work alike and memory stays at one member. Every problem is collected (up to a bound) rather
+than stopping at the first, so one run says everything that is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tarfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from relabel_shards.shards import IMAGE_EXTS, LABELMAP_EXT, get_split, join, read_info, split_member_name, url_to_fs
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED = ("cls", "json", LABELMAP_EXT)
+_OWN_EXTS = {*IMAGE_EXTS, "cls", "json", LABELMAP_EXT}
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :func:`verify_shards`.
+
+    Attributes:
+        url: the dataset directory or URL prefix.
+        split: the split checked.
+        shards: shards read (listed in ``_info.json``).
+        samples: samples read.
+        bytes: bytes read.
+        geometry: ``(k, h, w, C)`` of the label maps read, None when none decoded.
+        problems: the first ``max_problems`` problems, each naming its shard (and key where there is one).
+        num_problems: all problems found, shown or not.
+    """
+
+    url: str
+    split: str
+    shards: int = 0
+    samples: int = 0
+    bytes: int = 0
+    geometry: tuple[int, int, int, int] | None = None
+    problems: list[str] = field(default_factory=list)
+    num_problems: int = 0
+    max_problems: int = 50
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is wrong."""
+        return self.num_problems == 0
+
+    def add(self, problem: str) -> None:
+        """Record one problem (kept in ``problems`` while fewer than ``max_problems`` are kept)."""
+        self.num_problems += 1
+        if len(self.problems) < self.max_problems:
+            self.problems.append(problem)
+        logger.debug("verify: %s", problem)
+
+    def summary(self) -> str:
+        """One line: what was read and whether it is sound."""
+        geo = ""
+        if self.geometry is not None:
+            k, h, w, c = self.geometry
+            geo = f", label maps k={k} {h}x{w} C={c}"
+        read = f"{self.samples:,} samples in {self.shards:,} shards ({self.bytes:,} bytes){geo}"
+        if self.ok:
+            return f"OK: split {self.split!r} of {self.url}: {read}"
+        hidden = self.num_problems - len(self.problems)
+        more = f" ({hidden:,} not listed)" if hidden else ""
+        return (f"FAILED: split {self.split!r} of {self.url}: {self.num_problems:,} problem"
+                f"{'s' if self.num_problems != 1 else ''}{more}; read {read}")
+
+
+class _HashingReader:
+    """A read-only file wrapper that hashes, counts and reports every byte that passes through."""
+
+    def __init__(self, f: Any, progress: Callable[[int], None] | None) -> None:
+        self._f = f
+        self._progress = progress
+        self.sha = hashlib.sha256()
+        self.nbytes = 0
+        self.tail = b""  # the last 1024 bytes read: a whole tar ends in two zero blocks
+
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.sha.update(data)
+        self.nbytes += len(data)
+        self.tail = (self.tail + data)[-1024:]
+        if self._progress is not None and data:
+            self._progress(len(data))
+        return data
+
+    def drain(self, chunk: int = 1 << 20) -> None:
+        while self.read(chunk):
+            pass
+
+
+class _SplitChecker:
+    """The state that spans shards: keys seen, label-map geometry, the report."""
+
+    def __init__(self, report: VerifyReport, expected_geometry: tuple[Any, Any, Any, Any]) -> None:
+        self.report = report
+        self.expected = expected_geometry  # from _info.json; entries may be None
+        self.key_shard: dict[str, str] = {}
+        self.geometries: dict[tuple[int, int, int, int], int] = {}
+
+    def check_sample(self, shard: str, key: str, members: dict[str, bytes]) -> None:
+        from relabel_shards.labelmap import LabelMapError, decode_label_map
+
+        add = self.report.add
+        where = f"{shard}: key {key!r}"
+        images = [e for e in members if e.lower() in IMAGE_EXTS]
+        if len(images) != 1:
+            add(f"{where}: expected one image member ({'/'.join(IMAGE_EXTS[:3])}/...), found "
+                f"{len(images)} (members: {', '.join(sorted(members)) or 'none'})")
+        for ext in _REQUIRED:
+            if ext not in members:
+                add(f"{where}: missing .{ext} member (members: {', '.join(sorted(members)) or 'none'})")
+        if "cls" in members:
+            try:
+                int(members["cls"].decode("ascii").strip())
+            except (UnicodeDecodeError, ValueError):
+                add(f"{where}: .cls is not an integer: {members['cls'][:20]!r}")
+        if "json" in members:
+            try:
+                meta = json.loads(members["json"])
+                if not isinstance(meta, dict):
+                    raise ValueError(f"expected an object, got {type(meta).__name__}")
+            except (UnicodeDecodeError, ValueError) as e:
+                add(f"{where}: .json is not a JSON object ({e})")
+        if LABELMAP_EXT in members:
+            try:
+                lm = decode_label_map(members[LABELMAP_EXT])
+            except LabelMapError as e:
+                add(f"{where}: label map: {e}")
+            else:
+                k, h, w = (int(x) for x in lm.values.shape)
+                geo = (k, h, w, int(lm.num_classes))
+                first = self.geometries.setdefault(geo, 0) == 0
+                self.geometries[geo] += 1
+                want = tuple(e if e is not None else g for e, g in zip(self.expected, geo, strict=True))
+                if geo != want and first:
+                    add(f"{where}: label map has k={k} h={h} w={w} C={geo[3]}, _info.json says "
+                        f"k={want[0]} h={want[1]} w={want[2]} C={want[3]}")
+                if self.report.geometry is None:
+                    self.report.geometry = geo
+
+    def read_shard(self, fileobj: _HashingReader, shard: str) -> int:
+        """Stream one tar; check each sample; return the number of samples read."""
+        add = self.report.add
+        n = 0
+        current: str | None = None
+        members: dict[str, bytes] = {}
+        in_shard: set[str] = set()
+
+        def finish() -> None:
+            nonlocal n
+            if current is None:
+                return
+            n += 1
+            self.check_sample(shard, current, members)
+
+        try:
+            with tarfile.open(fileobj=fileobj, mode="r|") as tar:  # type: ignore[call-overload]
+                for info in tar:
+                    if not info.isfile():
+                        if not info.isdir():
+                            add(f"{shard}: member {info.name!r} is not a regular file")
+                        continue
+                    key, ext = split_member_name(info.name)
+                    if "." in ext and ext.rsplit(".", 1)[-1].lower() in _OWN_EXTS:
+                        add(f"{shard}: member {info.name!r}: its name holds more than one dot, so readers "
+                            f"take key {key!r} and extension {ext!r}; keys must hold no dots")
+                    if key != current:
+                        finish()
+                        if key in in_shard:
+                            add(f"{shard}: key {key!r}: members not adjacent (the key appears again after "
+                                f"other keys)")
+                        elif key in self.key_shard:
+                            add(f"{shard}: key {key!r}: duplicate key, already in {self.key_shard[key]}")
+                        in_shard.add(key)
+                        self.key_shard.setdefault(key, shard)
+                        current, members = key, {}
+                    f = tar.extractfile(info)
+                    data = f.read() if f is not None else b""
+                    if ext in members:
+                        add(f"{shard}: key {key!r}: member .{ext} appears twice")
+                    members[ext] = data
+                finish()
+        except (tarfile.TarError, EOFError, OSError) as e:
+            last = f" after key {current!r}" if current is not None else ""
+            add(f"{shard}: unreadable tar{last} ({type(e).__name__}: {e}); truncated or corrupt")
+            return n
+        fileobj.drain()  # the zero blocks after the end-of-archive marker count toward size and sha256
+        if fileobj.nbytes % 512 or fileobj.tail != bytes(1024):
+            # tarfile stops quietly at end of data, so a tar cut at a member boundary reads as shorter
+            last = f" after key {current!r}" if current is not None else ""
+            add(f"{shard}: no end-of-archive marker{last} ({fileobj.nbytes:,} bytes); truncated")
+        return n
+
+
+def verify_shards(url: str, *, split: str | None = None, storage_options: dict | None = None,
+                  max_problems: int = 50, progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Read every shard of one split sequentially and check it (see the module docstring).
+
+    Args:
+        url: dataset directory or URL prefix holding ``_info.json`` (local, ``s3://``, ``gs://``, ``http(s)://``).
+        split: the split to check; None when ``_info.json`` holds exactly one.
+        storage_options: passed to fsspec.
+        max_problems: problems kept in the report's list (all are counted), >= 1.
+        progress: called with each number of bytes read (for a progress bar).
+
+    Returns:
+        The report; ``report.ok`` is False when anything is wrong, and ``report.problems`` says what.
+
+    Raises:
+        FileNotFoundError: there is no ``_info.json`` at ``url``.
+        ShardError: ``_info.json`` is not valid JSON, or ``split`` is missing or ambiguous.
+        ValueError: ``max_problems`` < 1.
+    """
+    if max_problems < 1:
+        raise ValueError(f"max_problems must be >= 1, got {max_problems}")
+    info = read_info(url, storage_options)
+    s = get_split(info, split, join(url, "_info.json"))
+    report = VerifyReport(url=url, split=str(s.get("name", split)), max_problems=max_problems)
+    section: Mapping[str, Any] = s.get("relabel_shards") or {}
+    add = report.add
+    if not section:
+        add("_info.json: the split has no relabel_shards section (not written by relabel-shards)")
+    filenames = list(s.get("filenames") or [])
+    lengths = list(s.get("shard_lengths") or [])
+    records = {r.get("filename"): r for r in section.get("shards") or [] if isinstance(r, Mapping)}
+    if len(lengths) != len(filenames):
+        add(f"_info.json: {len(filenames)} filenames but {len(lengths)} shard_lengths")
+    if records and set(records) != set(filenames):
+        add(f"_info.json: the shard list of relabel_shards names {sorted(set(records) ^ set(filenames))[:5]} "
+            f"not in both it and filenames")
+    if s.get("num_samples") != sum(x for x in lengths if isinstance(x, int)):
+        add(f"_info.json: num_samples {s.get('num_samples')} != sum of shard_lengths {sum(lengths)}")
+
+    checker = _SplitChecker(report, tuple(section.get(x) for x in ("k", "height", "width", "num_classes")))
+    for i, name in enumerate(filenames):
+        shard_url = join(url, name)
+        fs, path = url_to_fs(shard_url, storage_options)
+        try:
+            f = fs.open(path, "rb")
+        except FileNotFoundError:
+            add(f"{name}: missing (listed in _info.json, not found at {shard_url})")
+            continue
+        with f:
+            reader = _HashingReader(f, progress)
+            n = checker.read_shard(reader, name)
+        report.shards += 1
+        report.samples += n
+        report.bytes += reader.nbytes
+        if i < len(lengths) and n != lengths[i]:
+            add(f"{name}: {n} samples read, _info.json says {lengths[i]}")
+        rec = records.get(name)
+        if rec is None:
+            continue
+        size = rec.get("bytes")
+        if isinstance(size, int) and reader.nbytes != size:
+            hint = " (truncated?)" if reader.nbytes < size else ""
+            add(f"{name}: {reader.nbytes:,} bytes, _info.json says {size:,}{hint}")
+        digest = reader.sha.hexdigest()
+        if isinstance(rec.get("sha256"), str) and digest != rec["sha256"]:
+            add(f"{name}: sha256 {digest[:16]}… differs from _info.json's {rec['sha256'][:16]}…")
+    if len(checker.geometries) > 1:
+        counts = ", ".join(f"k={k} {h}x{w} C={c}: {n}" for (k, h, w, c), n in checker.geometries.items())
+        add(f"label maps differ in shape across the split ({counts}); all must be the same")
+    logger.info("%s", report.summary())
+    return report

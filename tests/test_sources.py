@@ -1,0 +1,145 @@
+"""Enumerating build inputs: ImageFolder order and classes (against torchvision), list files, input shards."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from relabel_shards.shards import ShardError, write_shard
+from relabel_shards.sources import decode_image, image_member, iter_shard_samples, open_source
+
+
+def _jpeg(seed: int, size=(24, 32)) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _folder(root: Path, layout: dict[str, list[str]]) -> Path:
+    for i, (cls, names) in enumerate(layout.items()):
+        for j, n in enumerate(names):
+            p = root / cls / n
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(_jpeg(i * 100 + j))
+    return root
+
+
+def test_folder_matches_torchvision_imagefolder(tmp_path):
+    from torchvision.datasets import ImageFolder
+
+    root = _folder(tmp_path / "data", {"zebra": ["z2.jpg", "z1.JPEG", "sub/z0.png"], "ant": ["a1.jpg", "a0.jpg"],
+                                       "Bee": ["b.jpeg"]})
+    src = open_source(str(root))
+    tv = ImageFolder(str(root))
+    assert src.kind == "folder"
+    assert list(src.classes) == tv.classes == ["Bee", "ant", "zebra"]
+    assert [(os.path.join(str(root), it.source), it.label) for it in src.items] == tv.samples
+    assert [it.key for it in src.items] == ["b", "a0", "a1", "z1", "z2", "z0"]  # sub-folders after files
+    assert [it.image_ext for it in src.items] == ["jpg", "jpg", "jpg", "jpg", "jpg", "png"]
+    assert src.items[0].class_name == "Bee" and src.items[0].source == "Bee/b.jpeg"
+
+
+def test_folder_non_image_extension_is_a_listed_failure_hidden_files_ignored(tmp_path):
+    root = _folder(tmp_path / "d", {"c": ["x.jpg"]})
+    (root / "c" / "notes.txt").write_text("hello")
+    (root / "c" / ".DS_Store").write_bytes(b"\0")
+    src = open_source(str(root))
+    assert [(it.key, it.error) for it in src.items] == [("notes", "not an image file (extension 'txt')"),
+                                                        ("x", None)]
+
+
+def test_list_file_relative_paths_int_and_named_labels(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    for n in ("a.jpg", "b.png"):
+        (tmp_path / "imgs" / n).write_bytes(_jpeg(len(n)))
+    lst = tmp_path / "list.txt"
+    lst.write_text("# comment\nimgs/b.png\t7\n\nimgs/a.jpg\t3\n")
+    src = open_source(str(lst))
+    assert src.kind == "list" and src.classes is None
+    assert [(it.key, it.label, it.source, it.path) for it in src.items] == [
+        ("b", 7, "imgs/b.png", str(tmp_path / "imgs" / "b.png")),
+        ("a", 3, "imgs/a.jpg", str(tmp_path / "imgs" / "a.jpg"))]
+    lst.write_text(f"imgs/b.png\tdog\n{tmp_path / 'imgs' / 'a.jpg'}\tcat\n")
+    src = open_source(str(lst))
+    assert list(src.classes) == ["cat", "dog"]
+    assert [(it.label, it.class_name) for it in src.items] == [(1, "dog"), (0, "cat")]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a.jpg 3\n", r"list\.txt:1: expected 'path<TAB>label'"),
+    ("a.jpg\t-1\n", r"list\.txt:1: label must be >= 0, got -1"),
+    ("# only a comment\n", "holds no images"),
+])
+def test_list_file_errors(tmp_path, text, match):
+    (tmp_path / "a.jpg").write_bytes(_jpeg(0))
+    (tmp_path / "list.txt").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        open_source(str(tmp_path / "list.txt"))
+
+
+def test_list_file_missing_image_names_it(tmp_path):
+    (tmp_path / "list.txt").write_text("gone.jpg\t1\n")
+    with pytest.raises(FileNotFoundError, match=r"listed file 'gone\.jpg' does not exist"):
+        open_source(str(tmp_path / "list.txt"))
+
+
+def test_missing_source_and_empty_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"source '.*nowhere' does not exist"):
+        open_source(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-directories"):
+        open_source(str(tmp_path / "empty"))
+    (tmp_path / "empty" / "cls").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        open_source(str(tmp_path / "empty"))
+
+
+def test_duplicate_keys_name_both_paths(tmp_path):
+    root = _folder(tmp_path / "d", {"a": ["same.jpg"], "b": ["same.png"]})
+    with pytest.raises(ValueError, match=r"duplicate sample key 'same': 'a/same\.jpg' and 'b/same\.png'"):
+        open_source(str(root))
+
+
+def test_shard_sources_brace_list_and_missing(tmp_path):
+    for i in range(3):
+        write_shard(str(tmp_path), f"in-{i:06d}.tar", [[(f"k{i}.jpg", _jpeg(i)), (f"k{i}.cls", b"1")]])
+    src = open_source(str(tmp_path / "in-{000000..000002}.tar"))
+    assert src.kind == "shards"
+    assert list(src.shard_urls) == [str(tmp_path / f"in-{i:06d}.tar") for i in range(3)]
+    src2 = open_source([str(tmp_path / "in-000002.tar"), str(tmp_path / "in-000000.tar")])
+    assert [Path(u).name for u in src2.shard_urls] == ["in-000002.tar", "in-000000.tar"]
+    with pytest.raises(FileNotFoundError, match=r"source shard '.*in-000008\.tar' does not exist"):
+        open_source(str(tmp_path / "in-{000008..000009}.tar"))
+
+
+def test_iter_shard_samples_groups_members_and_rejects_split_keys(tmp_path):
+    good = [[("a.jpg", b"1"), ("a.cls", b"0"), ("a.json", b"{}")], [("dir/b.png", b"2"), ("dir/b.cls", b"1")]]
+    write_shard(str(tmp_path), "good.tar", good)
+    got = list(iter_shard_samples(str(tmp_path / "good.tar")))
+    assert got == [("a", good[0]), ("dir/b", good[1])]
+    assert image_member(got[1][1]) == ("dir/b.png", b"2")
+    assert image_member([("x.cls", b"1")]) is None
+    write_shard(str(tmp_path), "bad.tar", [[("a.jpg", b"1")], [("b.jpg", b"2")], [("a.cls", b"0")]])
+    with pytest.raises(ShardError, match=r"bad\.tar: key 'a' appears twice"):
+        list(iter_shard_samples(str(tmp_path / "bad.tar")))
+    data = (tmp_path / "good.tar").read_bytes()
+    (tmp_path / "trunc.tar").write_bytes(data[:700])
+    with pytest.raises(ShardError, match=r"trunc\.tar: not a readable tar file"):
+        list(iter_shard_samples(str(tmp_path / "trunc.tar")))
+
+
+def test_decode_image_reasons():
+    img = decode_image(_jpeg(1, size=(5, 7)))
+    assert img.mode == "RGB" and img.size == (7, 5)
+    with pytest.raises(ValueError, match="empty file"):
+        decode_image(b"")
+    with pytest.raises(ValueError, match="PIL cannot identify it"):
+        decode_image(b"definitely not an image")
+    with pytest.raises(ValueError, match="cannot decode image"):
+        decode_image(_jpeg(2, size=(64, 64))[:300])

@@ -144,6 +144,78 @@ def file_sha256(fileobj: io.BufferedIOBase, chunk: int = 1 << 20) -> tuple[int, 
     return size, h.hexdigest()
 
 
+_UMASK: list[int] = []
+
+
+def _umask_mode(path: str, mode: int = 0o666) -> None:
+    """Give a ``mkstemp`` file (created 0o600) the mode a plain ``open`` would: ``mode`` less the umask."""
+    if not _UMASK:  # os.umask can only be read by setting it: do that once
+        _UMASK.append(os.umask(0o022))
+        os.umask(_UMASK[0])
+    os.chmod(path, mode & ~_UMASK[0])
+
+
+def temp_name(filename: str) -> tuple[str, str]:
+    """(prefix, suffix) of the temporary files that stand in for ``filename`` while it is written.
+
+    A killed writer leaves such a file behind; a rerun removes them (``relabel_shards.writer``).
+    """
+    return f".{filename}.", ".tmp"
+
+
+class PartialShard:
+    """One shard being written sample by sample into a local temporary file; :meth:`commit` publishes it.
+
+    The tar bytes are exactly those :func:`write_tar` gives for the same samples. A local destination gets
+    the finished file by ``os.replace`` (the temporary file lives in the destination directory); a remote
+    one by a single upload, so a reader never sees a partial shard under its final name.
+    """
+
+    def __init__(self, out: str, filename: str, storage_options: dict | None = None):
+        self.filename = filename
+        self.num_samples = 0
+        self._fs, root = url_to_fs(out, storage_options)
+        self._final = join(root, filename)
+        self._local = _is_local(self._fs)
+        if self._local:
+            os.makedirs(root, exist_ok=True)
+        prefix, suffix = temp_name(filename)
+        fd, self._tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=root if self._local else None)
+        self._file = os.fdopen(fd, "w+b")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+
+    def add(self, members: Sequence[tuple[str, bytes]]) -> None:
+        """Append one sample's members, in the given order."""
+        for name, data in members:
+            self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+        self.num_samples += 1
+
+    def commit(self) -> ShardRecord:
+        """Finish the tar, move or upload it under its final name, and describe it."""
+        try:
+            self._tar.close()
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.seek(0)
+            size, digest = file_sha256(self._file)
+            self._file.close()
+            if self._local:
+                _umask_mode(self._tmp)
+                os.replace(self._tmp, self._final)
+            else:
+                self._fs.put_file(self._tmp, self._final)
+        finally:
+            self.abort()
+        return ShardRecord(filename=self.filename, num_samples=self.num_samples, bytes=size, sha256=digest)
+
+    def abort(self) -> None:
+        """Drop the temporary file (a no-op after :meth:`commit`)."""
+        if not self._file.closed:
+            self._file.close()
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+
 def write_shard(out: str, filename: str, samples: Iterable[Sequence[tuple[str, bytes]]],
                 storage_options: dict | None = None) -> ShardRecord:
     """Write one shard atomically to ``out/filename`` (local directory or fsspec URL) and describe it.
@@ -151,28 +223,14 @@ def write_shard(out: str, filename: str, samples: Iterable[Sequence[tuple[str, b
     The tar is assembled in a local temporary file; a local destination gets it by ``os.replace``, a remote
     one by a single upload, so a reader never sees a partial shard under its final name.
     """
-    fs, root = url_to_fs(out, storage_options)
-    final = join(root, filename)
-    local = _is_local(fs)
-    tmp_dir = root if local else None
-    if local:
-        os.makedirs(root, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=tmp_dir)
+    shard = PartialShard(out, filename, storage_options)
     try:
-        with os.fdopen(fd, "w+b") as f:
-            n = write_tar(f, samples)
-            f.flush()
-            os.fsync(f.fileno())
-            f.seek(0)
-            size, digest = file_sha256(f)
-        if local:
-            os.replace(tmp, final)
-        else:
-            fs.put_file(tmp, final)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return ShardRecord(filename=filename, num_samples=n, bytes=size, sha256=digest)
+        for members in samples:
+            shard.add(members)
+    except BaseException:
+        shard.abort()
+        raise
+    return shard.commit()
 
 
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
@@ -187,6 +245,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            _umask_mode(tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

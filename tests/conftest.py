@@ -31,6 +31,11 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
+# gcsfs >= 2025 defaults to ExtendedGcsFileSystem, which first asks the gRPC storage-control API for the
+# bucket's layout; fake-gcs-server does not speak it and the probe waits ~60 s. gcsfs/__init__.py reads this
+# switch at import time (gcsfs/extended_gcsfs.py: _get_bucket_type), so it must be set before gcsfs loads.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 # Dummy credentials for the loopback servers; never real ones.
 _FAKE_AWS = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -1,0 +1,375 @@
+"""The resumable, rank-aware shard job shared by ``build`` and ``convert``: plan, skip, write, stats, ``_info.json``.
+
+How a job runs (every rank runs the same code with the same arguments):
+
+1. **Plan.** The caller fixes ``num_shards`` and what shard ``i`` holds (a known slice of its ordered input)
+   and a ``fingerprint``: a digest of everything that decides the bytes (input list, model, settings). Shard
+   ``i`` is ``{prefix}-{i:06d}.tar`` and belongs to rank ``i % world_size``.
+2. **Skip.** :meth:`ShardJob.pending` lists this rank's shards that are not complete: a shard is complete when
+   its stats sidecar ``{prefix}-{i:06d}_stats.json`` exists, was written with the same fingerprint (another
+   fingerprint is an error: the output directory holds a different build), and the shard's size and sha256
+   match it (the shard is read once to check). Temporary files a killed run left behind for this rank's
+   shards are removed.
+3. **Write.** :meth:`ShardJob.open` gives a :class:`ShardOutput` that streams samples into a temporary file;
+   :meth:`ShardOutput.commit` publishes the shard (rename, or one upload) and only then writes the sidecar
+   (img2dataset-style: sample count, bytes, sha256, keys, the failures of that shard). A run killed at any
+   moment leaves either no shard, a shard without sidecar (rewritten on rerun: same bytes), or both.
+4. **``_info.json``.** :meth:`ShardJob.finalize`, called by every rank after its own shards: when
+   ``torch.distributed`` is initialized with this world size, all ranks meet at a barrier and rank 0 writes
+   it; otherwise each rank looks for every sidecar and, if all are there, assembles ``_info.json`` from them.
+   The last rank to finish therefore always writes it; two ranks finishing together write the same bytes
+   (it holds nothing time- or host-dependent), so the race is harmless. Keys are checked to be unique across
+   shards here. Remote outputs get ``_info.json`` last, after every shard.
+
+:class:`SerialExecutor` runs the encoding and writing in one background thread so the producer never waits
+on compression, disk or uploads.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from relabel_shards.shards import (
+    INFO_NAME,
+    PartialShard,
+    ShardError,
+    ShardRecord,
+    _is_local,
+    file_sha256,
+    join,
+    json_bytes,
+    make_split_info,
+    shard_name,
+    temp_name,
+    url_to_fs,
+    write_bytes_atomic,
+    write_info,
+)
+
+log = logging.getLogger(__name__)
+
+STATS_VERSION = 1
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world_size): explicit arguments, else an initialized ``torch.distributed``, else torchrun's
+    ``RANK`` / ``WORLD_SIZE`` environment variables, else (0, 1).
+
+    Raises:
+        ValueError: only one of the two given, or ``rank`` outside ``[0, world_size)``.
+    """
+    if (rank is None) != (world_size is None):
+        raise ValueError(f"rank and world_size go together, got rank={rank}, world_size={world_size}")
+    if rank is None:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                rank, world_size = dist.get_rank(), dist.get_world_size()
+        except ImportError:  # pragma: no cover
+            pass
+    if rank is None:
+        env_rank, env_world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+        if env_rank is not None and env_world is not None:
+            try:
+                rank, world_size = int(env_rank), int(env_world)
+            except ValueError:
+                raise ValueError(f"RANK/WORLD_SIZE must be integers, got {env_rank!r}/{env_world!r}") from None
+        else:
+            rank, world_size = 0, 1
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size-1={world_size - 1}], got {rank!r}")
+    return rank, world_size
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """The sidecar of one complete shard (``{prefix}-{i:06d}_stats.json``)."""
+
+    record: ShardRecord
+    keys: tuple[str, ...]
+    failures: tuple[dict, ...]
+    fingerprint: str
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return json_bytes({
+            "version": STATS_VERSION, "filename": self.record.filename, "num_samples": self.record.num_samples,
+            "bytes": self.record.bytes, "sha256": self.record.sha256, "keys": list(self.keys),
+            "failures": list(self.failures), "fingerprint": self.fingerprint, "extra": self.extra,
+        })
+
+    @classmethod
+    def from_json(cls, raw: bytes, where: str) -> ShardStats:
+        try:
+            d = json.loads(raw)
+            return cls(record=ShardRecord(filename=d["filename"], num_samples=int(d["num_samples"]),
+                                          bytes=int(d["bytes"]), sha256=str(d["sha256"])),
+                       keys=tuple(d["keys"]), failures=tuple(d["failures"]), fingerprint=str(d["fingerprint"]),
+                       extra=dict(d.get("extra") or {}))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ShardError(f"{where}: not a valid stats file ({type(e).__name__}: {e})") from None
+
+
+class ShardOutput:
+    """One shard of the job being written: add samples in order, note failures, then commit."""
+
+    def __init__(self, job: ShardJob, index: int):
+        self.index = index
+        self._job = job
+        self._shard = PartialShard(job.out, job.filename(index), job.storage_options)
+        self._keys: list[str] = []
+        self._failures: list[dict] = []
+
+    def add(self, key: str, members: Sequence[tuple[str, bytes]]) -> None:
+        """Append one sample (its members adjacent, in the given order)."""
+        self._shard.add(members)
+        self._keys.append(key)
+
+    def fail(self, failure: dict) -> None:
+        """Record an input that was skipped (JSON-able; e.g. ``{"source": ..., "reason": ...}``)."""
+        self._failures.append(dict(failure))
+
+    def commit(self, extra: dict | None = None) -> ShardStats:
+        """Publish the shard, then its sidecar; ``extra`` (JSON-able) goes into the sidecar for finalize."""
+        record = self._shard.commit()
+        stats = ShardStats(record=record, keys=tuple(self._keys), failures=tuple(self._failures),
+                           fingerprint=self._job.fingerprint, extra=dict(extra or {}))
+        write_bytes_atomic(self._job.stats_url(self.index), stats.to_json(), self._job.storage_options)
+        log.info("wrote %s (%d samples, %d bytes)", record.filename, record.num_samples, record.bytes)
+        return stats
+
+    def abort(self) -> None:
+        self._shard.abort()
+
+
+class ShardJob:
+    """The output side of a sharded job for one rank (see the module docstring for the protocol).
+
+    Args:
+        out: output directory or fsspec URL prefix (``s3://bucket/path``, ``gs://...``).
+        prefix: shard name prefix: shards are ``{prefix}-{index:06d}.tar``.
+        num_shards: how many shards the whole job (all ranks) writes.
+        fingerprint: digest of everything that decides the output bytes; sidecars carry it.
+        rank, world_size: this rank (see :func:`resolve_rank`).
+        storage_options: fsspec options for ``out``.
+    """
+
+    def __init__(self, out: str, *, prefix: str, num_shards: int, fingerprint: str, rank: int | None = None,
+                 world_size: int | None = None, storage_options: dict | None = None):
+        if not isinstance(num_shards, int) or num_shards < 1:
+            raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
+        if not prefix or "/" in prefix or prefix.startswith("."):
+            raise ValueError(f"prefix must be a non-empty file name prefix without '/', got {prefix!r}")
+        self.out = os.fspath(out)
+        self.prefix = prefix
+        self.num_shards = num_shards
+        self.fingerprint = fingerprint
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        self.storage_options = storage_options
+        self._fs, self._root = url_to_fs(self.out, storage_options)
+
+    # names
+    def filename(self, index: int) -> str:
+        return shard_name(self.prefix, index)
+
+    def stats_name(self, index: int) -> str:
+        return f"{self.prefix}-{index:06d}_stats.json"
+
+    def stats_url(self, index: int) -> str:
+        return join(self.out, self.stats_name(index))
+
+    def owned(self) -> list[int]:
+        """This rank's shard indices: ``i % world_size == rank``."""
+        return list(range(self.rank, self.num_shards, self.world_size))
+
+    # resume
+    def read_stats(self, index: int) -> ShardStats | None:
+        """The sidecar of shard ``index``, or None when there is none (or it is unreadable: rewritten)."""
+        path = join(self._root, self.stats_name(index))
+        try:
+            raw = self._fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        try:
+            stats = ShardStats.from_json(raw, join(self.out, self.stats_name(index)))
+        except ShardError as e:
+            log.warning("%s; the shard will be written again", e)
+            return None
+        if stats.fingerprint != self.fingerprint:
+            raise ValueError(f"{join(self.out, self.stats_name(index))} was written by a different build "
+                             f"(fingerprint {stats.fingerprint[:12]}, this one {self.fingerprint[:12]}): "
+                             "use another output directory or remove the old shards")
+        return stats
+
+    def is_complete(self, index: int) -> bool:
+        """Whether shard ``index`` has a sidecar from this build and its bytes match it (size and sha256)."""
+        stats = self.read_stats(index)
+        if stats is None:
+            return False
+        path = join(self._root, self.filename(index))
+        try:
+            with self._fs.open(path, "rb") as f:
+                size, digest = file_sha256(f)
+        except FileNotFoundError:
+            log.warning("%s: stats exist but the shard does not; writing it again", self.filename(index))
+            return False
+        if (size, digest) != (stats.record.bytes, stats.record.sha256):
+            log.warning("%s: size/sha256 disagree with its stats; writing it again", self.filename(index))
+            return False
+        return True
+
+    def remove_stale_temps(self, indices: Sequence[int]) -> None:
+        """Remove temporary files a killed run left for these shards (local outputs only)."""
+        if not _is_local(self._fs):
+            return
+        for i in indices:
+            for name in (self.filename(i), self.stats_name(i)):
+                prefix, suffix = temp_name(name)
+                for p in glob.glob(os.path.join(glob.escape(self._root), f"{glob.escape(prefix)}*{suffix}")):
+                    log.debug("removing stale %s", p)
+                    try:
+                        os.unlink(p)
+                    except FileNotFoundError:
+                        pass
+
+    def pending(self) -> list[int]:
+        """This rank's shards still to write, in order (stale temporary files of its shards are removed)."""
+        owned = self.owned()
+        self.remove_stale_temps(owned)
+        todo = [i for i in owned if not self.is_complete(i)]
+        log.info("rank %d/%d: %d of its %d shards to write", self.rank, self.world_size, len(todo), len(owned))
+        return todo
+
+    def open(self, index: int) -> ShardOutput:
+        if index % self.world_size != self.rank:
+            raise ValueError(f"shard {index} belongs to rank {index % self.world_size}, not rank {self.rank}")
+        return ShardOutput(self, index)
+
+    # _info.json
+    def finalize(self, split: str, project: dict[str, Any] | Callable[[list[ShardStats]], dict[str, Any]],
+                 name: str | None = None) -> dict[str, Any] | None:
+        """Write ``_info.json``'s ``split`` once every shard is complete; return it, or None when not yet.
+
+        ``project`` (our section of the split, or a function of all shards' stats that returns it) gets
+        ``failures`` and ``num_failures`` added here, gathered from the sidecars in shard order.
+
+        Raises:
+            ValueError: a key appears in two shards.
+        """
+        try:
+            import torch.distributed as dist
+
+            use_dist = dist.is_available() and dist.is_initialized() and dist.get_world_size() == self.world_size
+        except ImportError:  # pragma: no cover
+            use_dist = False
+        if use_dist and self.world_size > 1:
+            dist.barrier()
+            if self.rank != 0:
+                return None
+        all_stats: list[ShardStats] = []
+        for i in range(self.num_shards):
+            stats = self.read_stats(i)
+            if stats is None:
+                log.info("rank %d: shard %s not written yet; %s is left to the last rank", self.rank,
+                         self.filename(i), INFO_NAME)
+                return None
+            try:
+                size = self._fs.size(join(self._root, self.filename(i)))
+            except FileNotFoundError:
+                size = None
+            if size != stats.record.bytes:
+                log.info("rank %d: shard %s not complete yet", self.rank, self.filename(i))
+                return None
+            all_stats.append(stats)
+        _check_unique_keys(all_stats)
+        proj = dict(project(all_stats) if callable(project) else project)
+        failures = [f for s in all_stats for f in s.failures]
+        proj["failures"] = failures
+        proj["num_failures"] = len(failures)
+        split_info = make_split_info(split, [s.record for s in all_stats], proj)
+        self._remove_stale_info_temps()
+        write_info(self.out, split_info, self.storage_options, name=name)
+        log.info("wrote %s (%d shards, %d samples, %d failures)", join(self.out, INFO_NAME), self.num_shards,
+                 split_info["num_samples"], len(failures))
+        return split_info
+
+    def _remove_stale_info_temps(self) -> None:
+        if not _is_local(self._fs):
+            return
+        prefix, suffix = temp_name(INFO_NAME)
+        for p in glob.glob(os.path.join(glob.escape(self._root), f"{glob.escape(prefix)}*{suffix}")):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+def _check_unique_keys(all_stats: Sequence[ShardStats]) -> None:
+    seen: dict[str, str] = {}
+    for s in all_stats:
+        for k in s.keys:
+            other = seen.get(k)
+            if other is not None:
+                raise ValueError(f"duplicate sample key {k!r}: in {other} and in {s.record.filename}")
+            seen[k] = s.record.filename
+
+
+class SerialExecutor:
+    """Run submitted callables one after another in a background thread, in submission order.
+
+    The queue is bounded (``maxsize``), so a producer that outruns the writer waits instead of filling memory.
+    An exception in a task stops the thread; it is raised again from the next :meth:`submit` or :meth:`close`.
+    """
+
+    _STOP = object()
+
+    def __init__(self, maxsize: int = 8, name: str = "relabel-shards-writer"):
+        self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            fn = self._queue.get()
+            if fn is self._STOP:
+                return
+            if self._error is not None:
+                continue  # drain without running: the job has failed
+            try:
+                fn()
+            except BaseException as e:  # handed to the producer thread
+                self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, fn: Callable[[], Any]) -> None:
+        self._raise()
+        while True:
+            try:
+                self._queue.put(fn, timeout=0.5)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():  # pragma: no cover - the thread only ends on _STOP
+                    raise RuntimeError("the background writer thread has stopped") from None
+                self._raise()
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Wait for every submitted task, stop the thread, and (``raise_errors``) raise a task's exception."""
+        self._queue.put(self._STOP)
+        self._thread.join()
+        if raise_errors:
+            self._raise()

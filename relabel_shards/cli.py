@@ -59,6 +59,82 @@ def cli(verbose: int) -> None:
 
 # ---- info / verify / show (issue 3) -----------------------------------------------------------------
 
+
+@cli.command("info")
+@click.argument("url")
+@click.option("--split", default=None, help="Only this split (default: all).")
+@click.option("--shards", "max_shards", default=4, type=click.IntRange(min=0),
+              help="Shards listed by name per split.")
+@click.option("--json", "as_json", is_flag=True, help="Print _info.json itself instead of the summary.")
+@user_errors
+def info_command(url: str, split: str | None, max_shards: int, as_json: bool) -> None:
+    """What a dataset's _info.json says: splits, samples, shards, annotator, k/h/w/C, failures, sizes.
+
+    URL is the dataset directory or URL prefix (local, s3://, gs://, http(s)://).
+    """
+    if as_json:
+        import json
+
+        from relabel_shards.shards import read_info
+
+        click.echo(json.dumps(read_info(url), indent=1, sort_keys=True))
+        return
+    from relabel_shards.describe import describe
+
+    click.echo(describe(url, split=split, max_shards=max_shards))
+
+
+@cli.command("verify")
+@click.argument("url")
+@click.option("--split", default=None, help="The split to check (default: the only one).")
+@click.option("--max-problems", default=50, type=click.IntRange(min=1), help="Problems listed (all are counted).")
+@click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
+@user_errors
+def verify_command(url: str, split: str | None, max_problems: int, progress: bool) -> None:
+    """Read every shard and check it against _info.json; exit 1 and list what is wrong.
+
+    Checks each sample's members (image, .cls, .json, .rlm; adjacent; unique keys without dots), that every
+    label map decodes with one k/h/w/C, and the sample counts, byte sizes and sha256 in _info.json.
+    """
+    from tqdm import tqdm
+
+    from relabel_shards.shards import get_split, read_info
+    from relabel_shards.verify import verify_shards
+
+    s = get_split(read_info(url), split, url)
+    total = sum(r.get("bytes", 0) for r in (s.get("relabel_shards") or {}).get("shards", []))
+    with tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
+              disable=not progress, file=sys.stderr) as bar:
+        report = verify_shards(url, split=split, max_problems=max_problems, progress=bar.update)
+    for problem in report.problems:
+        click.echo(problem)
+    if not report.ok:
+        raise click.ClickException(report.summary())
+    click.echo(report.summary())
+
+
+@cli.command("show")
+@click.argument("url")
+@click.option("--key", required=True, help="The sample's key (e.g. n01440764_10026).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
+@click.option("--topk", default=5, type=click.IntRange(min=1), help="Classes drawn.")
+@click.option("--split", default=None, help="The split to search (default: the only one).")
+@click.option("--shard", default=None, help="Search only this shard file (faster on large datasets).")
+@click.option("--panel-size", default=320, type=click.IntRange(min=16), help="Panel image size in pixels.")
+@user_errors
+def show_command(url: str, key: str, out: str, topk: int, split: str | None, shard: str | None,
+                 panel_size: int) -> None:
+    """Draw a sample: the image, then a heatmap of each of its top classes over it, each named."""
+    from relabel_shards.show import SampleNotFoundError, show_sample
+
+    try:
+        result = show_sample(url, key, out, topk=topk, split=split, shard=shard, panel_size=panel_size)
+    except SampleNotFoundError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"wrote {result.path} ({result.size[0]}x{result.size[1]}): {key} from {result.shard}")
+    for c, name, p in result.classes:
+        click.echo(f"  {p:7.2%}  {name} (#{c})")
+
 # ---- convert (issue 6) ------------------------------------------------------------------------------
 
 # ---- pool: a short LabelPooling demo (issue 2) ------------------------------------------------------

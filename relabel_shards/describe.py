@@ -8,6 +8,7 @@ command also works on plain timm/webdataset datasets and on older or partial fil
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ from relabel_shards.shards import INFO_NAME, get_split, join, read_info
 
 # Keys of the project section that the summary lays out itself; any other scalar key is listed as is.
 _KNOWN = {"format_version", "shards", "annotator", "k", "height", "width", "num_classes", "class_names",
-          "failures"}
+          "failures", "num_failures", "map_shapes", "encoding", "labelmap_ext", "source", "dataset_classes"}
 
 
 def human_bytes(n: float) -> str:
@@ -32,8 +33,10 @@ def _scalar(v: Any) -> str:
         return f"{v:.6g}"
     if isinstance(v, (list, tuple)) and len(v) <= 8 and all(isinstance(x, (int, float, str)) for x in v):
         return "(" + ", ".join(_scalar(x) for x in v) + ")"
-    if isinstance(v, str) and len(v) > 64:
-        return v[:24] + "…"
+    if isinstance(v, str) and len(v) >= 40 and all(ch in "0123456789abcdef" for ch in v):
+        return v[:12] + "…"  # a digest
+    if isinstance(v, str) and len(v) > 80:
+        return v[:77] + "…"
     return str(v)
 
 
@@ -88,19 +91,39 @@ def format_split(split: Mapping[str, Any], *, max_shards: int = 4) -> list[str]:
     else:
         k, h, w, c = (section.get(x) for x in ("k", "height", "width", "num_classes"))
         names = section.get("class_names")
-        label = f"  label maps: k={k} top classes on a {h}x{w} grid (rows x columns), C={c} classes"
+        shapes = [x for x in section.get("map_shapes") or [] if isinstance(x, list) and len(x) == 2]
+        if h is None and shapes:
+            grid = f"grids of {len(shapes)} shapes ({', '.join(f'{a}x{b}' for a, b in shapes[:4])}" + \
+                   (", …" if len(shapes) > 4 else "") + ", rows x columns)"
+        else:
+            grid = f"a {h}x{w} grid (rows x columns)"
+        label = f"  label maps: k={k} top classes on {grid}, C={c} classes"
         if isinstance(names, Sequence) and names:
             label += f" ({', '.join(map(str, names[:3]))}{', …' if len(names) > 3 else ''})"
         elif c == 1000:
             label += " (ImageNet-1k)"
-        label += f", format version {section.get('format_version', '?')}"
+        label += f"; format version {section.get('format_version', '?')}"
+        if section.get("encoding"):
+            label += f", {section['encoding']} encoding"
         lines.append(label)
         annotator = section.get("annotator")
         if isinstance(annotator, Mapping) and annotator:
-            lines.append("  annotator: " + ", ".join(f"{key} {_scalar(v)}" for key, v in annotator.items()))
+            first = [x for x in ("model", "weights") if x in annotator]
+            items = [f"{key} {_scalar(annotator[key])}" for key in first]
+            items += [f"{key} {_scalar(v)}" for key, v in annotator.items() if key not in first]
+            lines.extend(textwrap.wrap("annotator: " + ", ".join(items), width=108, initial_indent="  ",
+                                       subsequent_indent="    ", break_on_hyphens=False))
         elif annotator:
             lines.append(f"  annotator: {_scalar(annotator)}")
+        if section.get("source"):
+            lines.append(f"  source: {section['source']}")
+        classes = section.get("dataset_classes")
+        if isinstance(classes, Sequence) and not isinstance(classes, str) and classes:
+            lines.append(f"  source classes (.cls): {len(classes)} ({', '.join(map(str, classes[:5]))}"
+                         f"{', …' if len(classes) > 5 else ''})")
         nfail, examples = _failures(section)
+        if isinstance(section.get("num_failures"), int):
+            nfail = section["num_failures"]
         lines.append(f"  failures: {nfail} source image{'s' if nfail != 1 else ''} skipped"
                      + (f" (e.g. {'; '.join(examples)})" if examples else ""))
         others = {key: v for key, v in section.items() if key not in _KNOWN}
@@ -122,7 +145,7 @@ def format_split(split: Mapping[str, Any], *, max_shards: int = 4) -> list[str]:
                 extra += f", {human_bytes(rec['bytes'])}"
             if isinstance(rec.get("sha256"), str):
                 extra += f", sha256 {rec['sha256'][:12]}…"
-            lines.append(f"    {order[i]}: {n} samples{extra}")
+            lines.append(f"    {order[i]}: {n} sample{'' if n == 1 else 's'}{extra}")
     return lines
 
 
@@ -142,7 +165,10 @@ def format_info(info: Mapping[str, Any], *, url: str = "", split: str | None = N
     where = url or INFO_NAME
     header = f"dataset {info.get('name', '?')}" + (f"  ({where})" if url else "")
     lines = [header]
-    splits = [get_split(dict(info), split, where)] if split is not None else list(info.get("splits", {}).values())
+    if split is not None:
+        splits = [get_split(dict(info), split, where)]
+    else:
+        splits = list(info.get("splits", {}).values())
     if not splits:
         lines.append("  no splits")
     for s in splits:
@@ -152,7 +178,9 @@ def format_info(info: Mapping[str, Any], *, url: str = "", split: str | None = N
 
 def describe(url: str, *, split: str | None = None, storage_options: dict | None = None,
              max_shards: int = 4) -> str:
-    """Read ``_info.json`` at a directory or URL prefix (local, ``s3://``, ``gs://``, ``http(s)://``) and summarize it.
+    """Read ``_info.json`` at a directory or URL prefix and summarize it.
+
+    ``url`` may be local, ``s3://``, ``gs://`` or ``http(s)://``.
 
     Raises:
         FileNotFoundError: no ``_info.json`` there.

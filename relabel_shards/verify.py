@@ -6,7 +6,8 @@ What is checked (DESIGN.md "Shard layout", "The label-map record"):
 - the tar reads to its end (a truncated or corrupt tar is named, with the last key read);
 - each sample has one image member, ``.cls`` (an integer), ``.json`` (a JSON object) and ``.rlm``;
   its members are adjacent, its key holds no dot and appears once in the whole split;
-- every label map decodes, and all have the same k, h, w and C, equal to those in ``_info.json``;
+- every label map decodes, and all have the same k, h, w and C, equal to those in ``_info.json`` (a build
+  that kept each image's aspect ratio lists its several (h, w) in ``map_shapes``; k and C still agree);
 - the sample count of each shard and of the split match ``shard_lengths`` and ``num_samples``.
 
 Shards are streamed (``tarfile`` stream mode over an fsspec file), so local paths, ``s3://``, ``gs://`` and
@@ -24,7 +25,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from relabel_shards.shards import IMAGE_EXTS, LABELMAP_EXT, get_split, join, read_info, split_member_name, url_to_fs
+from relabel_shards.shards import (
+    IMAGE_EXTS,
+    LABELMAP_EXT,
+    get_split,
+    join,
+    read_info,
+    split_member_name,
+    url_to_fs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +51,7 @@ class VerifyReport:
         shards: shards read (listed in ``_info.json``).
         samples: samples read.
         bytes: bytes read.
-        geometry: ``(k, h, w, C)`` of the label maps read, None when none decoded.
+        geometry: ``(k, h, w, C)`` of the first label map read, None when none decoded.
         problems: the first ``max_problems`` problems, each naming its shard (and key where there is one).
         num_problems: all problems found, shown or not.
     """
@@ -112,9 +121,13 @@ class _HashingReader:
 class _SplitChecker:
     """The state that spans shards: keys seen, label-map geometry, the report."""
 
-    def __init__(self, report: VerifyReport, expected_geometry: tuple[Any, Any, Any, Any]) -> None:
+    def __init__(self, report: VerifyReport, expected_geometry: tuple[Any, Any, Any, Any],
+                 map_shapes: set[tuple[int, int]] | None = None) -> None:
         self.report = report
         self.expected = expected_geometry  # from _info.json; entries may be None
+        # Builds that keep each image's aspect ratio declare several (h, w) in _info.json's map_shapes;
+        # k and C must still agree everywhere.
+        self.map_shapes = map_shapes or set()
         self.key_shard: dict[str, str] = {}
         self.geometries: dict[tuple[int, int, int, int], int] = {}
 
@@ -153,6 +166,8 @@ class _SplitChecker:
                 first = self.geometries.setdefault(geo, 0) == 0
                 self.geometries[geo] += 1
                 want = tuple(e if e is not None else g for e, g in zip(self.expected, geo, strict=True))
+                if (h, w) in self.map_shapes:
+                    want = (want[0], h, w, want[3])
                 if geo != want and first:
                     add(f"{where}: label map has k={k} h={h} w={w} C={geo[3]}, _info.json says "
                         f"k={want[0]} h={want[1]} w={want[2]} C={want[3]}")
@@ -252,7 +267,9 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
     if s.get("num_samples") != sum(x for x in lengths if isinstance(x, int)):
         add(f"_info.json: num_samples {s.get('num_samples')} != sum of shard_lengths {sum(lengths)}")
 
-    checker = _SplitChecker(report, tuple(section.get(x) for x in ("k", "height", "width", "num_classes")))
+    shapes = {tuple(x) for x in section.get("map_shapes") or [] if isinstance(x, list) and len(x) == 2}
+    checker = _SplitChecker(report, tuple(section.get(x) for x in ("k", "height", "width", "num_classes")),
+                            shapes)
     for i, name in enumerate(filenames):
         shard_url = join(url, name)
         fs, path = url_to_fs(shard_url, storage_options)
@@ -279,7 +296,8 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
         digest = reader.sha.hexdigest()
         if isinstance(rec.get("sha256"), str) and digest != rec["sha256"]:
             add(f"{name}: sha256 {digest[:16]}… differs from _info.json's {rec['sha256'][:16]}…")
-    if len(checker.geometries) > 1:
+    kinds = {(k, c) if (h, w) in checker.map_shapes else (k, h, w, c) for k, h, w, c in checker.geometries}
+    if len(kinds) > 1:
         counts = ", ".join(f"k={k} {h}x{w} C={c}: {n}" for (k, h, w, c), n in checker.geometries.items())
         add(f"label maps differ in shape across the split ({counts}); all must be the same")
     logger.info("%s", report.summary())

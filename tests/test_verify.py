@@ -45,7 +45,8 @@ def rewrite_shard(out: Path, filename: str, mutate) -> None:
 
 @pytest.fixture
 def dataset(tmp_path) -> Path:
-    make_dataset(tmp_path, num_samples=6, shard_size=4)  # train-000000 (img000..003), train-000001 (img004, 005)
+    # train-000000 (img000..003), train-000001 (img004, 005)
+    make_dataset(tmp_path, num_samples=6, shard_size=4)
     return tmp_path
 
 
@@ -81,7 +82,8 @@ def test_missing_member(dataset):
 
     rewrite_shard(dataset, "train-000001.tar", drop_rlm)
     report = verify_shards(str(dataset))
-    assert report.problems == ["train-000001.tar: key 'img005': missing .rlm member (members: cls, json, png)"]
+    assert report.problems == [
+        "train-000001.tar: key 'img005': missing .rlm member (members: cls, json, png)"]
 
 
 def test_truncated_tar(dataset):
@@ -178,7 +180,8 @@ def test_mixed_label_map_shapes(tmp_path):
 
 def test_problem_list_is_bounded(tmp_path):
     make_dataset(tmp_path, num_samples=12, shard_size=12)
-    rewrite_shard(tmp_path, "train-000000.tar", lambda s: [[m for m in x if m[0].endswith(".png")] for x in s])
+    rewrite_shard(tmp_path, "train-000000.tar",
+                  lambda s: [[m for m in x if m[0].endswith(".png")] for x in s])
     report = verify_shards(str(tmp_path), max_problems=5)
     assert report.num_problems == 36  # 12 samples x (cls, json, rlm)
     assert len(report.problems) == 5
@@ -208,3 +211,21 @@ def test_verify_over_http_and_s3(http_dir, s3_bucket):
     make_dataset(f"{s3_bucket}/ds", num_samples=3, shard_size=2)
     report = verify_shards(f"{s3_bucket}/ds")
     assert report.ok and report.samples == 3, report.problems
+
+
+def test_declared_map_shapes_are_accepted(tmp_path):
+    # a keep-aspect build: maps of several (h, w), declared in _info.json's map_shapes, height/width None
+    make_dataset(tmp_path / "a", num_samples=2, shard_size=2, h=4, w=6)
+    make_dataset(tmp_path / "b", num_samples=2, shard_size=2, h=4, w=5)
+    odd = read_samples(tmp_path / "b" / "train-000000.tar")[1]
+    rewrite_shard(tmp_path / "a", "train-000000.tar", lambda s: [s[0], [(n.replace("001", "009"), d)
+                                                                        for n, d in odd]])
+    info = json.loads((tmp_path / "a" / INFO_NAME).read_text())
+    section = info["splits"]["train"]["relabel_shards"]
+    section.update(height=None, width=None, map_shapes=[[4, 5], [4, 6]])
+    (tmp_path / "a" / INFO_NAME).write_text(json.dumps(info))
+    assert verify_shards(str(tmp_path / "a")).ok
+    section["map_shapes"] = [[4, 6]]
+    (tmp_path / "a" / INFO_NAME).write_text(json.dumps(info))
+    text = "\n".join(verify_shards(str(tmp_path / "a")).problems)
+    assert "label maps differ in shape across the split (k=3 4x6 C=10: 1, k=3 4x5 C=10: 1)" in text

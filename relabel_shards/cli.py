@@ -57,6 +57,70 @@ def cli(verbose: int) -> None:
 
 # ---- build / demo (issue 3) -------------------------------------------------------------------------
 
+
+@cli.command()
+@click.argument("source", nargs=-1, required=True)
+@click.argument("out")
+@click.option("--model", default=None, help="timm model name [default: the embedded EfficientNet-Lite0].")
+@click.option("--pretrained", is_flag=True, help="Load timm's pretrained weights for --model (hub or cache).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="State-dict file for --model.")
+@click.option("--topk", type=int, default=5, help="Classes kept per map position (k).")
+@click.option("--input-size", type=int, default=None, help="Input pixels [default: the model's own].")
+@click.option("--keep-aspect", is_flag=True, help="Keep each image's aspect ratio (short side to --input-size).")
+@click.option("--encoding", type=click.Choice(["compact", "lossless"]), default="compact",
+              help="Label-map record encoding.")
+@click.option("--shard-size", type=int, default=1000, help="Samples per shard (input shards keep theirs).")
+@click.option("--prefix", default=None, help="Shard name prefix [default: the split name].")
+@click.option("--split", default="train", help="Split name in _info.json.")
+@click.option("--batch-size", type=int, default=64, help="Images per annotator call.")
+@click.option("--num-workers", type=int, default=4, help="DataLoader workers that decode and resize.")
+@click.option("--device", default=None, help="cuda, cuda:1, cpu [default: cuda:$LOCAL_RANK, cuda, else cpu].")
+@click.option("--rank", type=int, default=None, help="This rank [default: $RANK, else 0].")
+@click.option("--world-size", type=int, default=None, help="Number of ranks [default: $WORLD_SIZE, else 1].")
+@click.option("--strict", is_flag=True, help="Stop at the first bad input instead of skipping and listing it.")
+@click.option("--seed", type=int, default=0, help="Seed for random-weight models (tests).")
+@click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar (images/s, ETA).")
+@user_errors
+def build(source: tuple[str, ...], out: str, progress: bool, **kwargs) -> None:
+    """Annotate SOURCE's images with a timm classifier and write label-map shards to OUT.
+
+    SOURCE is an ImageFolder directory, a 'path<TAB>label' list file, or WebDataset shards (paths, brace
+    patterns such as 'in-{000000..000009}.tar', or URLs). OUT is a directory or an s3:// / gs:// prefix.
+    Rerunning the same command resumes: complete shards are kept. Under torchrun each rank writes its shards.
+    """
+    from relabel_shards.build import build_shards
+
+    if kwargs["model"] is not None and not kwargs["pretrained"] and kwargs["checkpoint"] is None:
+        click.echo(f"warning: --model {kwargs['model']} without --pretrained or --checkpoint has random "
+                   "weights: its label maps mean nothing (tests only)", err=True)
+    src: str | list[str] = source[0] if len(source) == 1 else list(source)
+    bar = None
+
+    def show(done: int, total: int | None) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="img", desc="build", dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    try:
+        summary = build_shards(src, out, progress=show if progress else None, **kwargs)
+    finally:
+        if bar is not None:
+            bar.close()
+    n_fail = len(summary.failures)
+    click.echo(f"rank {summary.rank}/{summary.world_size}: wrote {len(summary.written)} shards "
+               f"({summary.images} images, {n_fail} skipped), kept {len(summary.skipped)} complete shards")
+    if summary.info is not None:
+        info = summary.info
+        click.echo(f"{out}: {len(info['filenames'])} shards, {info['num_samples']} samples, "
+                   f"{info['relabel_shards']['num_failures']} failures listed in _info.json")
+    else:
+        click.echo("_info.json is left to the rank that finishes last")
+
+
 # ---- info / verify / show (issue 3) -----------------------------------------------------------------
 
 

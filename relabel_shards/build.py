@@ -1,0 +1,396 @@
+"""The batch job: read a source, run the annotator, write label-map shards (``relabel-shards build``).
+
+Data flow for one rank (all ranks run the same call; see ``relabel_shards.writer`` for ranks and resume)::
+
+    source items (sources.py)  ->  plan: shard i = items[i*shard_size:(i+1)*shard_size], or input shard i
+      DataLoader workers: read bytes, decode, preprocess (annotator.preprocess), stack into chunks
+      # a chunk: {"task": i, "entries": [sample or failure, ...], "images": [Tensor[n,3,H,W], ...], "end": bool}
+      main thread: annotator(images) on the device  ->  values/indices [n,k,h,w] on the CPU
+      writer thread: encode_label_map, append to shard i's temporary tar, commit at "end"  (writer.py)
+    after this rank's shards: ShardJob.finalize writes _info.json once every shard exists
+
+Each worker takes whole shards (worker w of W gets this rank's pending shards w, w+W, ...), so a shard's
+samples arrive in order and are streamed into its tar without buffering the whole shard; a chunk never spans
+two shards, so the batches the model sees (and so its outputs) do not depend on workers, ranks or resumes.
+
+With ``keep_aspect`` images differ in size: a chunk holds one stacked tensor per distinct size, in order of
+first appearance, and the annotator runs once per size (images of the same size still share a batch).
+
+Input shards map one to one onto output shards (``shard_size`` does not apply): every member passes through
+unchanged and ``key.rlm`` is appended. A sample that already holds an ``.rlm`` member gets the new one instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from relabel_shards.shards import FORMAT_VERSION, LABELMAP_EXT, ShardError, json_bytes, sample_members, \
+    split_member_name
+from relabel_shards.sources import FileItem, Source, decode_image, image_member, iter_shard_samples, open_source, \
+    read_bytes
+from relabel_shards.writer import SerialExecutor, ShardJob, ShardStats
+
+log = logging.getLogger(__name__)
+
+ENCODINGS = ("compact", "lossless")
+
+ProgressFn = Callable[[int, "int | None"], None]
+
+
+@dataclass
+class BuildSummary:
+    """What one rank's :func:`build_shards` call did.
+
+    Attributes:
+        rank, world_size: this rank.
+        num_shards: shards in the whole plan (all ranks).
+        written: indices of the shards this call wrote.
+        skipped: indices of this rank's shards that were already complete (resume).
+        images: images annotated by this call.
+        failures: inputs this call skipped (each ``{"key", "source", "reason"}``).
+        info: the split written to ``_info.json``, or None when another rank still had shards to write.
+    """
+
+    rank: int
+    world_size: int
+    num_shards: int
+    written: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    images: int = 0
+    failures: list[dict] = field(default_factory=list)
+    info: dict | None = None
+
+
+# ------------------------------------------------------------------------------------------- workers
+
+
+def _failure(key: str, source: str, reason: str) -> dict:
+    return {"key": key, "source": source, "reason": reason}
+
+
+class _ChunkStream(IterableDataset):
+    """Iterable dataset for the DataLoader: this rank's pending shards, decoded and preprocessed in chunks."""
+
+    def __init__(self, tasks: list[tuple[int, Any]], preprocess: Callable, batch_size: int,
+                 storage_options: dict | None):
+        self.tasks = tasks
+        self.preprocess = preprocess
+        self.batch_size = batch_size
+        self.storage_options = storage_options
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index, payload in self.tasks[wid::nw]:
+            samples = self._file_samples(payload) if isinstance(payload, list) else self._shard_samples(payload)
+            yield from self._chunks(index, samples)
+
+    def _chunks(self, index: int, samples: Iterator[dict]) -> Iterator[dict]:
+        entries: list[dict] = []
+        tensors: list = []
+        for entry in samples:
+            tensor = entry.pop("tensor", None)
+            if tensor is not None:
+                tensors.append(tensor)
+            entries.append(entry)
+            if len(tensors) == self.batch_size:
+                yield self._chunk(index, entries, tensors, end=False)
+                entries, tensors = [], []
+        yield self._chunk(index, entries, tensors, end=True)
+
+    @staticmethod
+    def _chunk(index: int, entries: list[dict], tensors: list, end: bool) -> dict:
+        shapes: dict[tuple, int] = {}
+        groups: list[list] = []
+        rows = iter(tensors)
+        for e in entries:
+            if "reason" in e:
+                continue
+            t = next(rows)
+            g = shapes.setdefault(tuple(t.shape), len(shapes))
+            if g == len(groups):
+                groups.append([])
+            e["group"], e["row"] = g, len(groups[g])
+            groups[g].append(t)
+        images = [torch.stack(g) for g in groups]  # each (n, 3, H, W)
+        return {"task": index, "entries": entries, "images": images, "end": end}
+
+    def _decoded(self, key: str, source: str, data: bytes) -> tuple[Any, tuple[int, int]] | dict:
+        try:
+            img = decode_image(data)
+        except ValueError as e:
+            return _failure(key, source, str(e))
+        return self.preprocess(img), img.size
+
+    def _file_samples(self, items: list[FileItem]) -> Iterator[dict]:
+        for it in items:
+            if it.error is not None:
+                yield _failure(it.key, it.source, it.error)
+                continue
+            try:
+                data = read_bytes(it.path, self.storage_options)
+            except OSError as e:
+                yield _failure(it.key, it.source, f"cannot read file: {e.strerror or e}")
+                continue
+            dec = self._decoded(it.key, it.source, data)
+            if isinstance(dec, dict):
+                yield dec
+                continue
+            tensor, (w, h) = dec
+            meta: dict[str, Any] = {"source": it.source, "width": w, "height": h}
+            if it.class_name is not None:
+                meta["class_name"] = it.class_name
+            members = sample_members(it.key, image=data, image_ext=it.image_ext, label=it.label, meta=meta,
+                                     labelmap=b"")[:-1]  # the label map is appended by the writer thread
+            yield {"key": it.key, "members": members, "tensor": tensor, "size": (w, h)}
+
+    def _shard_samples(self, url: str) -> Iterator[dict]:
+        try:
+            for key, members in iter_shard_samples(url, self.storage_options):
+                source = f"{url}#{key}"
+                kept = [(n, d) for n, d in members if split_member_name(n)[1] != LABELMAP_EXT]
+                img = image_member(kept)
+                if img is None:
+                    names = ", ".join(n for n, _ in members)
+                    yield _failure(key, source, f"no image member (members: {names})")
+                    continue
+                dec = self._decoded(key, source, img[1])
+                if isinstance(dec, dict):
+                    yield dec
+                    continue
+                tensor, size = dec
+                yield {"key": key, "members": kept, "tensor": tensor, "size": size}
+        except (ShardError, OSError) as e:
+            yield _failure("", url, f"input shard unreadable from here on: {e}")
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+def _plan(src: Source, shard_size: int) -> list[Any]:
+    """Payload per output shard: a list of FileItems (folder/list sources) or an input shard URL."""
+    if src.kind == "shards":
+        return list(src.shard_urls)
+    n = math.ceil(len(src.items) / shard_size)
+    return [list(src.items[i * shard_size:(i + 1) * shard_size]) for i in range(n)]
+
+
+def _fingerprint(src: Source, plan_settings: dict, annotator_config: dict) -> str:
+    h = hashlib.sha256()
+    if src.kind == "shards":
+        for u in src.shard_urls:
+            h.update(u.encode() + b"\n")
+    else:
+        for it in src.items:
+            h.update(f"{it.key}\t{it.source}\t{it.label}\t{it.class_name}\n".encode())
+    return hashlib.sha256(json_bytes({"format_version": FORMAT_VERSION, "source": src.describe(),
+                                      "items": h.hexdigest(), "settings": plan_settings,
+                                      "annotator": annotator_config})).hexdigest()
+
+
+def _check_args(shard_size: int, batch_size: int, num_workers: int, encoding: str, split: str,
+                prefix: str | None) -> str:
+    for name, value, low in (("shard_size", shard_size, 1), ("batch_size", batch_size, 1),
+                             ("num_workers", num_workers, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {list(ENCODINGS)}, got {encoding!r}")
+    if not isinstance(split, str) or not split or "/" in split:
+        raise ValueError(f"split must be a non-empty name without '/', got {split!r}")
+    prefix = split if prefix is None else prefix
+    if not isinstance(prefix, str) or not prefix or "/" in prefix or prefix.startswith("."):
+        raise ValueError(f"prefix must be a non-empty file name prefix without '/' or a leading '.', got {prefix!r}")
+    return prefix
+
+
+def _default_device(device: str | None) -> str | None:
+    """torchrun's LOCAL_RANK picks the GPU when no device is named."""
+    if device is not None:
+        return device
+    local = os.environ.get("LOCAL_RANK")
+    if local is not None and torch.cuda.is_available():
+        return f"cuda:{int(local)}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+def build_shards(
+    source: str | os.PathLike | list[str],
+    out: str | os.PathLike,
+    *,
+    model: str | None = None,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    topk: int = 5,
+    input_size: int | tuple[int, int] | None = None,
+    keep_aspect: bool = False,
+    encoding: str = "compact",
+    shard_size: int = 1000,
+    prefix: str | None = None,
+    split: str = "train",
+    batch_size: int = 64,
+    num_workers: int = 4,
+    device: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    strict: bool = False,
+    storage_options: dict | None = None,
+    progress: ProgressFn | None = None,
+    seed: int = 0,
+    name: str | None = None,
+) -> BuildSummary:
+    """Annotate every image of ``source`` and write WebDataset shards with label maps to ``out``.
+
+    Args:
+        source: an ImageFolder directory, a ``path<TAB>label`` list file, or WebDataset shards (path, brace
+            pattern, URL, or a list of them); see ``relabel_shards.sources``.
+        out: output directory or ``s3://`` / ``gs://`` URL prefix.
+        model, pretrained, checkpoint, topk, input_size, keep_aspect: the annotator
+            (``relabel_shards.annotator.create_annotator``); ``model=None`` is the embedded EfficientNet-Lite0.
+        encoding: the label-map record encoding, ``"compact"`` or ``"lossless"`` (``relabel_shards.labelmap``).
+        shard_size: samples per shard (folder/list sources; shard sources keep their input sharding).
+        prefix: shard name prefix (``{prefix}-{index:06d}.tar``); defaults to ``split``.
+        split: the split's name in ``_info.json``.
+        batch_size: images per annotator call.
+        num_workers: DataLoader worker processes that read, decode and resize (0: in this process).
+        device: where the annotator runs; None: ``cuda:$LOCAL_RANK`` under torchrun, else CUDA if any, else CPU.
+        rank, world_size: this rank; None: torch.distributed, else ``RANK``/``WORLD_SIZE``, else 0 of 1.
+        strict: a bad input is an error (naming the file) instead of a skipped failure listed in ``_info.json``.
+        storage_options: fsspec options for ``source`` and ``out`` URLs.
+        progress: called as ``progress(images_done, images_total)`` after each batch (total None when unknown,
+            as for shard sources).
+        seed: seeds the weights of a random-weight model (tests), so every rank and rerun gets the same ones.
+        name: the dataset name in ``_info.json`` (default: the last component of ``out``).
+
+    Returns:
+        BuildSummary of this rank's work; ``info`` is the split written to ``_info.json`` by this call, if any.
+
+    Raises:
+        FileNotFoundError: the source or a file it lists does not exist.
+        ValueError: an empty source, duplicate keys, an unknown model, a bad argument, a bad input with
+            ``strict``, or an output directory that holds shards of a different build.
+    """
+    prefix = _check_args(shard_size, batch_size, num_workers, encoding, split, prefix)
+    out = os.fspath(out)
+    src = open_source(source, storage_options)
+    from relabel_shards.annotator import create_annotator
+    from relabel_shards.labelmap import encode_label_map
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ann = create_annotator(model, pretrained=pretrained, checkpoint=checkpoint, topk=topk,
+                               input_size=input_size, device=_default_device(device), keep_aspect=keep_aspect)
+    plan = _plan(src, shard_size)
+    settings = {"encoding": encoding, "shard_size": shard_size if src.kind != "shards" else None,
+                "prefix": prefix, "split": split, "seed": seed if ann.weights_sha256 is None else None}
+    ann_config = ann.config()
+    job = ShardJob(out, prefix=prefix, num_shards=len(plan), fingerprint=_fingerprint(src, settings, ann_config),
+                   rank=rank, world_size=world_size, storage_options=storage_options)
+    todo = job.pending()
+    summary = BuildSummary(rank=job.rank, world_size=job.world_size, num_shards=len(plan), written=list(todo),
+                           skipped=[i for i in job.owned() if i not in set(todo)])
+    total = None if src.kind == "shards" else sum(len(plan[i]) for i in todo)
+    if todo:
+        _run(job, [(i, plan[i]) for i in todo], ann, encode_label_map, encoding, batch_size, num_workers, strict,
+             storage_options, progress, total, summary)
+    summary.info = job.finalize(split, lambda stats: _project(stats, src, ann, ann_config, encoding, settings),
+                                name=name)
+    return summary
+
+
+def _run(job: ShardJob, tasks: list[tuple[int, Any]], ann, encode_label_map: Callable, encoding: str,
+         batch_size: int, num_workers: int, strict: bool, storage_options: dict | None,
+         progress: ProgressFn | None, total: int | None, summary: BuildSummary) -> None:
+    stream = _ChunkStream(tasks, ann.preprocess, batch_size, storage_options)
+    cuda = getattr(ann, "device", None) is not None and torch.device(ann.device).type == "cuda"
+    loader = DataLoader(
+        stream, batch_size=None, num_workers=min(num_workers, len(tasks)), pin_memory=cuda,
+        prefetch_factor=4 if num_workers > 0 else None,
+        multiprocessing_context="fork" if num_workers > 0 and os.name == "posix" else None)
+    num_classes = ann.num_classes
+    open_shards: dict = {}
+    shapes: dict[int, set] = {}
+
+    def write(chunk: dict, outputs: list) -> None:  # runs in the writer thread, chunks in order
+        index = chunk["task"]
+        shard = open_shards.get(index)
+        if shard is None:
+            shard = open_shards[index] = job.open(index)
+            shapes[index] = set()
+        for e in chunk["entries"]:
+            if "reason" in e:
+                shard.fail(_failure(e["key"], e["source"], e["reason"]))
+                continue
+            values, indices = outputs[e["group"]]
+            v, i = values[e["row"]].numpy(), indices[e["row"]].numpy()  # (k, h, w)
+            shapes[index].add(tuple(v.shape[1:]))
+            record = encode_label_map(v, i, num_classes, encoding=encoding)
+            shard.add(e["key"], [*e["members"], (f"{e['key']}.{LABELMAP_EXT}", record)])
+        if chunk["end"]:
+            shard.commit(extra={"map_shapes": sorted(list(s) for s in shapes.pop(index))})
+            del open_shards[index]
+
+    writer = SerialExecutor(maxsize=8)
+    done = 0
+    ok = False
+    try:
+        if progress is not None:
+            progress(0, total)
+        for chunk in loader:
+            failed = [e for e in chunk["entries"] if "reason" in e]
+            if failed:
+                if strict:
+                    f = failed[0]
+                    raise ValueError(f"{f['source']}: {f['reason']} (strict: a bad input stops the build)")
+                for f in failed:
+                    log.warning("skipping %s: %s", f["source"], f["reason"])
+                summary.failures.extend(_failure(f["key"], f["source"], f["reason"]) for f in failed)
+            outputs = [ann(images) for images in chunk["images"]]
+            writer.submit(lambda c=chunk, o=outputs: write(c, o))
+            n = sum(len(g) for g in chunk["images"])
+            done += len(chunk["entries"])  # images and failures: the total counts both
+            summary.images += n
+            if progress is not None:
+                progress(done, total)
+        writer.close()
+        ok = True
+    finally:
+        if not ok:
+            writer.close(raise_errors=False)
+            for shard in open_shards.values():
+                shard.abort()
+
+
+def _project(stats: list[ShardStats], src: Source, ann, ann_config: dict, encoding: str, settings: dict) -> dict:
+    """Our section of ``_info.json``'s split (the writer adds shards, failures and the format version)."""
+    shapes = sorted({tuple(s) for st in stats for s in st.extra.get("map_shapes", [])})
+    height, width = shapes[0] if len(shapes) == 1 else (None, None)
+    project: dict[str, Any] = {
+        "annotator": ann_config,
+        "k": ann.topk,
+        "height": height,
+        "width": width,
+        "num_classes": ann.num_classes,
+        "class_names": ann.class_names,
+        "encoding": encoding,
+        "labelmap_ext": LABELMAP_EXT,
+        "source": src.describe(),
+        "dataset_classes": list(src.classes) if src.classes is not None else None,
+        "shard_size": settings["shard_size"],
+        "seed": settings["seed"],
+    }
+    if len(shapes) > 1:
+        project["map_shapes"] = [list(s) for s in shapes]
+    return project

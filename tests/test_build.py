@@ -1,0 +1,310 @@
+"""build_shards end to end on tiny inputs with a tiny random-weight timm model (test_efficientnet).
+
+Label maps read back are compared with the annotator run directly on the same batches (a build's batches are
+the shard's images in order, ``batch_size`` at a time), so a map paired with the wrong image fails.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from relabel_shards.build import build_shards
+from relabel_shards.shards import read_info, write_shard
+
+MODEL = "test_efficientnet"
+
+
+def _image(seed: int, size=(40, 56)) -> Image.Image:
+    """A distinct picture per seed: a colour gradient with a bright square at a seed-dependent place."""
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    a = np.stack([(x * rng.uniform(1, 6)) % 255, (y * rng.uniform(1, 6)) % 255, np.full_like(x, seed * 37 % 255)],
+                 -1).astype(np.uint8)
+    r, c = rng.integers(0, h - 10), rng.integers(0, w - 10)
+    a[r:r + 10, c:c + 10] = 255
+    return Image.fromarray(a)
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _make_folder(root: Path, per_class: int = 3, classes=("cat", "dog")) -> Path:
+    for ci, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True)
+        for j in range(per_class):
+            fmt, ext = ("PNG", "png") if j == 1 else ("JPEG", "JPEG")
+            (root / cls / f"{cls}_{j}.{ext}").write_bytes(_encode(_image(ci * 10 + j), fmt))
+    return root
+
+
+def _annotator():
+    from relabel_shards.annotator import create_annotator
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # build_shards' default seed: the same random weights
+        return create_annotator(MODEL)
+
+
+def _read_samples(out: Path, info: dict) -> list[dict]:
+    import webdataset as wds
+
+    urls = [str(out / f) for f in info["filenames"]]
+    return list(wds.WebDataset(urls, shardshuffle=False))
+
+
+def _check_maps_match_annotator(samples: list[dict], shard_lengths: list[int], batch_size: int, image_key="jpg"):
+    from relabel_shards.labelmap import decode_label_map
+
+    ann = _annotator()
+    start = 0
+    for n in shard_lengths:
+        shard = samples[start:start + n]
+        start += n
+        for b in range(0, n, batch_size):
+            batch = shard[b:b + batch_size]
+            imgs = [Image.open(io.BytesIO(next(s[k] for k in (image_key, "png", "jpg") if k in s))).convert("RGB")
+                    for s in batch]
+            values, indices = ann(torch.stack([ann.preprocess(im) for im in imgs]))
+            for s, v, i in zip(batch, values, indices):
+                lm = decode_label_map(s["rlm"])
+                assert lm.num_classes == ann.num_classes
+                np.testing.assert_array_equal(np.asarray(lm.indices, dtype=np.int64), i.numpy().astype(np.int64))
+                np.testing.assert_array_equal(np.asarray(lm.values, dtype=np.float32), v.float().numpy())
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return _make_folder(tmp_path_factory.mktemp("src") / "imgs")
+
+
+def test_folder_end_to_end_read_by_webdataset_and_timm(folder, tmp_path):
+    out = tmp_path / "ds"
+    seen = []
+    summary = build_shards(str(folder), str(out), model=MODEL, shard_size=4, batch_size=3, num_workers=2,
+                           encoding="lossless", progress=lambda d, t: seen.append((d, t)))
+    assert seen[0] == (0, 6) and seen[-1] == (6, 6)
+    assert summary.written == [0, 1] and summary.images == 6 and summary.failures == []
+    info = read_info(str(out))
+    split = info["splits"]["train"]
+    assert split == summary.info
+    assert split["filenames"] == ["train-000000.tar", "train-000001.tar"]
+    assert split["shard_lengths"] == [4, 2] and split["num_samples"] == 6
+    rs = split["relabel_shards"]
+    assert (rs["k"], rs["height"], rs["width"], rs["num_classes"]) == (5, 5, 5, 1000)
+    assert rs["annotator"]["model"] == MODEL and rs["encoding"] == "lossless"
+    assert rs["dataset_classes"] == ["cat", "dog"] and rs["failures"] == []
+    assert rs["source"] == {"kind": "folder", "url": str(folder), "num_files": 6}
+    assert len(rs["class_names"]) == 1000 and rs["format_version"] == 1
+    assert [s["bytes"] for s in rs["shards"]] == [os.path.getsize(out / f) for f in split["filenames"]]
+
+    samples = _read_samples(out, split)
+    assert [s["__key__"] for s in samples] == ["cat_0", "cat_1", "cat_2", "dog_0", "dog_1", "dog_2"]
+    for s in samples:
+        cls, j = s["__key__"].split("_")
+        ext = "png" if j == "1" else "jpg"
+        assert set(s) - {"__key__", "__url__", "__local_path__"} == {ext, "cls", "json", "rlm"}
+        src_name = f"{cls}_{j}.{'png' if j == '1' else 'JPEG'}"
+        assert s[ext] == (folder / cls / src_name).read_bytes()  # original bytes, untouched
+        assert int(s["cls"]) == ["cat", "dog"].index(cls)
+        meta = json.loads(s["json"])
+        assert meta == {"source": f"{cls}/{src_name}", "width": 56, "height": 40, "class_name": cls}
+    _check_maps_match_annotator(samples, split["shard_lengths"], batch_size=3)
+
+    from timm.data import create_dataset
+
+    ds = create_dataset("wds/relabel", root=str(out), split="train", is_training=False, batch_size=1)
+    got = [(img.size, int(t)) for img, t in ds]
+    assert sorted(t for _, t in got) == [0, 0, 0, 1, 1, 1] and all(size == (56, 40) for size, _ in got)
+
+
+def test_list_file_source(tmp_path):
+    (tmp_path / "pics").mkdir()
+    for j in range(3):
+        (tmp_path / "pics" / f"p{j}.jpg").write_bytes(_encode(_image(50 + j), "JPEG"))
+    lst = tmp_path / "files.tsv"
+    lst.write_text("pics/p2.jpg\t9\npics/p0.jpg\t4\npics/p1.jpg\t9\n")
+    out = tmp_path / "ds"
+    build_shards(str(lst), str(out), model=MODEL, shard_size=2, batch_size=8, num_workers=0, encoding="lossless",
+                 split="val")
+    split = read_info(str(out))["splits"]["val"]
+    assert split["filenames"] == ["val-000000.tar", "val-000001.tar"]
+    samples = _read_samples(out, split)
+    assert [(s["__key__"], int(s["cls"])) for s in samples] == [("p2", 9), ("p0", 4), ("p1", 9)]
+    assert json.loads(samples[0]["json"])["source"] == "pics/p2.jpg"
+    _check_maps_match_annotator(samples, split["shard_lengths"], batch_size=8)
+
+
+def test_input_shards_pass_through_imagenet_layout(tmp_path):
+    src = tmp_path / "in"
+    keys = [["n01440764_10026", "n01440764_10027"], ["n01443537_1"]]
+    originals = {}
+    for si, ks in enumerate(keys):
+        samples = []
+        for j, k in enumerate(ks):
+            members = [(f"{k}.cls", str(si).encode()), (f"{k}.jpg", _encode(_image(70 + si * 5 + j), "JPEG")),
+                       (f"{k}.json", json.dumps({"filename": f"{k}.JPEG"}).encode())]
+            originals[k] = members
+            samples.append(members)
+        write_shard(str(src), f"imagenet-train-{si:06d}.tar", samples)
+    out = tmp_path / "ds"
+    build_shards(str(src / "imagenet-train-{000000..000001}.tar"), str(out), model=MODEL, batch_size=4,
+                 num_workers=0, encoding="lossless", shard_size=1)  # shard_size does not apply to shard inputs
+    split = read_info(str(out))["splits"]["train"]
+    assert split["shard_lengths"] == [2, 1] and split["relabel_shards"]["shard_size"] is None
+    import tarfile
+
+    for si, ks in enumerate(keys):
+        with tarfile.open(out / split["filenames"][si]) as tar:
+            names = tar.getnames()
+            expect = [n for k in ks for n in [*[m for m, _ in originals[k]], f"{k}.rlm"]]
+            assert names == expect  # input order kept, the label map last
+            for k in ks:
+                for name, data in originals[k]:
+                    assert tar.extractfile(name).read() == data
+    _check_maps_match_annotator(_read_samples(out, split), split["shard_lengths"], batch_size=4)
+
+
+def test_bad_inputs_are_skipped_and_listed_or_fatal_with_strict(tmp_path):
+    root = _make_folder(tmp_path / "imgs", per_class=2)
+    (root / "cat" / "empty.jpg").write_bytes(b"")
+    (root / "dog" / "garbage.png").write_bytes(b"this is not a png")
+    (root / "dog" / "cut.jpg").write_bytes(_encode(_image(3, (64, 64)), "JPEG")[:200])
+    (root / "dog" / "notes.txt").write_text("hi")
+    out = tmp_path / "ds"
+    summary = build_shards(str(root), str(out), model=MODEL, shard_size=3, num_workers=0)
+    split = read_info(str(out))["splits"]["train"]
+    rs = split["relabel_shards"]
+    assert split["num_samples"] == 4 and rs["num_failures"] == 4
+    reasons = {f["source"]: f["reason"] for f in rs["failures"]}
+    assert reasons["cat/empty.jpg"] == "empty file"
+    assert reasons["dog/garbage.png"] == "not a decodable image (PIL cannot identify it)"
+    assert reasons["dog/cut.jpg"].startswith("cannot decode image")
+    assert reasons["dog/notes.txt"] == "not an image file (extension 'txt')"
+    assert sorted(f["source"] for f in summary.failures) == sorted(reasons)
+    keys = [s["__key__"] for s in _read_samples(out, split)]
+    assert keys == ["cat_0", "cat_1", "dog_0", "dog_1"]
+
+    with pytest.raises(ValueError, match=r"cat/empty\.jpg: empty file \(strict"):
+        build_shards(str(root), str(tmp_path / "strict"), model=MODEL, shard_size=2, batch_size=1, num_workers=0,
+                     strict=True)
+    # shard 0 (cat_0, cat_1) was complete; shard 1 starts with the empty file: no partial shard, no _info.json
+    assert sorted(os.listdir(tmp_path / "strict")) == ["train-000000.tar", "train-000000_stats.json"]
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    ({"source": "missing"}, FileNotFoundError, r"source '.*missing' does not exist"),
+    ({"source": "empty"}, ValueError, r"source '.*empty' holds no images"),
+    ({"model": "no_such_model_xyz"}, ValueError, r"unknown timm model name 'no_such_model_xyz'"),
+    ({"shard_size": 0}, ValueError, r"shard_size must be an integer >= 1, got 0"),
+    ({"encoding": "gzip"}, ValueError, r"encoding must be one of \['compact', 'lossless'\], got 'gzip'"),
+    ({"rank": 2, "world_size": 2}, ValueError, r"rank must be in \[0, world_size-1=1\], got 2"),
+])
+def test_clear_errors(folder, tmp_path, kwargs, exc, match):
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    args = {"source": str(folder), "model": MODEL, "num_workers": 0, **kwargs}
+    if args["source"] in ("missing", "empty"):
+        args["source"] = str(tmp_path / args["source"])
+    with pytest.raises(exc, match=match):
+        build_shards(args.pop("source"), str(tmp_path / "out"), **args)
+
+
+def test_cli_errors_are_one_line_nonzero(folder, tmp_path):
+    from click.testing import CliRunner
+
+    from relabel_shards.cli import cli
+
+    runner = CliRunner()
+    for args, match in [([str(tmp_path / "nope"), str(tmp_path / "o")], "does not exist"),
+                        ([str(folder), str(tmp_path / "o"), "--model", "no_such_model_xyz"], "unknown timm model")]:
+        res = runner.invoke(cli, ["build", *args, "--num-workers", "0"])
+        assert res.exit_code == 1
+        assert res.output.strip().splitlines()[-1].startswith("Error: ") and match in res.output
+        assert "Traceback" not in res.output
+
+
+def test_two_ranks_give_the_same_shards_as_one(folder, tmp_path):
+    one = tmp_path / "one" / "ds"
+    build_shards(str(folder), str(one), model=MODEL, shard_size=2, batch_size=2, num_workers=0)
+    two = tmp_path / "two" / "ds"
+    s0 = build_shards(str(folder), str(two), model=MODEL, shard_size=2, batch_size=2, num_workers=0,
+                      rank=0, world_size=2)
+    assert s0.written == [0, 2] and s0.info is None and not (two / "_info.json").exists()
+    s1 = build_shards(str(folder), str(two), model=MODEL, shard_size=2, batch_size=2, num_workers=0,
+                      rank=1, world_size=2)
+    assert s1.written == [1] and s1.info is not None
+    assert _tree(two) == _tree(one)
+    # a rerun finds every shard complete and rewrites nothing but the identical _info.json
+    again = build_shards(str(folder), str(two), model=MODEL, shard_size=2, batch_size=2, num_workers=0)
+    assert again.written == [] and again.skipped == [0, 1, 2] and again.images == 0
+    assert _tree(two) == _tree(one)
+
+
+def test_other_settings_into_the_same_out_is_an_error(folder, tmp_path):
+    out = tmp_path / "ds"
+    build_shards(str(folder), str(out), model=MODEL, shard_size=3, num_workers=0)
+    with pytest.raises(ValueError, match="was written by a different build"):
+        build_shards(str(folder), str(out), model=MODEL, shard_size=3, num_workers=0, topk=3)
+
+
+def test_keep_aspect_batches_by_size(tmp_path):
+    root = tmp_path / "imgs" / "c"
+    root.mkdir(parents=True)
+    sizes = [(40, 56), (56, 40), (40, 56), (48, 48)]
+    for j, size in enumerate(sizes):
+        (root / f"i{j}.png").write_bytes(_encode(_image(90 + j, size), "PNG"))
+    out = tmp_path / "ds"
+    build_shards(str(tmp_path / "imgs"), str(out), model=MODEL, keep_aspect=True, input_size=64, batch_size=4,
+                 num_workers=0, encoding="lossless")
+    split = read_info(str(out))["splits"]["train"]
+    rs = split["relabel_shards"]
+    assert rs["height"] is None and rs["width"] is None
+    assert rs["map_shapes"] == [[2, 2], [2, 3], [3, 2]]
+    from relabel_shards.annotator import create_annotator
+    from relabel_shards.labelmap import decode_label_map
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ann = create_annotator(MODEL, keep_aspect=True, input_size=64)
+    samples = _read_samples(out, split)
+    groups = {}
+    for s in samples:
+        t = ann.preprocess(Image.open(io.BytesIO(s["png"])))
+        groups.setdefault(tuple(t.shape), []).append((s, t))
+    for members in groups.values():  # the build ran one batch per image size
+        values, indices = ann(torch.stack([t for _, t in members]))
+        for (s, _), v, i in zip(members, values, indices):
+            lm = decode_label_map(s["rlm"])
+            assert lm.values.shape == tuple(v.shape)
+            np.testing.assert_array_equal(np.asarray(lm.values, dtype=np.float32), v.float().numpy())
+            np.testing.assert_array_equal(np.asarray(lm.indices, dtype=np.int64), i.numpy().astype(np.int64))
+
+
+def test_s3_output_equals_local(folder, tmp_path, s3_bucket):
+    import fsspec
+
+    local = tmp_path / "ds"
+    build_shards(str(folder), str(local), model=MODEL, shard_size=4, num_workers=0)
+    remote = f"{s3_bucket}/ds"
+    summary = build_shards(str(folder), remote, model=MODEL, shard_size=4, num_workers=0)
+    assert summary.info == read_info(str(local))["splits"]["train"]
+    fs, _ = fsspec.core.url_to_fs(remote)
+    for name, data in _tree(local).items():
+        assert fs.cat_file(f"{remote}/{name}") == data, name
+    again = build_shards(str(folder), remote, model=MODEL, shard_size=4, num_workers=0)
+    assert again.written == [] and again.skipped == [0, 1]

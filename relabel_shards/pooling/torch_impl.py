@@ -92,14 +92,14 @@ def label_pooling_torch(values: torch.Tensor, indices: torch.Tensor, boxes: torc
     Returns:
         Tensor[B, C] float32 probabilities (rows sum to 1), on the inputs' device.
     """
-    batch, _, h, w = values.shape
+    batch, k, h, w = values.shape
     rs, re, cs, ce = box_extents(boxes, h, w, swap_xy)
     wmap = axis_weights(rs, re, h)[:, :, None] * axis_weights(cs, ce, w)[:, None, :]  # (B, h, w)
     contrib = values.to(torch.float32) * wmap[:, None]  # (B, k, h, w)
     idx = indices.to(torch.int64)
     ok = (idx >= 0) & (idx < num_classes)
-    contrib = torch.where(ok, contrib, torch.zeros_like(contrib)).reshape(batch, -1)  # (B, k*h*w)
-    idx = torch.where(ok, idx, torch.zeros_like(idx)).reshape(batch, -1)
+    contrib = torch.where(ok, contrib, torch.zeros_like(contrib)).reshape(batch, k * h * w)  # (B, k*h*w)
+    idx = torch.where(ok, idx, torch.zeros_like(idx)).reshape(batch, k * h * w)
     logits = torch.zeros(batch, num_classes, dtype=torch.float32, device=values.device)
     logits.scatter_add_(1, idx, contrib)  # absent classes keep logit 0
     return torch.softmax(logits, dim=1)

@@ -1,0 +1,97 @@
+"""The fused Triton kernel against the dense oracle. Without a GPU it runs under Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1 before anything imports the kernel), on CPU tensors: slow, so small
+batches (B <= 8) and few calls, but every edge case of the foundation issue, including C above one block.
+With a GPU the same tests run the compiled kernel on CUDA tensors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from relabel_shards.pooling import label_pooling, reference_label_pooling
+from test_pooling import EDGE_BOXES, TOL, make_inputs
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    pytest.skip("no GPU and TRITON_INTERPRET is not set (tests/conftest.py sets it)", allow_module_level=True)
+
+
+def triton_vs_oracle(values, indices, boxes, num_classes, swap_xy=False, **kwargs):
+    got = label_pooling(values.to(DEVICE), indices.to(DEVICE), boxes.to(DEVICE), num_classes, swap_xy=swap_xy,
+                        backend="triton", **kwargs)
+    assert got.shape == (values.shape[0], num_classes) and got.dtype == torch.float32
+    return got.cpu(), reference_label_pooling(values, indices, boxes, num_classes, swap_xy=swap_xy)
+
+
+@pytest.mark.parametrize("first, swap_xy", [(0, False), (4, True)])
+def test_edge_boxes(first, swap_xy):
+    values, indices, boxes = make_inputs(12, 5, 15, 15, 1000, seed=41)
+    sl = slice(first, first + 8)
+    got, want = triton_vs_oracle(values[sl], indices[sl], boxes[sl], 1000, swap_xy)
+    assert torch.equal(boxes[sl], torch.tensor(EDGE_BOXES[sl]))
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("shape, value_dtype, index_dtype, swap_xy", [
+    ((8, 3, 7, 14, 50), torch.float16, torch.int16, True),  # non-square, half, short indices, official order
+    ((6, 2, 9, 4, 30), torch.float32, torch.int32, False),  # taller than wide
+    ((4, 5, 15, 15, 1000), torch.bfloat16, torch.int64, False),  # bf16 (widened to float32 in the interpreter)
+    ((1, 1, 1, 1, 3), torch.float32, torch.uint8, False),  # B = 1, a 1x1 map
+    ((5, 5, 2, 3, 5), torch.float16, torch.int64, True),  # every class present: no logit-0 class left
+])
+def test_shapes_and_dtypes(shape, value_dtype, index_dtype, swap_xy):
+    batch, k, h, w, c = shape
+    values, indices, boxes = make_inputs(batch, k, h, w, c, seed=sum(shape), value_dtype=value_dtype,
+                                         index_dtype=index_dtype)
+    got, want = triton_vs_oracle(values, indices, boxes, c, swap_xy)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("num_classes, index_dtype", [(3000, torch.int32), (21841, torch.int16)])
+def test_classes_above_one_block(num_classes, index_dtype):
+    # the kernel writes rows in tiles of 1024 classes; palette 300 spreads classes over every tile
+    values, indices, boxes = make_inputs(3, 5, 15, 15, num_classes, seed=num_classes, index_dtype=index_dtype,
+                                         palette=300)
+    assert indices.max() > 2048
+    got, want = triton_vs_oracle(values, indices, boxes, num_classes)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    assert got[:, 1024:].sum() > 0.5  # the later tiles were written, not left as garbage
+
+
+def test_non_contiguous_inputs():
+    values, indices, boxes = make_inputs(4, 5, 15, 15, 100, seed=43)
+    v = values.to(DEVICE).transpose(2, 3).contiguous().transpose(2, 3)
+    i = torch.stack([indices.int(), indices.int()], 3).reshape(4, 5, 30, 15)[:, :, ::2].to(DEVICE)  # row stride 2
+    assert torch.equal(i.cpu(), indices.to(torch.int32))
+    b = torch.stack([boxes, boxes], 2).reshape(4, 8)[:, ::2].to(DEVICE)
+    assert not (v.is_contiguous() or i.is_contiguous() or b.is_contiguous())
+    got = label_pooling(v, i, b, 100, backend="triton").cpu()
+    torch.testing.assert_close(got, reference_label_pooling(values, indices, boxes, 100), atol=TOL, rtol=0)
+
+
+def test_repeated_and_out_of_range_indices():
+    values, indices, boxes = make_inputs(4, 5, 6, 6, 40, seed=44)
+    bad = indices.clone()
+    bad[:, 0, 2:4] = 40  # out of range: ignored unless validated
+    bad[:, 1, 0] = -3
+    dup = bad.clone()
+    dup[:, 2] = dup[:, 3]  # a class twice in one cell: both contributions add (as the oracle's scatter_add)
+    gone = bad != indices
+    clean = indices.clone()
+    clean[:, 2] = clean[:, 3]
+    want = reference_label_pooling(values.masked_fill(gone, 0.0), clean, boxes, 40)
+    got = label_pooling(values.to(DEVICE), dup.to(DEVICE), boxes.to(DEVICE), 40, backend="triton",
+                        validate=False).cpu()
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match=r"indices must be in \[0, num_classes=40\), got a class index (40|-3)"):
+        label_pooling(values.to(DEVICE), dup.to(DEVICE), boxes.to(DEVICE), 40, backend="triton", validate=True)
+
+
+def test_deterministic():
+    values, indices, boxes = make_inputs(4, 5, 15, 15, 1000, seed=45)
+    args = (values.to(DEVICE), indices.to(DEVICE), boxes.to(DEVICE), 1000)
+    assert torch.equal(label_pooling(*args, backend="triton"), label_pooling(*args, backend="triton"))

@@ -308,3 +308,42 @@ def test_s3_output_equals_local(folder, tmp_path, s3_bucket):
         assert fs.cat_file(f"{remote}/{name}") == data, name
     again = build_shards(str(folder), remote, model=MODEL, shard_size=4, num_workers=0)
     assert again.written == [] and again.skipped == [0, 1]
+
+
+_GLOO_RANK = """
+import json, sys
+import torch.distributed as dist
+from relabel_shards.build import build_shards
+rank, port, src, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+s = build_shards(src, out, model="test_efficientnet", shard_size=2, batch_size=2, num_workers=0)
+print(json.dumps({"rank": s.rank, "world_size": s.world_size, "written": s.written, "info": s.info is not None}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_give_the_same_shards_as_one(folder, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    one = tmp_path / "one" / "ds"
+    build_shards(str(folder), str(one), model=MODEL, shard_size=2, batch_size=2, num_workers=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = tmp_path / "two" / "ds"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-c", _GLOO_RANK, str(r), str(port), str(folder), str(two)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        assert p.returncode == 0, stderr
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert results == [{"rank": 0, "world_size": 2, "written": [0, 2], "info": True},  # rank 0 after the barrier
+                       {"rank": 1, "world_size": 2, "written": [1], "info": False}]
+    assert _tree(two) == _tree(one)

@@ -8,8 +8,9 @@ Per image b, the program:
    int8..int64) and forms ``contrib = value * (Wy[r] * Wx[q])``;
 3. accumulates the contributions by class index without a dense map: it packs ``class << 32 | bits(contrib)``
    into int64 keys and sorts them (a bitonic sort, :func:`_sort`), so each class is one run; run starts come from a
-   neighbour compare (``tl.gather``), run lengths from ``tl.histogram`` of the run numbers, and each class's
-   total is the difference of a float64 prefix sum (``tl.cumsum``) across its run: fixed order, no atomics;
+   neighbour compare (``tl.gather``), run ends from a binary search by ``tl.gather`` (log2 N steps), and each
+   class's total is the difference of a float64 prefix sum (``tl.cumsum``) across its run: fixed order, no
+   atomics;
 4. computes the softmax over all C classes (absent classes have logit 0 and still count:
    ``Z = sum_present exp(l - m) + (C - n_present) * exp(-m)``), writes ``exp(-m) / Z`` to the whole output row
    in tiles of ``C_BLOCK`` classes, and after a barrier overwrites the present classes with their own values.
@@ -90,7 +91,7 @@ def _sort(x, N: tl.constexpr, LOG_N: tl.constexpr):
     return tl.reshape(h, [N])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "H", "W", "C"])  # they may be 1: keep them tensors
 def _label_pooling_kernel(values_ptr, indices_ptr, boxes_ptr, out_ptr,
                           v_sb, v_sk, v_sh, v_sw, i_sb, i_sk, i_sh, i_sw, box_sb, box_sc, out_sb,
                           K, H, W, C,
@@ -132,13 +133,15 @@ def _label_pooling_kernel(values_ptr, indices_ptr, boxes_ptr, out_ptr,
     pos = tl.arange(0, N)
     prev = tl.gather(cls, tl.maximum(pos - 1, 0), 0)
     is_start = (pos == 0) | (cls != prev)  # first element of each class run
-    seg = tl.cumsum(is_start.to(tl.int32), 0) - 1  # run number of each element
-    run_len = tl.histogram(seg, N)  # [N] elements per run
-    end = pos + tl.gather(run_len, seg, 0) - 1  # at run starts: the run's last element
+    # the run's last element, by binary lifting: the largest end >= pos with cls[end] == cls[pos]
+    end = pos
+    for t in tl.static_range(LOG_N):
+        cand = tl.minimum(end + (N >> (t + 1)), N - 1)
+        end = tl.where(tl.gather(cls, cand, 0) == cls, cand, end)
     # class totals as differences of a float64 prefix sum: exact to ~1e-14, fixed order, no atomics
     part64 = part.to(tl.float64)
     prefix = tl.cumsum(part64, 0)
-    total = (tl.gather(prefix, tl.minimum(end, N - 1), 0) - (prefix - part64)).to(tl.float32)
+    total = (tl.gather(prefix, end, 0) - (prefix - part64)).to(tl.float32)
 
     first = is_start & (cls < C)  # one element per present class
     n_present = tl.sum(first.to(tl.int32), axis=0)

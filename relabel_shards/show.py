@@ -233,18 +233,23 @@ def overlay(photo: Image.Image, prob: np.ndarray, vmax: float) -> Image.Image:
     return Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8), mode="RGB")
 
 
+def layout(image_size: tuple[int, int], panels: int, panel_size: int) -> tuple[int, int, int]:
+    """(columns, panel image width, panel image height) of the figure.
+
+    Three panels a row, each image's longer side ``panel_size``; an image at least twice as wide as high
+    gets two a row at 1.5 x ``panel_size`` instead, so that wide pictures stay legible at the same width.
+    """
+    w, h = image_size
+    cols, long_side = (2, panel_size * 3 // 2) if w >= 2 * h else (COLUMNS, panel_size)
+    scale = long_side / max(w, h)
+    return min(panels, cols), max(1, round(w * scale)), max(1, round(h * scale))
+
+
 def figure_size(image_size: tuple[int, int], panels: int, panel_size: int) -> tuple[int, int]:
     """(width, height) of the figure for an image of ``image_size`` (w, h) and ``panels`` panels."""
-    pw, ph = _panel_image_size(image_size, panel_size)
-    cols = min(panels, COLUMNS)
+    cols, pw, ph = layout(image_size, panels, panel_size)
     rows = math.ceil(panels / cols)
     return MARGIN + cols * (pw + MARGIN), MARGIN + rows * (TITLE_H + ph + MARGIN) + LEGEND_H
-
-
-def _panel_image_size(image_size: tuple[int, int], panel_size: int) -> tuple[int, int]:
-    w, h = image_size
-    scale = panel_size / max(w, h)
-    return max(1, round(w * scale)), max(1, round(h * scale))
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
@@ -258,7 +263,7 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
 def render(photo: Image.Image, values: Any, indices: Any, num_classes: int, names: Sequence[str], *,
            topk: int = 5, title: str = "", subtitle: str = "",
            panel_size: int = 320) -> tuple[Image.Image, list[tuple[int, str, float]]]:
-    """The figure: the photo, then the heatmaps of the image's ``topk`` classes, three panels a row.
+    """The figure: the photo, then the heatmaps of the image's ``topk`` classes (see :func:`layout`).
 
     Args:
         photo: the upright RGB image the map was made from.
@@ -283,7 +288,7 @@ def render(photo: Image.Image, values: Any, indices: Any, num_classes: int, name
     vmax = max(float(probs[top].max()), 1e-6)
 
     photo = photo.convert("RGB")
-    pw, ph = _panel_image_size(photo.size, panel_size)
+    cols, pw, ph = layout(photo.size, 1 + topk, panel_size)
     small = photo.resize((pw, ph), Image.BICUBIC)
     fig = Image.new("RGB", figure_size(photo.size, 1 + topk, panel_size), "white")
     draw = ImageDraw.Draw(fig)
@@ -293,8 +298,8 @@ def render(photo: Image.Image, values: Any, indices: Any, num_classes: int, name
         panels.append((overlay(small, probs[c], vmax), f"{rank}. {name}",
                        f"whole-image target {p:.1%} · peak cell {float(probs[c].max()):.0%} · #{c}"))
     for i, (img, line1, line2) in enumerate(panels):
-        x = MARGIN + (i % COLUMNS) * (pw + MARGIN)
-        y = MARGIN + (i // COLUMNS) * (TITLE_H + ph + MARGIN)
+        x = MARGIN + (i % cols) * (pw + MARGIN)
+        y = MARGIN + (i // cols) * (TITLE_H + ph + MARGIN)
         draw.text((x, y + 2), _fit(draw, line1, big, pw), fill=(20, 20, 20), font=big)
         draw.text((x, y + 26), _fit(draw, line2, small_font, pw), fill=(90, 90, 90), font=small_font)
         fig.paste(img, (x, y + TITLE_H))

@@ -84,7 +84,8 @@ class VerifyReport:
         if self.geometry is not None:
             k, h, w, c = self.geometry
             geo = f", label maps k={k} {h}x{w} C={c}"
-        read = f"{self.samples:,} samples in {self.shards:,} shards ({self.bytes:,} bytes){geo}"
+        read = (f"{self.samples:,} sample{'s' if self.samples != 1 else ''} in {self.shards:,} "
+                f"shard{'s' if self.shards != 1 else ''} ({self.bytes:,} bytes){geo}")
         if self.ok:
             return f"OK: split {self.split!r} of {self.url}: {read}"
         hidden = self.num_problems - len(self.problems)

@@ -151,3 +151,10 @@ def test_show_real_annotator_names_the_cat(tmp_path, real_photos):
     assert probs == sorted(probs, reverse=True)
     info = json.loads((tmp_path / "out" / "_info.json").read_text())
     assert info["splits"]["train"]["num_samples"] == 1
+
+
+def test_wide_images_get_two_columns(tmp_path):
+    make_dataset(tmp_path, num_samples=1, image_size=(90, 30))
+    result = show_sample(str(tmp_path), "img000", tmp_path / "w.png", topk=3, panel_size=100)
+    # 3:1 -> two a row, longer side 150 -> 150x50 panels; 4 panels -> 2 rows
+    assert result.size == (MARGIN + 2 * (150 + MARGIN), MARGIN + 2 * (TITLE_H + 50 + MARGIN) + LEGEND_H)

@@ -1,0 +1,492 @@
+"""The label-map record: encode, decode and validate one image's top-k label map; the only code that knows
+the byte layout.
+
+A record holds ``values[k, h, w]`` (raw logits) and ``indices[k, h, w]`` (class indices) of one image and
+``num_classes``. It is a 32-byte little-endian header (magic, version, codecs, k, h, w, palette size,
+num_classes, quantization step, payload size, CRC-32) followed by one zstandard frame. ``docs/FORMAT.md``
+specifies every byte. Encodings (a closed table, :data:`ENCODINGS`):
+
+- ``"compact"`` (default): a palette of the classes present, values quantized to a fixed step (0.01 logit)
+  and coded as a 2-D prediction residual of the top-1 plane plus the gaps down the ranks. About 2.1 KB per
+  5x15x15 record on real maps; pooled targets within about 1.2e-3 of the float32 map's
+  (``benchmarks/bench_labelmap.py``).
+- ``"float16"``: the palette plus float16 values (about 3 KB, pooled error about 5e-4).
+- ``"lossless"``: the palette plus float32 values, bit-exact.
+
+Decoding checks every size before it allocates (the decompressed size is fixed by the header and must match
+the zstd frame's declared content size), verifies the CRC-32, and never unpickles. Every bad record raises
+:class:`LabelMapError`, whose message says what is wrong and reads well after a "shard X key Y: " prefix.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"\x89RLM"
+VERSION = 1
+HEADER = struct.Struct("<4sBBBBHHHHIfII")  # 32 bytes; docs/FORMAT.md "Header"
+HEADER_SIZE = HEADER.size
+MAX_CLASSES = 2**31 - 1
+MAX_DIM = 65535
+MAX_ELEMENTS = 1 << 24  # k*h*w; bounds the decompressed size (<= 112 MiB) before anything is allocated
+MAX_ABS_Q = 1 << 28  # |value / step| bound of the quantized codec, so residuals fit 4 bytes
+
+VALUE_CODECS = {1: "float32", 2: "float16", 3: "quantized"}
+INDEX_CODECS = {1: "raw", 2: "palette"}
+# encoding name -> (value codec, default quantization step); the index codec is chosen per record.
+ENCODINGS: dict[str, tuple[int, float]] = {"compact": (3, 0.01), "float16": (2, 0.0), "lossless": (1, 0.0)}
+# zstd level of every encoding by default: benchmarks/bench_labelmap.py (level 19 saves ~5 % over 3 and
+# still encodes a 5x15x15 record in well under a millisecond).
+DEFAULT_LEVEL = 19
+_WIDTH_CODES = {0: 1, 1: 2, 2: 4}
+
+
+class LabelMapError(ValueError):
+    """A record that is truncated, corrupt, oversized, of an unknown version or otherwise invalid."""
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """One decoded label map.
+
+    Attributes:
+        values: np.ndarray [k, h, w] float32 (``compact``, ``lossless``) or float16 (``float16``): raw logits;
+            ``values[:, r, q]`` is the cell at row r (top to bottom) and column q (left to right).
+        indices: np.ndarray [k, h, w] int16 when ``num_classes <= 32767``, else int32: class indices.
+        num_classes: C, the classifier's class count; every index is in [0, C).
+    """
+
+    values: np.ndarray
+    indices: np.ndarray
+    num_classes: int
+
+    @property
+    def k(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.values.shape[2])
+
+
+@dataclass(frozen=True)
+class LabelMapHeader:
+    """What a record's header says (:func:`read_header`), before its payload is touched."""
+
+    version: int
+    value_codec: str
+    index_codec: str
+    k: int
+    height: int
+    width: int
+    num_classes: int
+    palette_size: int
+    step: float
+    payload_size: int
+    flags: int
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+_local = threading.local()  # zstd contexts are not thread-safe: one per thread and level
+
+
+def _compressor(level: int):
+    import zstandard
+
+    cache = _local.__dict__.setdefault("c", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+    return cache[level]
+
+
+def _decompressor():
+    import zstandard
+
+    if not hasattr(_local, "d"):
+        _local.d = zstandard.ZstdDecompressor()
+    return _local.d
+
+
+def _planes(a: np.ndarray, width: int) -> bytes:
+    """Unsigned ints as ``width``-byte little-endian byte planes: byte b of element i at offset b*n + i."""
+    le = np.ascontiguousarray(a.reshape(-1), dtype=f"<u{width}")
+    return le.view(np.uint8).reshape(-1, width).T.tobytes()
+
+
+def _unplanes(buf: memoryview, n: int, width: int) -> np.ndarray:
+    b = np.frombuffer(buf, dtype=np.uint8, count=n * width).reshape(width, n)
+    return np.ascontiguousarray(b.T).view(f"<u{width}").reshape(n)
+
+
+def _width_code(max_value: int) -> int:
+    return 0 if max_value < 1 << 8 else 1 if max_value < 1 << 16 else 2
+
+
+def _zigzag(x: np.ndarray) -> np.ndarray:
+    return np.where(x >= 0, 2 * x, -2 * x - 1)
+
+
+def _unzigzag(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.int64)
+    return np.where(z & 1, -((z + 1) >> 1), z >> 1)
+
+
+def _pred2d(t: np.ndarray) -> np.ndarray:
+    """Residual of the 2-D (planar) predictor: t[r,c] - t[r-1,c] - t[r,c-1] + t[r-1,c-1], zeros outside."""
+    p = np.pad(t, ((1, 0), (1, 0)))
+    return p[1:, 1:] - p[:-1, 1:] - p[1:, :-1] + p[:-1, :-1]
+
+
+def _sizes(
+    k: int, h: int, w: int, num_classes: int, value_codec: int, index_codec: int, m: int, flags: int
+) -> int:
+    """Decompressed payload size in bytes implied by the header fields (docs/FORMAT.md "Payload")."""
+    n = k * h * w
+    cw = 2 if num_classes <= 65536 else 4
+    size = n * cw if index_codec == 1 else m * cw + n * (1 if m <= 256 else 2)
+    if value_codec == 1:
+        size += 4 * n
+    elif value_codec == 2:
+        size += 2 * n
+    else:
+        size += h * w * _WIDTH_CODES[flags & 3] + (k - 1) * h * w * _WIDTH_CODES[(flags >> 2) & 3]
+    return size
+
+
+def _to_numpy(x: Any, name: str) -> np.ndarray:
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor, without importing torch here
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":
+            x = x.float()
+        x = x.numpy()
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array or torch tensor [k, h, w], got {type(x).__name__}")
+    return x
+
+
+# ------------------------------------------------------------------------------------------- encode
+
+
+def encode_label_map(
+    values: Any,
+    indices: Any,
+    num_classes: int,
+    *,
+    encoding: str = "compact",
+    level: int = DEFAULT_LEVEL,
+    step: float | None = None,
+) -> bytes:
+    """Encode one label map as a record (docs/FORMAT.md).
+
+    Args:
+        values: [k, h, w] numpy array or torch tensor, any float dtype: raw logits, finite.
+        indices: [k, h, w] numpy array or torch tensor, any integer dtype: class indices in [0, num_classes).
+        num_classes: C, in [1, 2**31 - 1]; k must not exceed it.
+        encoding: ``"compact"`` (quantized values, the default), ``"float16"`` or ``"lossless"`` (float32,
+            bit-exact).
+        level: zstandard level, in [1, 22].
+        step: ``compact`` only: the quantization step in logits (default 0.01); every value is stored as
+            the nearest multiple of it. Finite, > 0.
+
+    Returns:
+        The record's bytes.
+
+    Raises:
+        TypeError: values or indices of the wrong type or dtype.
+        ValueError: shapes, ranges or options out of bounds (the message names the parameter and the range).
+    """
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {sorted(ENCODINGS)}, got {encoding!r}")
+    value_codec, default_step = ENCODINGS[encoding]
+    if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22:
+        raise ValueError(f"level must be an int in [1, 22], got {level!r}")
+    if step is not None and value_codec != 3:
+        raise ValueError(f"step applies to encoding='compact' only, got step={step!r} with {encoding!r}")
+    step = float(default_step if step is None else step)
+    if value_codec == 3 and not (np.isfinite(step) and step > 0 and np.float32(step) > 0):
+        raise ValueError(f"step must be a finite float > 0, got {step!r}")
+    step = float(np.float32(step))  # the decoder sees the float32 in the header: quantize with that
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, (int, np.integer))
+        or not 1 <= num_classes <= MAX_CLASSES
+    ):
+        raise ValueError(f"num_classes must be an int in [1, {MAX_CLASSES}], got {num_classes!r}")
+    num_classes = int(num_classes)
+    v = _to_numpy(values, "values")
+    ix = _to_numpy(indices, "indices")
+    if v.ndim != 3 or ix.shape != v.shape:
+        raise ValueError(
+            f"values and indices must have the same shape [k, h, w], got {list(v.shape)} and {list(ix.shape)}"
+        )
+    k, h, w = (int(s) for s in v.shape)
+    if not all(1 <= s <= MAX_DIM for s in (k, h, w)) or k * h * w > MAX_ELEMENTS:
+        raise ValueError(
+            f"k, h, w must each be in [1, {MAX_DIM}] with k*h*w <= {MAX_ELEMENTS}, got {[k, h, w]}"
+        )
+    if k > num_classes:
+        raise ValueError(f"k must be in [1, num_classes={num_classes}], got {k}")
+    if not np.issubdtype(v.dtype, np.floating):
+        raise TypeError(f"values must have a floating dtype, got {v.dtype}")
+    if not np.issubdtype(ix.dtype, np.integer):
+        raise TypeError(f"indices must have an integer dtype, got {ix.dtype}")
+    if not np.isfinite(v).all():
+        raise ValueError(f"values must be finite, got {int((~np.isfinite(v)).sum())} NaN/inf entries")
+    ix = ix.astype(np.int64, copy=False)
+    lo, hi = int(ix.min()), int(ix.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(f"indices must be in [0, num_classes={num_classes}), got values in [{lo}, {hi}]")
+
+    cw = 2 if num_classes <= 65536 else 4
+    palette, pos = np.unique(ix, return_inverse=True)  # sorted classes present; positions into it
+    m = int(palette.size)
+    parts: list[bytes] = []
+    if m <= MAX_DIM:
+        index_codec = 2
+        parts.append(_planes(np.diff(palette, prepend=-1) - 1, cw))  # gaps between consecutive classes
+        parts.append(_planes(pos.reshape(-1), 1 if m <= 256 else 2))
+    else:
+        index_codec, m = 1, 0
+        parts.append(_planes(ix, cw))
+
+    flags = 0
+    if value_codec == 1:
+        parts.append(_planes(np.ascontiguousarray(v, dtype="<f4").view("<u4"), 4))
+    elif value_codec == 2:
+        with np.errstate(over="ignore"):
+            v16 = v.astype("<f2")
+        if not np.isfinite(v16).all():
+            raise ValueError(
+                f"values must be within the float16 range (|v| <= 65504) for encoding='float16', "
+                f"got max |v| {float(np.abs(v).max())}; use encoding='lossless'"
+            )
+        parts.append(_planes(v16.view("<u2"), 2))
+    else:
+        scaled = v.astype(np.float64) / step
+        if float(np.abs(scaled).max()) > MAX_ABS_Q:
+            raise ValueError(
+                f"values / step must be within +-{MAX_ABS_Q} for encoding='compact', got max |v| "
+                f"{float(np.abs(v).max())} with step {step}; use a larger step or 'lossless'"
+            )
+        q = np.rint(scaled).astype(np.int64)  # (k, h, w)
+        top = _zigzag(_pred2d(q[0]))  # (h, w)
+        gaps = q[:-1] - q[1:]  # (k-1, h, w); >= 0 when values descend along k
+        signed = bool(gaps.size) and int(gaps.min()) < 0
+        if signed:
+            gaps = _zigzag(gaps)
+        tw = _width_code(int(top.max()))
+        gw = _width_code(int(gaps.max()) if gaps.size else 0)
+        flags = tw | gw << 2 | int(signed) << 4
+        parts.append(_planes(top, _WIDTH_CODES[tw]))
+        parts.append(_planes(gaps, _WIDTH_CODES[gw]))
+
+    payload = b"".join(parts)
+    assert len(payload) == _sizes(k, h, w, num_classes, value_codec, index_codec, m, flags)
+    frame = _compressor(level).compress(payload)
+    head = HEADER.pack(
+        MAGIC,
+        VERSION,
+        value_codec,
+        index_codec,
+        flags,
+        k,
+        h,
+        w,
+        m,
+        num_classes,
+        step if value_codec == 3 else 0.0,
+        len(payload),
+        0,
+    )
+    crc = zlib.crc32(frame, zlib.crc32(head[:28]))
+    return head[:28] + struct.pack("<I", crc) + frame
+
+
+# ------------------------------------------------------------------------------------------- decode
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _zstd_frame_end(buf: memoryview, start: int) -> int:
+    """Offset just past the zstd frame at ``start`` (RFC 8878 section 3.1.1), walking its block headers."""
+    end = len(buf)
+    if end - start < 6 or bytes(buf[start : start + 4]) != _ZSTD_MAGIC:
+        raise LabelMapError("bad label-map record: the payload is not a zstd frame")
+    fhd = buf[start + 4]
+    if fhd & 0x08 or fhd & 0x03:
+        raise LabelMapError(
+            f"bad label-map record: zstd frame descriptor 0x{fhd:02x} (reserved bit or dictionary)"
+        )
+    fcs_flag, single = fhd >> 6, (fhd >> 5) & 1
+    pos = start + 5 + (0 if single else 1) + (1 if single and fcs_flag == 0 else (0, 2, 4, 8)[fcs_flag])
+    while True:
+        if pos + 3 > end:
+            raise LabelMapError("bad label-map record: truncated zstd frame")
+        bh = int.from_bytes(buf[pos : pos + 3], "little")
+        btype, bsize = (bh >> 1) & 3, bh >> 3
+        if btype == 3:
+            raise LabelMapError("bad label-map record: reserved zstd block type")
+        pos += 3 + (1 if btype == 1 else bsize)
+        if bh & 1:
+            break
+    return pos + (4 if fhd & 0x04 else 0)
+
+
+def read_header(data: bytes | bytearray | memoryview) -> LabelMapHeader:
+    """Parse and check a record's 32-byte header (sizes and fields only; no CRC, no payload).
+
+    Raises:
+        LabelMapError: truncated, wrong magic, unknown version or codec, fields out of range.
+    """
+    buf = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    if len(buf) < HEADER_SIZE:
+        raise LabelMapError(
+            f"bad label-map record: truncated, {len(buf)} bytes, the header alone needs {HEADER_SIZE}"
+        )
+    magic, version, vc, ic, flags, k, h, w, m, num_classes, step, size, _crc = HEADER.unpack_from(buf)
+    if magic != MAGIC:
+        raise LabelMapError(f"bad label-map record: wrong magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise LabelMapError(
+            f"bad label-map record: unknown format version {version} (this reader knows "
+            f"{VERSION}); upgrade relabel-shards"
+        )
+    if vc not in VALUE_CODECS or ic not in INDEX_CODECS:
+        raise LabelMapError(f"bad label-map record: unknown value codec {vc} or index codec {ic}")
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise LabelMapError(f"bad label-map record: num_classes {num_classes} outside [1, {MAX_CLASSES}]")
+    if min(k, h, w) < 1 or k * h * w > MAX_ELEMENTS or k > num_classes:
+        raise LabelMapError(
+            f"bad label-map record: k, h, w = {k}, {h}, {w} out of range (each >= 1, "
+            f"k*h*w <= {MAX_ELEMENTS}, k <= num_classes={num_classes})"
+        )
+    if ic == 1 and m != 0 or ic == 2 and not 1 <= m <= min(k * h * w, num_classes):
+        raise LabelMapError(
+            f"bad label-map record: palette size {m} invalid for the {INDEX_CODECS[ic]} index "
+            f"codec with k*h*w={k * h * w}, num_classes={num_classes}"
+        )
+    if vc == 3:
+        if flags >> 5 or (flags & 3) == 3 or (flags >> 2 & 3) == 3:
+            raise LabelMapError(f"bad label-map record: invalid flags 0x{flags:02x}")
+        if not (np.isfinite(step) and step > 0):
+            raise LabelMapError(f"bad label-map record: quantization step {step} is not finite and > 0")
+    elif flags or step != 0.0:
+        raise LabelMapError(
+            f"bad label-map record: flags 0x{flags:02x} and step {step} must be 0 for the "
+            f"{VALUE_CODECS[vc]} value codec"
+        )
+    expect = _sizes(k, h, w, num_classes, vc, ic, m, flags)
+    if size != expect:
+        raise LabelMapError(
+            f"bad label-map record: header says the payload is {size} bytes, its fields imply {expect}"
+        )
+    return LabelMapHeader(
+        version, VALUE_CODECS[vc], INDEX_CODECS[ic], k, h, w, num_classes, m, float(step), size, flags
+    )
+
+
+def decode_label_map(data: bytes | bytearray | memoryview) -> LabelMap:
+    """Decode a record made by :func:`encode_label_map`.
+
+    Args:
+        data: the record's bytes (a whole ``.rlm`` member).
+
+    Returns:
+        :class:`LabelMap` with ``values`` [k, h, w] (float32; float16 for the float16 encoding) and
+        ``indices`` [k, h, w] (int16 when num_classes <= 32767, else int32).
+
+    Raises:
+        LabelMapError: anything wrong with the record; the message says what.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise LabelMapError(f"bad label-map record: expected bytes, got {type(data).__name__}")
+    buf = memoryview(data).cast("B")
+    hd = read_header(buf)
+    crc = struct.unpack_from("<I", buf, 28)[0]
+    if zlib.crc32(buf[HEADER_SIZE:], zlib.crc32(buf[:28])) != crc:
+        raise LabelMapError(f"bad label-map record: CRC-32 mismatch ({len(buf)} bytes; corrupt or truncated)")
+    end = _zstd_frame_end(buf, HEADER_SIZE)
+    if end != len(buf):
+        raise LabelMapError(f"bad label-map record: the zstd frame ends at byte {end} of {len(buf)}")
+    import zstandard
+
+    try:
+        declared = zstandard.frame_content_size(buf[HEADER_SIZE:])
+    except zstandard.ZstdError as e:
+        raise LabelMapError(f"bad label-map record: unreadable zstd frame header ({e})") from None
+    if declared != hd.payload_size:
+        raise LabelMapError(
+            f"bad label-map record: the zstd frame declares {declared} bytes, the header {hd.payload_size}"
+        )
+    try:  # the content size is declared and checked: the output is bounded by the header's size
+        payload = _decompressor().decompress(buf[HEADER_SIZE:], max_output_size=hd.payload_size)
+    except zstandard.ZstdError as e:
+        raise LabelMapError(f"bad label-map record: corrupt zstd payload ({e})") from None
+    if len(payload) != hd.payload_size:
+        raise LabelMapError(
+            f"bad label-map record: payload is {len(payload)} bytes, the header says {hd.payload_size}"
+        )
+    return _decode_payload(memoryview(payload), hd)
+
+
+def _decode_payload(p: memoryview, hd: LabelMapHeader) -> LabelMap:
+    k, h, w, c = hd.k, hd.height, hd.width, hd.num_classes
+    n, cw = k * h * w, 2 if c <= 65536 else 4
+    off = 0
+    if hd.index_codec == "raw":
+        ix = _unplanes(p[off:], n, cw).astype(np.int64)
+        off += n * cw
+    else:
+        m = hd.palette_size
+        palette = np.cumsum(_unplanes(p[off:], m, cw).astype(np.int64) + 1) - 1
+        off += m * cw
+        pw = 1 if m <= 256 else 2
+        pos = _unplanes(p[off:], n, pw)
+        off += n * pw
+        if int(palette[-1]) >= c:
+            raise LabelMapError(f"bad label-map record: palette class {int(palette[-1])} >= num_classes={c}")
+        if int(pos.max()) >= m:
+            raise LabelMapError(
+                f"bad label-map record: palette position {int(pos.max())} >= palette size {m}"
+            )
+        ix = palette[pos]
+    if hd.index_codec == "raw" and int(ix.max()) >= c:
+        raise LabelMapError(f"bad label-map record: class index {int(ix.max())} >= num_classes={c}")
+    indices = ix.astype(np.int16 if c <= 32767 else np.int32).reshape(k, h, w)
+
+    if hd.value_codec == "float32":
+        values = _unplanes(p[off:], n, 4).view("<f4").astype(np.float32)
+    elif hd.value_codec == "float16":
+        values = _unplanes(p[off:], n, 2).view("<f2").astype(np.float16)
+    else:
+        flags = hd.flags
+        tw, gw, signed = _WIDTH_CODES[flags & 3], _WIDTH_CODES[flags >> 2 & 3], bool(flags >> 4 & 1)
+        top = _unzigzag(_unplanes(p[off:], h * w, tw)).reshape(h, w)
+        off += h * w * tw
+        gaps = _unplanes(p[off:], (k - 1) * h * w, gw).astype(np.int64).reshape(k - 1, h, w)
+        if signed:
+            gaps = _unzigzag(gaps)
+        # residuals the encoder can make are bounded, which also keeps the sums below from overflowing
+        if int(np.abs(top).max()) > 4 * MAX_ABS_Q or (gaps.size and int(np.abs(gaps).max()) > 2 * MAX_ABS_Q):
+            raise LabelMapError("bad label-map record: quantized residuals exceed their bound")
+        q = np.empty((k, h, w), np.int64)
+        q[0] = top.cumsum(0).cumsum(1)  # inverse of the 2-D predictor
+        q[1:] = q[0] - gaps.cumsum(0)
+        if int(np.abs(q).max()) > MAX_ABS_Q:
+            raise LabelMapError(f"bad label-map record: quantized values exceed +-{MAX_ABS_Q}")
+        values = (q.astype(np.float64) * np.float64(np.float32(hd.step))).astype(np.float32)
+    values = values.reshape(k, h, w)
+    if hd.value_codec != "quantized" and not np.isfinite(values).all():
+        raise LabelMapError("bad label-map record: NaN or infinite values")
+    return LabelMap(values=values, indices=indices, num_classes=c)

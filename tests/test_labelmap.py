@@ -1,0 +1,434 @@
+"""The label-map record: round trips, the bytes of docs/FORMAT.md, every corruption, real-map accuracy."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from relabel_shards.labelmap import (
+    HEADER_SIZE,
+    MAGIC,
+    LabelMap,
+    LabelMapError,
+    decode_label_map,
+    encode_label_map,
+    read_header,
+)
+
+ENCODINGS = ("compact", "float16", "lossless")
+
+
+def _random_map(rng, k=5, h=15, w=15, num_classes=1000, scale=6.0):
+    """Descending top-k logits with distinct classes per cell, like the annotator's."""
+    values = -np.sort(-rng.normal(3.0, scale, size=(k, h, w)).astype(np.float32), axis=0)
+    indices = np.stack([rng.choice(num_classes, size=k, replace=False) for _ in range(h * w)], axis=1)
+    return values, indices.reshape(k, h, w)
+
+
+def _with_crc(record: bytes | bytearray) -> bytes:
+    """Recompute the CRC-32 at bytes 28..31 (docs/FORMAT.md), so only the other checks can reject it."""
+    b = bytearray(record)
+    b[28:32] = struct.pack("<I", zlib.crc32(bytes(b[HEADER_SIZE:]), zlib.crc32(bytes(b[:28]))))
+    return bytes(b)
+
+
+def _craft(fields: dict, payload: bytes, *, frame: bytes | None = None) -> bytes:
+    """A record with the given header fields and payload, CRC correct: for content-level checks."""
+    f = {
+        "magic": MAGIC,
+        "version": 1,
+        "vc": 1,
+        "ic": 2,
+        "flags": 0,
+        "k": 1,
+        "h": 1,
+        "w": 1,
+        "m": 1,
+        "num_classes": 10,
+        "step": 0.0,
+        "size": len(payload),
+    } | fields
+    head = struct.pack(
+        "<4sBBBBHHHHIfI",
+        f["magic"],
+        f["version"],
+        f["vc"],
+        f["ic"],
+        f["flags"],
+        f["k"],
+        f["h"],
+        f["w"],
+        f["m"],
+        f["num_classes"],
+        f["step"],
+        f["size"],
+    )
+    frame = frame if frame is not None else zstandard.ZstdCompressor(level=3).compress(payload)
+    return _with_crc(head + b"\0\0\0\0" + frame)
+
+
+# ------------------------------------------------------------------------------------------ round trips
+
+_VALUE_DTYPES = [np.float16, np.float32, np.float64, "torch.bfloat16", "torch.float32"]
+_INDEX_DTYPES = [np.int16, np.int32, np.int64, np.uint16, "torch.int16", "torch.int64"]
+
+
+@st.composite
+def _label_maps(draw):
+    k = draw(st.integers(1, 6))
+    h, w = draw(st.integers(1, 17)), draw(st.integers(1, 17))
+    num_classes = draw(
+        st.sampled_from([k, 255, 1000, 32767, 32768, 21841, 65536, 65537]) | st.integers(k, 21841)
+    )
+    num_classes = max(num_classes, k)
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    cls_hi = num_classes if draw(st.booleans()) else min(num_classes, draw(st.integers(1, 300)))
+    vdt, idt = draw(st.sampled_from(_VALUE_DTYPES)), draw(st.sampled_from(_INDEX_DTYPES))
+    if idt == np.uint16 or (idt in (np.int16, "torch.int16")):
+        cls_hi = min(cls_hi, 32767)
+    values = rng.normal(0, draw(st.sampled_from([0.01, 1.0, 20.0])), size=(k, h, w))
+    if draw(st.booleans()):
+        values = -np.sort(-values, axis=0)
+    indices = rng.integers(0, cls_hi, size=(k, h, w))
+    return values, indices, num_classes, vdt, idt
+
+
+def _as(x, dt):
+    if isinstance(dt, str):
+        return torch.from_numpy(np.asarray(x, np.float64 if "float" in dt else np.int64)).to(
+            getattr(torch, dt[6:])
+        )
+    return np.asarray(x).astype(dt)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_label_maps(), st.sampled_from(ENCODINGS))
+def test_round_trip(case, encoding):
+    values, indices, num_classes, vdt, idt = case
+    v_in, i_in = _as(values, vdt), _as(indices, idt)
+    lm = decode_label_map(encode_label_map(v_in, i_in, num_classes, encoding=encoding))
+    assert isinstance(lm, LabelMap) and lm.num_classes == num_classes
+    assert (lm.k, lm.height, lm.width) == values.shape
+    assert lm.indices.dtype == (np.int16 if num_classes <= 32767 else np.int32)
+    ref_i = i_in.numpy() if isinstance(i_in, torch.Tensor) else i_in
+    np.testing.assert_array_equal(lm.indices.astype(np.int64), ref_i.astype(np.int64))
+    ref = (v_in.float().numpy() if isinstance(v_in, torch.Tensor) else v_in).astype(np.float64)
+    if encoding == "lossless":
+        assert lm.values.dtype == np.float32
+        np.testing.assert_array_equal(lm.values, ref.astype(np.float32))
+    elif encoding == "float16":
+        assert lm.values.dtype == np.float16
+        np.testing.assert_array_equal(lm.values, ref.astype(np.float16))
+    else:
+        assert lm.values.dtype == np.float32
+        step = float(np.float32(0.01))
+        assert np.abs(lm.values - ref).max() <= step / 2 + 1e-6 * max(1.0, np.abs(ref).max())
+
+
+def test_many_classes_use_raw_indices_and_int32():
+    rng = np.random.default_rng(0)
+    k, h, w, c = 4, 130, 130, 2**31 - 1  # 67,600 distinct classes: more than a palette holds
+    indices = rng.choice(c, size=k * h * w, replace=False).reshape(k, h, w)
+    values = rng.normal(size=(k, h, w)).astype(np.float32)
+    rec = encode_label_map(values, indices, c, encoding="lossless")
+    hd = read_header(rec)
+    assert hd.index_codec == "raw" and hd.palette_size == 0 and hd.num_classes == c
+    lm = decode_label_map(rec)
+    assert lm.indices.dtype == np.int32
+    np.testing.assert_array_equal(lm.indices, indices)
+    np.testing.assert_array_equal(lm.values, values)
+
+
+def test_compact_step_option_and_unsorted_values():
+    rng = np.random.default_rng(1)
+    values = rng.normal(0, 5, size=(3, 4, 5))  # not descending along k: signed gaps
+    indices = rng.integers(0, 50, size=(3, 4, 5))
+    rec = encode_label_map(values, indices, 50, step=0.25)
+    assert read_header(rec).step == 0.25 and read_header(rec).flags & 0x10
+    lm = decode_label_map(rec)
+    np.testing.assert_array_equal(lm.values, (np.rint(values / 0.25) * 0.25).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (
+            {"encoding": "zip"},
+            ValueError,
+            r"encoding must be one of \['compact', 'float16', 'lossless'\], got 'zip'",
+        ),
+        ({"level": 0}, ValueError, r"level must be an int in \[1, 22\], got 0"),
+        ({"step": 0.1, "encoding": "lossless"}, ValueError, "step applies to encoding='compact' only"),
+        ({"step": -1.0}, ValueError, "step must be a finite float > 0, got -1.0"),
+        ({"num_classes": 0}, ValueError, r"num_classes must be an int in \[1, 2147483647\], got 0"),
+        ({"num_classes": 2**31}, ValueError, r"num_classes must be an int in \[1, 2147483647\]"),
+        ({"num_classes": 3}, ValueError, r"k must be in \[1, num_classes=3\], got 5"),
+        (
+            {"indices": np.full((5, 2, 2), 10)},
+            ValueError,
+            r"indices must be in \[0, num_classes=10\), got values in \[10, 10\]",
+        ),
+        (
+            {"indices": np.full((5, 2, 2), -1)},
+            ValueError,
+            r"indices must be in \[0, num_classes=10\), got values in \[-1, -1\]",
+        ),
+        (
+            {"indices": np.zeros((5, 2, 3), int)},
+            ValueError,
+            r"same shape \[k, h, w\], got \[5, 2, 2\] and \[5, 2, 3\]",
+        ),
+        (
+            {"values": np.zeros((5, 4)), "indices": np.zeros((5, 4), int)},
+            ValueError,
+            r"same shape \[k, h, w\]",
+        ),
+        ({"values": np.zeros((5, 2, 2), int)}, TypeError, "values must have a floating dtype, got int64"),
+        ({"indices": np.zeros((5, 2, 2))}, TypeError, "indices must have an integer dtype, got float64"),
+        (
+            {"values": np.full((5, 2, 2), np.nan)},
+            ValueError,
+            r"values must be finite, got 20 NaN/inf entries",
+        ),
+        ({"values": [[[1.0]]]}, TypeError, "values must be a numpy array or torch tensor"),
+        ({"values": np.full((5, 2, 2), 1e6), "encoding": "float16"}, ValueError, "float16 range"),
+        ({"values": np.full((5, 2, 2), 1e7)}, ValueError, r"values / step must be within"),
+    ],
+)
+def test_encode_rejects_bad_input(kwargs, exc, match):
+    args = {
+        "values": np.zeros((5, 2, 2), np.float32),
+        "indices": np.arange(20).reshape(5, 2, 2) % 10,
+        "num_classes": 10,
+    } | kwargs
+    with pytest.raises(exc, match=match):
+        encode_label_map(args.pop("values"), args.pop("indices"), args.pop("num_classes"), **args)
+
+
+# ----------------------------------------------------------------------------------- bytes against spec
+
+
+def test_header_and_payload_bytes_follow_the_spec():
+    values = np.array([[[2.5, 1.0]], [[0.5, -0.25]]], np.float32)  # k=2, h=1, w=2
+    indices = np.array([[[7, 3]], [[3, 300]]])
+    rec = encode_label_map(values, indices, 1000, encoding="lossless")
+    magic, ver, vc, ic, flags, k, h, w, m, c, step, size, crc = struct.unpack("<4sBBBBHHHHIfII", rec[:32])
+    assert (magic, ver, vc, ic, flags, k, h, w, m, c, step) == (b"\x89RLM", 1, 1, 2, 0, 2, 1, 2, 3, 1000, 0.0)
+    assert crc == zlib.crc32(rec[32:], zlib.crc32(rec[:28]))
+    payload = zstandard.ZstdDecompressor().decompress(rec[32:])
+    # palette [3, 7, 300] as gaps [3, 3, 292] in u16 byte planes; positions [1, 0, 0, 2] (k-major) as u8;
+    # then the 4 float32 values as 4 byte planes.
+    pal = bytes([3, 3, 292 & 255, 0, 0, 292 >> 8])
+    pos = bytes([1, 0, 0, 2])
+    f32 = np.array([2.5, 1.0, 0.5, -0.25], "<f4").view(np.uint8).reshape(4, 4).T.tobytes()
+    assert payload == pal + pos + f32 and size == len(payload) == 6 + 4 + 16
+
+    q = encode_label_map(values, indices, 1000, step=0.25)
+    magic, ver, vc, ic, flags, *_rest, step, size, crc = struct.unpack("<4sBBBBHHHHIfII", q[:32])
+    assert (vc, ic, flags, step) == (3, 2, 0, 0.25)
+    payload = zstandard.ZstdDecompressor().decompress(q[32:])
+    # q = [[10, 4]], [[2, -1]]: top residuals (2-D predictor) [10, -6] zigzagged [20, 11]; gaps [8, 5]
+    assert payload[10:] == bytes([20, 11, 8, 5])
+
+
+def test_worked_example_in_format_md_decodes():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md").read_text()
+    block = doc.split("<!-- example-record -->")[1].split("```")[1]
+    rec = bytes.fromhex("".join(line.split("|")[0] for line in block.strip().splitlines()))
+    lm = decode_label_map(rec)
+    np.testing.assert_array_equal(lm.indices, [[[7, 3]], [[3, 300]]])
+    np.testing.assert_array_equal(lm.values, np.array([[[2.5, 1.0]], [[0.5, -0.25]]], np.float32))
+
+
+# ------------------------------------------------------------------------------------------ corruption
+
+
+@pytest.fixture(scope="module")
+def records():
+    rng = np.random.default_rng(7)
+    v, i = _random_map(rng, 5, 6, 7, 1000)
+    big_v, big_i = _random_map(rng, 3, 4, 4, 100000)
+    return [encode_label_map(v, i, 1000, encoding=e) for e in ENCODINGS] + [
+        encode_label_map(big_v, big_i, 100000, encoding="compact")
+    ]
+
+
+def test_truncation_at_every_byte_raises(records):
+    for rec in records:
+        for n in range(len(rec)):
+            with pytest.raises(LabelMapError, match="bad label-map record"):
+                decode_label_map(rec[:n])
+
+
+def test_every_flipped_byte_raises(records):
+    for rec in records:
+        for pos in range(len(rec)):
+            for mask in (0x01, 0x80, 0xFF):
+                bad = bytearray(rec)
+                bad[pos] ^= mask
+                with pytest.raises(LabelMapError):
+                    decode_label_map(bytes(bad))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.data())
+def test_random_bytes_and_splices_raise_only_labelmaperror(junk, data):
+    with pytest.raises(LabelMapError):
+        decode_label_map(junk)
+    rec = encode_label_map(np.ones((2, 3, 3)), np.arange(18).reshape(2, 3, 3), 20)
+    at = data.draw(st.integers(0, len(rec)))
+    spliced = rec[:at] + junk + rec[at + data.draw(st.integers(0, 8)) :]
+    if spliced != rec:
+        with pytest.raises(LabelMapError):
+            decode_label_map(spliced)
+    # With a matching CRC the splice may even be a valid record; any failure must still be a LabelMapError.
+    fixed = _with_crc(spliced) if len(spliced) >= HEADER_SIZE else spliced
+    try:
+        lm = decode_label_map(fixed)
+    except LabelMapError:
+        return
+    assert lm.values.shape == lm.indices.shape and lm.indices.max() < lm.num_classes
+
+
+def test_header_errors_are_named(records):
+    rec = records[0]
+
+    def patched(offset, fmt, value, base=rec):
+        b = bytearray(base)
+        struct.pack_into(fmt, b, offset, value)
+        return _with_crc(b)
+
+    cases = [
+        (patched(0, "4s", b"RLM\x89"), r"wrong magic b'RLM\\x89', expected b'\\x89RLM'"),
+        (patched(4, "B", 2), "unknown format version 2 \\(this reader knows 1\\)"),
+        (patched(5, "B", 9), "unknown value codec 9"),
+        (patched(6, "B", 0), "index codec 0"),
+        (patched(8, "H", 0), r"k, h, w = 0, 6, 7 out of range"),
+        (patched(16, "I", 4), r"k, h, w = 5, 6, 7 out of range .*k <= num_classes=4"),
+        (patched(16, "I", 2**31), r"num_classes 2147483648 outside"),
+        (patched(14, "H", 0), "palette size 0 invalid"),
+        (patched(24, "I", 12345), "header says the payload is 12345 bytes, its fields imply"),
+        (patched(10, "H", 7), "header says the payload is"),  # h changed: the sizes disagree
+        (patched(20, "f", float("nan")), "quantization step nan is not finite and > 0"),
+        (patched(20, "f", 1.0, records[2]), r"flags 0x00 and step 1.0 must be 0 for the float32 value codec"),
+        (patched(7, "B", 0x20), "invalid flags 0x20"),
+        (rec[:28] + b"\0\0\0\0" + rec[32:], "CRC-32 mismatch"),
+        (b"", "truncated, 0 bytes, the header alone needs 32"),
+        (_with_crc(rec + b"\0" * 5), r"the zstd frame ends at byte \d+ of \d+"),
+    ]
+    for data, match in cases:
+        with pytest.raises(LabelMapError, match=match):
+            decode_label_map(data)
+    with pytest.raises(LabelMapError, match="expected bytes, got str"):
+        decode_label_map("RLM")
+
+
+def test_sizes_that_disagree_with_the_payload():
+    payload = bytes([5, 0]) + bytes([0]) + np.float32(1.5).tobytes()  # palette [5], pos [0], 1.5 (1 plane..)
+    payload = bytes([5, 0, 0]) + np.array([1.5], "<f4").view(np.uint8).tobytes()
+    ok = _craft({}, payload)
+    assert decode_label_map(ok).values.tolist() == [[[1.5]]]
+    # the frame declares more than the header allows (a decompression bomb is refused before it inflates)
+    bomb = zstandard.ZstdCompressor(level=3).compress(payload + bytes(50_000_000))
+    with pytest.raises(LabelMapError, match=r"the zstd frame declares 50000007 bytes, the header 7"):
+        decode_label_map(_craft({}, payload, frame=bomb))
+    # no declared size at all, content larger than the header's
+    undeclared = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(payload + bytes(1000))
+    with pytest.raises(LabelMapError, match=r"the zstd frame declares -1 bytes"):
+        decode_label_map(_craft({}, payload, frame=undeclared))
+    # declared size matches the header but the frame holds less
+    short = bytearray(zstandard.ZstdCompressor(level=3).compress(payload[:-1]))
+    with pytest.raises(LabelMapError):
+        decode_label_map(_craft({"size": 6}, payload, frame=bytes(short)))
+
+
+@pytest.mark.parametrize(
+    "fields, payload, match",
+    [
+        ({"num_classes": 5}, bytes([5, 0, 0]) + bytes(4), r"palette class 5 >= num_classes=5"),
+        ({"m": 2, "k": 2}, bytes([1, 0, 0, 0, 0, 2]) + bytes(8), r"palette position 2 >= palette size 2"),
+        (
+            {"ic": 2, "m": 1},
+            bytes([0, 0, 0]) + np.array([np.nan], "<f4").view(np.uint8).tobytes(),
+            "NaN or infinite",
+        ),
+        ({"ic": 1, "m": 0}, bytes([10, 0]) + bytes(4), r"class index 10 >= num_classes=10"),
+        (
+            {"vc": 3, "step": 1.0, "flags": 2, "k": 2},
+            bytes([0, 0, 0, 0]) + bytes([0, 0, 0, 0xFF]) + bytes([0]),
+            "quantized residuals exceed",
+        ),
+    ],
+)
+def test_content_errors_with_valid_crc(fields, payload, match):
+    with pytest.raises(LabelMapError, match=match):
+        decode_label_map(_craft(fields, payload))
+
+
+# ------------------------------------------------------------------------------------ real label maps
+
+
+def _pool(values, indices, boxes, num_classes):
+    """Dense LabelPooling oracle in float64 (DESIGN.md): scatter, roi_align to 1x1, softmax."""
+    from torchvision.ops import roi_align
+
+    k, h, w = values.shape
+    dense = torch.zeros(num_classes, h, w, dtype=torch.float64)
+    dense.scatter_(0, torch.as_tensor(indices).long(), torch.as_tensor(values.astype(np.float64)))
+    rois = torch.cat(
+        [
+            torch.zeros(len(boxes), 1, dtype=torch.float64),
+            boxes.double() * torch.tensor([w, h, w, h], dtype=torch.float64) - 0.5,
+        ],
+        1,
+    )
+    return roi_align(dense[None], rois, 1, 1.0, -1, False).flatten(1).softmax(1)
+
+
+def _boxes(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    area = torch.empty(n).uniform_(0.003, 1.0, generator=g)
+    ratio = torch.empty(n).uniform_(np.log(3 / 4), np.log(4 / 3), generator=g).exp()
+    bw, bh = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
+    x1, y1 = torch.rand(n, generator=g) * (1 - bw), torch.rand(n, generator=g) * (1 - bh)
+    return torch.stack([x1, y1, x1 + bw, y1 + bh], 1)
+
+
+@pytest.fixture(scope="module")
+def real_maps(real_photos):
+    """Top-5 float32 logits of the embedded annotator at 480x480 (15x15): 3 photos, whole and mirrored."""
+    from relabel_shards.annotator import create_annotator
+
+    ann = create_annotator(input_size=480, device="cpu")
+    imgs = [real_photos[p] for p in ("chelsea", "coffee", "astronaut")]
+    x = torch.stack([ann.preprocess(im) for im in imgs] + [ann.preprocess(im[:, ::-1].copy()) for im in imgs])
+    v, i = ann.dense_logits(x).topk(5, dim=1)
+    return v.numpy(), i.numpy()
+
+
+def test_real_maps_compact_within_2e3_and_lossless_exact(real_maps):
+    values, indices = real_maps
+    assert values.shape == (6, 5, 15, 15)
+    boxes = _boxes(256)
+    sizes, worst = [], 0.0
+    for v, i in zip(values, indices, strict=True):
+        ref = _pool(v, i, boxes, 1000)
+        rec = encode_label_map(v, i, 1000)
+        sizes.append(len(rec))
+        lm = decode_label_map(rec)
+        np.testing.assert_array_equal(lm.indices, i)
+        worst = max(worst, float((_pool(lm.values, lm.indices, boxes, 1000) - ref).abs().max()))
+        exact = decode_label_map(encode_label_map(v, i, 1000, encoding="lossless"))
+        np.testing.assert_array_equal(exact.values, v)
+        assert float((_pool(exact.values, exact.indices, boxes, 1000) - ref).abs().max()) == 0.0
+    assert worst <= 2e-3
+    assert np.mean(sizes) <= 2500

@@ -98,10 +98,11 @@ def format_split(split: Mapping[str, Any], *, max_shards: int = 4) -> list[str]:
         else:
             grid = f"a {h}x{w} grid (rows x columns)"
         label = f"  label maps: k={k} top classes on {grid}, C={c} classes"
-        if isinstance(names, Sequence) and names:
-            label += f" ({', '.join(map(str, names[:3]))}{', …' if len(names) > 3 else ''})"
-        elif c == 1000:
+        if c == 1000:
             label += " (ImageNet-1k)"
+        elif isinstance(names, Sequence) and not isinstance(names, str) and names:
+            short = [str(n).split(",")[0] for n in names[:3]]  # "tabby, tabby cat" -> "tabby"
+            label += f" ({', '.join(short)}{', …' if len(names) > 3 else ''})"
         label += f"; format version {section.get('format_version', '?')}"
         if section.get("encoding"):
             label += f", {section['encoding']} encoding"
@@ -115,8 +116,11 @@ def format_split(split: Mapping[str, Any], *, max_shards: int = 4) -> list[str]:
                                        subsequent_indent="    ", break_on_hyphens=False))
         elif annotator:
             lines.append(f"  annotator: {_scalar(annotator)}")
-        if section.get("source"):
-            lines.append(f"  source: {section['source']}")
+        source = section.get("source")
+        if isinstance(source, Mapping):
+            lines.append("  source: " + ", ".join(f"{key} {v}" for key, v in source.items()))
+        elif source:
+            lines.append(f"  source: {source}")
         classes = section.get("dataset_classes")
         if isinstance(classes, Sequence) and not isinstance(classes, str) and classes:
             lines.append(f"  source classes (.cls): {len(classes)} ({', '.join(map(str, classes[:5]))}"

@@ -52,6 +52,7 @@ class VerifyReport:
         samples: samples read.
         bytes: bytes read.
         geometry: ``(k, h, w, C)`` of the first label map read, None when none decoded.
+        map_shapes: the distinct (h, w) of the label maps read.
         problems: the first ``max_problems`` problems, each naming its shard (and key where there is one).
         num_problems: all problems found, shown or not.
     """
@@ -65,6 +66,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     num_problems: int = 0
     max_problems: int = 50
+    map_shapes: set[tuple[int, int]] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -84,6 +86,8 @@ class VerifyReport:
         if self.geometry is not None:
             k, h, w, c = self.geometry
             geo = f", label maps k={k} {h}x{w} C={c}"
+            if len(self.map_shapes) > 1:
+                geo = f", label maps k={k} C={c} in {len(self.map_shapes)} shapes (h x w)"
         read = (f"{self.samples:,} sample{'s' if self.samples != 1 else ''} in {self.shards:,} "
                 f"shard{'s' if self.shards != 1 else ''} ({self.bytes:,} bytes){geo}")
         if self.ok:
@@ -174,6 +178,7 @@ class _SplitChecker:
                         f"k={want[0]} h={want[1]} w={want[2]} C={want[3]}")
                 if self.report.geometry is None:
                     self.report.geometry = geo
+                self.report.map_shapes.add((h, w))
 
     def read_shard(self, fileobj: _HashingReader, shard: str) -> int:
         """Stream one tar; check each sample; return the number of samples read."""

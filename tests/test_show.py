@@ -136,7 +136,6 @@ def test_cli_show(lr_dataset, tmp_path):
     assert res.exit_code == 1 and "Error: no sample with key 'zzz'" in res.output
 
 
-@pytest.mark.slow
 def test_show_real_annotator_names_the_cat(tmp_path, real_photos):
     from relabel_shards.build import build_shards
 

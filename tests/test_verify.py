@@ -224,7 +224,9 @@ def test_declared_map_shapes_are_accepted(tmp_path):
     section = info["splits"]["train"]["relabel_shards"]
     section.update(height=None, width=None, map_shapes=[[4, 5], [4, 6]])
     (tmp_path / "a" / INFO_NAME).write_text(json.dumps(info))
-    assert verify_shards(str(tmp_path / "a")).ok
+    report = verify_shards(str(tmp_path / "a"))
+    assert report.ok and report.map_shapes == {(4, 5), (4, 6)}
+    assert report.summary().endswith("label maps k=3 C=10 in 2 shapes (h x w)")
     section["map_shapes"] = [[4, 6]]
     (tmp_path / "a" / INFO_NAME).write_text(json.dumps(info))
     text = "\n".join(verify_shards(str(tmp_path / "a")).problems)

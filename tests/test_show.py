@@ -157,3 +157,12 @@ def test_wide_images_get_two_columns(tmp_path):
     result = show_sample(str(tmp_path), "img000", tmp_path / "w.png", topk=3, panel_size=100)
     # 3:1 -> two a row, longer side 150 -> 150x50 panels; 4 panels -> 2 rows
     assert result.size == (MARGIN + 2 * (150 + MARGIN), MARGIN + 2 * (TITLE_H + 50 + MARGIN) + LEGEND_H)
+
+
+@pytest.mark.network
+def test_show_over_http(http_dir, tmp_path):
+    local, url = http_dir
+    make_dataset(local, num_samples=3, shard_size=2, k=K, h=H, w=W, num_classes=C, map_fn=left_right_map)
+    result = show_sample(url, "img002", tmp_path / "h.png", topk=2, panel_size=64)
+    assert result.shard == "train-000001.tar"
+    assert [name for _, name, _ in result.classes] == ["class3", "class7"]

@@ -76,7 +76,7 @@ def label_pooling(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tens
     if check:
         check_data(indices, boxes, num_classes)
     if backend == "torch":
-        return label_pooling_torch(values, indices, boxes, num_classes, bool(swap_xy))
+        return label_pooling_torch(values, indices, boxes, num_classes, bool(swap_xy), indices_checked=check)
     # backend == "triton"
     if values.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError(f"backend='triton' needs CUDA tensors (got device {values.device}) or Triton's "

@@ -41,7 +41,7 @@ def label_pooling_op(values: torch.Tensor, indices: torch.Tensor, boxes: torch.T
     """
     if validate:
         check_data(indices, boxes, num_classes)
-    return label_pooling_torch(values, indices, boxes, num_classes, swap_xy)
+    return label_pooling_torch(values, indices, boxes, num_classes, swap_xy, indices_checked=validate)
 
 
 _triton_missing_logged = False

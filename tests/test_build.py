@@ -20,6 +20,7 @@ from relabel_shards.build import build_shards
 from relabel_shards.shards import read_info, write_shard
 
 MODEL = "test_efficientnet"
+SMALL = {"model": MODEL, "input_size": 64}  # 2x2 maps: faster where the map size does not matter
 
 
 def _image(seed: int, size=(40, 56)) -> Image.Image:
@@ -187,7 +188,7 @@ def test_bad_inputs_are_skipped_and_listed_or_fatal_with_strict(tmp_path):
     (root / "dog" / "cut.jpg").write_bytes(_encode(_image(3, (64, 64)), "JPEG")[:200])
     (root / "dog" / "notes.txt").write_text("hi")
     out = tmp_path / "ds"
-    summary = build_shards(str(root), str(out), model=MODEL, shard_size=3, num_workers=0)
+    summary = build_shards(str(root), str(out), **SMALL, shard_size=3, num_workers=0)
     split = read_info(str(out))["splits"]["train"]
     rs = split["relabel_shards"]
     assert split["num_samples"] == 4 and rs["num_failures"] == 4
@@ -201,7 +202,7 @@ def test_bad_inputs_are_skipped_and_listed_or_fatal_with_strict(tmp_path):
     assert keys == ["cat_0", "cat_1", "dog_0", "dog_1"]
 
     with pytest.raises(ValueError, match=r"cat/empty\.jpg: empty file \(strict"):
-        build_shards(str(root), str(tmp_path / "strict"), model=MODEL, shard_size=2, batch_size=1, num_workers=0,
+        build_shards(str(root), str(tmp_path / "strict"), **SMALL, shard_size=2, batch_size=1, num_workers=0,
                      strict=True)
     # shard 0 (cat_0, cat_1) was complete; shard 1 starts with the empty file: no partial shard, no _info.json
     assert sorted(os.listdir(tmp_path / "strict")) == ["train-000000.tar", "train-000000_stats.json"]
@@ -240,26 +241,26 @@ def test_cli_errors_are_one_line_nonzero(folder, tmp_path):
 
 def test_two_ranks_give_the_same_shards_as_one(folder, tmp_path):
     one = tmp_path / "one" / "ds"
-    build_shards(str(folder), str(one), model=MODEL, shard_size=2, batch_size=2, num_workers=0)
+    build_shards(str(folder), str(one), **SMALL, shard_size=2, batch_size=2, num_workers=0)
     two = tmp_path / "two" / "ds"
-    s0 = build_shards(str(folder), str(two), model=MODEL, shard_size=2, batch_size=2, num_workers=0,
+    s0 = build_shards(str(folder), str(two), **SMALL, shard_size=2, batch_size=2, num_workers=0,
                       rank=0, world_size=2)
     assert s0.written == [0, 2] and s0.info is None and not (two / "_info.json").exists()
-    s1 = build_shards(str(folder), str(two), model=MODEL, shard_size=2, batch_size=2, num_workers=0,
+    s1 = build_shards(str(folder), str(two), **SMALL, shard_size=2, batch_size=2, num_workers=0,
                       rank=1, world_size=2)
     assert s1.written == [1] and s1.info is not None
     assert _tree(two) == _tree(one)
     # a rerun finds every shard complete and rewrites nothing but the identical _info.json
-    again = build_shards(str(folder), str(two), model=MODEL, shard_size=2, batch_size=2, num_workers=0)
+    again = build_shards(str(folder), str(two), **SMALL, shard_size=2, batch_size=2, num_workers=0)
     assert again.written == [] and again.skipped == [0, 1, 2] and again.images == 0
     assert _tree(two) == _tree(one)
 
 
 def test_other_settings_into_the_same_out_is_an_error(folder, tmp_path):
     out = tmp_path / "ds"
-    build_shards(str(folder), str(out), model=MODEL, shard_size=3, num_workers=0)
+    build_shards(str(folder), str(out), **SMALL, shard_size=3, num_workers=0)
     with pytest.raises(ValueError, match="was written by a different build"):
-        build_shards(str(folder), str(out), model=MODEL, shard_size=3, num_workers=0, topk=3)
+        build_shards(str(folder), str(out), **SMALL, shard_size=3, num_workers=0, topk=3)
 
 
 def test_keep_aspect_batches_by_size(tmp_path):
@@ -299,14 +300,14 @@ def test_s3_output_equals_local(folder, tmp_path, s3_bucket):
     import fsspec
 
     local = tmp_path / "ds"
-    build_shards(str(folder), str(local), model=MODEL, shard_size=4, num_workers=0)
+    build_shards(str(folder), str(local), **SMALL, shard_size=4, num_workers=0)
     remote = f"{s3_bucket}/ds"
-    summary = build_shards(str(folder), remote, model=MODEL, shard_size=4, num_workers=0)
+    summary = build_shards(str(folder), remote, **SMALL, shard_size=4, num_workers=0)
     assert summary.info == read_info(str(local))["splits"]["train"]
     fs, _ = fsspec.core.url_to_fs(remote)
     for name, data in _tree(local).items():
         assert fs.cat_file(f"{remote}/{name}") == data, name
-    again = build_shards(str(folder), remote, model=MODEL, shard_size=4, num_workers=0)
+    again = build_shards(str(folder), remote, **SMALL, shard_size=4, num_workers=0)
     assert again.written == [] and again.skipped == [0, 1]
 
 
@@ -316,7 +317,8 @@ import torch.distributed as dist
 from relabel_shards.build import build_shards
 rank, port, src, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-s = build_shards(src, out, model="test_efficientnet", shard_size=2, batch_size=2, num_workers=0)
+s = build_shards(src, out, model="test_efficientnet", input_size=64, shard_size=2, batch_size=2,
+                 num_workers=0)
 print(json.dumps({"rank": s.rank, "world_size": s.world_size, "written": s.written, "info": s.info is not None}))
 dist.destroy_process_group()
 """
@@ -329,21 +331,29 @@ def test_two_gloo_processes_give_the_same_shards_as_one(folder, tmp_path):
     import sys
 
     one = tmp_path / "one" / "ds"
-    build_shards(str(folder), str(one), model=MODEL, shard_size=2, batch_size=2, num_workers=0)
+    build_shards(str(folder), str(one), **SMALL, shard_size=2, batch_size=2, num_workers=0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     two = tmp_path / "two" / "ds"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, "-c", _GLOO_RANK, str(r), str(port), str(folder), str(two)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
-    results = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=300)
-        assert p.returncode == 0, stderr
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
-    assert results == [{"rank": 0, "world_size": 2, "written": [0, 2], "info": True},  # rank 0 after the barrier
-                       {"rank": 1, "world_size": 2, "written": [1], "info": False}]
+    # rank 1 in a subprocess, rank 0 here
+    proc = subprocess.Popen([sys.executable, "-c", _GLOO_RANK, "1", str(port), str(folder), str(two)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import torch.distributed as dist
+
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
+                            timeout=datetime.timedelta(seconds=180))
+    try:
+        s0 = build_shards(str(folder), str(two), **SMALL, shard_size=2, batch_size=2, num_workers=0)
+    finally:
+        dist.destroy_process_group()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert (s0.rank, s0.world_size, s0.written, s0.info is not None) == (0, 2, [0, 2], True)  # after the barrier
+    assert json.loads(stdout.strip().splitlines()[-1]) == {"rank": 1, "world_size": 2, "written": [1],
+                                                            "info": False}
     assert _tree(two) == _tree(one)

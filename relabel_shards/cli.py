@@ -239,6 +239,66 @@ def show_command(url: str, key: str, out: str, topk: int, split: str | None, sha
 
 # ---- convert (issue 6) ------------------------------------------------------------------------------
 
+
+@cli.command("convert")
+@click.argument("images")
+@click.argument("relabel_root")
+@click.argument("out")
+@click.option("--layout", type=click.Choice(["hw", "wh"]), default="hw",
+              help="hw: keep each map's last two dims as (rows, cols), pool with swap_xy=True to reproduce the "
+                   "official targets; wh: transpose them, pool with swap_xy=False.")
+@click.option("--encoding", type=click.Choice(["compact", "lossless"]), default="compact",
+              help="Label-map record encoding.")
+@click.option("--shard-size", type=int, default=1000, help="Samples per shard.")
+@click.option("--prefix", default=None, help="Shard name prefix [default: the split name].")
+@click.option("--split", default="train", help="Split name in _info.json.")
+@click.option("--num-workers", type=int, default=4, help="Worker processes that read, check and encode.")
+@click.option("--rank", type=int, default=None, help="This rank [default: $RANK, else 0].")
+@click.option("--world-size", type=int, default=None, help="Number of ranks [default: $WORLD_SIZE, else 1].")
+@click.option("--strict", is_flag=True, help="Stop at the first bad or unpaired file instead of skipping and "
+                                             "listing it.")
+@click.option("--check-images/--no-check-images", default=True,
+              help="Decode every image (JPEGs at 1/8 scale) to catch broken files; off: read headers only.")
+@click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar (images/s, ETA).")
+@user_errors
+def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) -> None:
+    """Import the official ReLabel release: IMAGES' JPEGs with RELABEL_ROOT's .pt maps, as shards in OUT.
+
+    IMAGES is the ImageNet train folder (class/image.JPEG), RELABEL_ROOT the extracted relabel_imagenet.tar
+    (class/image.pt), paired by relative path. OUT is a directory or an s3:// / gs:// prefix. Bad or unpaired
+    files are listed in _info.json. Rerunning the same command resumes; --rank/--world-size split the work
+    over CPU processes. Check the orientation with 'relabel-shards show OUT --key KEY -o x.png'.
+    """
+    from relabel_shards.convert import convert_official
+
+    bar = None
+
+    def show(done: int, total: int | None) -> None:
+        nonlocal bar
+        if bar is None:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="img", desc="convert", dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    try:
+        summary = convert_official(images, relabel_root, out, progress=show if progress else None, **kwargs)
+    finally:
+        if bar is not None:
+            bar.close()
+    click.echo(f"rank {summary.rank}/{summary.world_size}: wrote {len(summary.written)} shards "
+               f"({summary.images} images, {len(summary.failures)} skipped), kept {len(summary.skipped)} "
+               "complete shards")
+    if summary.info is not None:
+        info = summary.info
+        click.echo(f"{out}: {len(info['filenames'])} shards, {info['num_samples']} samples, "
+                   f"{info['relabel_shards']['num_failures']} failures listed in _info.json")
+    else:
+        click.echo("_info.json is left to the rank that finishes last")
+    layout = kwargs["layout"]
+    click.echo(f"layout {layout}: label_pooling(..., swap_xy={layout == 'hw'}) reproduces the official targets")
+
 # ---- pool: a short LabelPooling demo (issue 2) ------------------------------------------------------
 
 

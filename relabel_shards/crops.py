@@ -1,4 +1,4 @@
-"""Crop geometry: random-resized-crop parameters (torchvision's distribution) and the normalized box they give.
+"""Crop geometry: random-resized-crop parameters (torchvision's distribution) and their normalized box.
 
 The loader draws the crop on the *original* image size, so the box it hands to ``label_pooling`` is in
 the coordinates the label map was predicted on, whatever reduced-size decoding (PIL draft mode) the
@@ -108,5 +108,6 @@ def crop_box(left: float, top: float, crop_w: float, crop_h: float, width: int, 
         ValueError: a size is not positive.
     """
     if crop_w <= 0 or crop_h <= 0 or width <= 0 or height <= 0:
-        raise ValueError(f"crop and image sizes must be > 0, got crop {crop_w}x{crop_h}, image {width}x{height}")
+        raise ValueError(f"crop and image sizes must be > 0, got crop {crop_w}x{crop_h}, "
+                         f"image {width}x{height}")
     return (left / width, top / height, (left + crop_w) / width, (top + crop_h) / height)

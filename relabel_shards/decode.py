@@ -32,13 +32,14 @@ class SampleError(ShardError):
 
 @dataclass(frozen=True)
 class CropConfig:
-    """The training crop: output side ``image_size`` px, RandomResizedCrop ``scale``/``ratio``, flip chance."""
+    """The crop: output side ``image_size`` px, RandomResizedCrop ``scale``/``ratio``, flip chance."""
 
     image_size: int = 224
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
     draft: bool = True
+    center_crop: float | None = None  # evaluation: centered square, crop_pct of the short side, no flip
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,11 @@ def decode_image(data: bytes, cfg: CropConfig, rng: random.Random) -> tuple[np.n
     if orientation not in (None, 1):
         img = ImageOps.exif_transpose(img)  # label maps describe the upright image
     width, height = img.size
-    left, top, cw, ch = random_resized_crop_params(width, height, cfg.scale, cfg.ratio, rng)
+    if cfg.center_crop is None:
+        left, top, cw, ch = random_resized_crop_params(width, height, cfg.scale, cfg.ratio, rng)
+    else:  # timm's eval transform: resize the short side to S / crop_pct, take the central S x S
+        cw = ch = max(1, min(width, height, round(min(width, height) * cfg.center_crop)))
+        left, top = (width - cw) // 2, (height - ch) // 2
     size = cfg.image_size
     reduce = min(cw, ch) / size
     if cfg.draft and reduce >= 2 and img.format == "JPEG":
@@ -86,7 +91,7 @@ def decode_image(data: bytes, cfg: CropConfig, rng: random.Random) -> tuple[np.n
                      box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
     if out.mode != "RGB":
         out = out.convert("RGB")
-    flipped = rng.random() < cfg.hflip
+    flipped = cfg.center_crop is None and rng.random() < cfg.hflip
     if flipped:
         out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return np.asarray(out), crop_box(left, top, cw, ch, width, height), flipped, (width, height)
@@ -132,7 +137,8 @@ def decode_sample(key: str, members: dict[str, bytes], url: str, cfg: CropConfig
                           f"label map values {values.shape} and indices {indices.shape} differ in shape")
     if geometry is not None and got != geometry:
         raise SampleError(url, key, "labelmap_mismatch",
-                          f"label map has k={got.k}, {got.height}x{got.width}, num_classes={got.num_classes}; "
+                          f"label map has k={got.k}, {got.height}x{got.width}, "
+                          f"num_classes={got.num_classes}; "
                           f"the dataset's maps have k={geometry.k}, {geometry.height}x{geometry.width}, "
                           f"num_classes={geometry.num_classes}")
     try:
@@ -144,7 +150,8 @@ def decode_sample(key: str, members: dict[str, bytes], url: str, cfg: CropConfig
     try:
         image, box, flipped, size = decode_image(members[img_ext], cfg, rng)
     except Exception as e:  # noqa: BLE001 - PIL raises many types on damaged files
-        raise SampleError(url, key, "corrupt_image", f"cannot decode .{img_ext}: {type(e).__name__}: {e}") from e
+        raise SampleError(url, key, "corrupt_image",
+                          f"cannot decode .{img_ext}: {type(e).__name__}: {e}") from e
     if "json" in members:
         try:
             meta = json.loads(members["json"])

@@ -77,7 +77,8 @@ def resolve_shards(urls: str | Sequence[str], split: str | None = None,
             sp = get_split(read_info(item, storage_options), split, join(item, INFO_NAME))
             names, lengths = sp.get("filenames", []), sp.get("shard_lengths", [])
             if len(names) != len(lengths):
-                raise ShardError(f"{join(item, INFO_NAME)}: {len(names)} filenames but {len(lengths)} shard_lengths")
+                raise ShardError(f"{join(item, INFO_NAME)}: {len(names)} filenames but "
+                                 f"{len(lengths)} shard_lengths")
             shards += [(join(item, n), int(m)) for n, m in zip(names, lengths, strict=True)]
             sections.append(sp.get("relabel_shards", {}))
             continue
@@ -93,12 +94,14 @@ def resolve_shards(urls: str | Sequence[str], split: str | None = None,
                     sections.append(sp.get("relabel_shards", {}))
                     break
             else:
-                raise ShardError(f"{url} is not listed in {join(base, INFO_NAME)}; the loader needs every shard's "
-                                 "length from _info.json to give each rank the same number of batches")
+                raise ShardError(f"{url} is not listed in {join(base, INFO_NAME)}; the loader needs every "
+                                 "shard's length from _info.json to give each rank the same number of "
+                                 "batches")
     geos = {Geometry(int(s["k"]), int(s["height"]), int(s["width"]), int(s["num_classes"]))
             for s in sections if all(f in s for f in ("k", "height", "width", "num_classes"))}
     if len(geos) > 1:
-        raise ShardError(f"the shards' _info.json sections give different label-map geometries: {sorted(geos)}")
+        raise ShardError(f"the shards' _info.json sections give different label-map geometries: "
+                         f"{sorted(geos)}")
     return shards, (geos.pop() if geos else None)
 
 
@@ -122,16 +125,21 @@ class ReLabelDataset(IterableDataset):
         on_error: ``"raise"`` (the error names the URL and key) or ``"skip"`` (count, log and go on).
         rank, world_size: explicit place in a distributed job; default: torch.distributed, else RANK /
             WORLD_SIZE, else a single process.
-        storage_options: fsspec options for the URLs (e.g. ``{"endpoint_url": ...}`` for S3-compatible stores).
+        storage_options: fsspec options for the URLs (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``
+            for S3-compatible stores).
         draft: decode JPEGs at reduced size when the crop is downscaled 2x or more.
+        center_crop: for evaluation: instead of the random crop, the centered square whose side is this
+            fraction of the short side (timm's ``crop_pct``), never flipped.
         retries: re-opens of a shard after transient read errors.
     """
 
     def __init__(self, urls: str | Sequence[str], *, split: str | None = None, image_size: int = 224,
-                 scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                 scale: Sequence[float] = (0.08, 1.0), ratio: Sequence[float] = (3 / 4, 4 / 3),
+                 hflip: float = 0.5,
                  shuffle_buffer: int = 1000, shuffle_shards: bool = True, seed: int = 0, epoch: int = 0,
                  on_error: str = "raise", rank: int | None = None, world_size: int | None = None,
-                 storage_options: dict | None = None, draft: bool = True, retries: int = 3) -> None:
+                 storage_options: dict | None = None, draft: bool = True, retries: int = 3,
+                 center_crop: float | None = None) -> None:
         super().__init__()
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
@@ -140,9 +148,13 @@ class ReLabelDataset(IterableDataset):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if shuffle_buffer < 0 or retries < 0 or epoch < 0:
-            raise ValueError(f"shuffle_buffer, retries and epoch must be >= 0, got {shuffle_buffer}, {retries}, {epoch}")
+            raise ValueError(f"shuffle_buffer, retries and epoch must be >= 0, got {shuffle_buffer}, "
+                             f"{retries}, {epoch}")
+        if center_crop is not None and not 0.0 < center_crop <= 1.0:
+            raise ValueError(f"center_crop must be in (0, 1] or None, got {center_crop!r}")
         scale, ratio = check_scale_ratio(scale, ratio)
-        self.crop = CropConfig(image_size, scale, ratio, float(hflip), bool(draft))
+        self.crop = CropConfig(image_size, scale, ratio, float(hflip), bool(draft),
+                               None if center_crop is None else float(center_crop))
         self.shuffle_buffer = int(shuffle_buffer)
         self.shuffle_shards = bool(shuffle_shards)
         self.seed = int(seed)
@@ -158,6 +170,8 @@ class ReLabelDataset(IterableDataset):
         if self.total == 0:
             raise ShardError(f"{urls!r}: _info.json lists no samples")
         self.num_workers = 0  # make_loader sets the DataLoader's; sizes the epoch
+        # pinned in the main process: DataLoader workers have no torch.distributed
+        self._world: tuple[int, int] | None = None
         self._progress: dict[int, dict[str, Any]] = {}  # worker -> {"raw", "good", "skipped"}
 
     # -- epoch, length, counters ------------------------------------------------------------------
@@ -169,8 +183,17 @@ class ReLabelDataset(IterableDataset):
         self.epoch = int(epoch)
         self._progress = {}
 
+    def world(self) -> tuple[int, int]:
+        """(rank, world_size) of this process, resolved once in the main process and kept for the workers."""
+        if self._world is not None:
+            return self._world
+        world = resolve_world(self.rank, self.world_size)
+        if get_worker_info() is None:
+            self._world = world
+        return world
+
     def _readers(self) -> tuple[int, int, int]:
-        rank, world = resolve_world(self.rank, self.world_size)
+        rank, world = self.world()
         return rank, world, max(1, self.num_workers)
 
     def samples_per_worker(self) -> int:
@@ -224,11 +247,12 @@ class ReLabelDataset(IterableDataset):
         _, world, workers = self._readers()
         for name, here in (("world_size", world), ("num_workers", workers), ("total", self.total)):
             if state[name] != here:
-                raise ValueError(f"cannot resume: the state has {name}={state[name]}, this loader has {here}; "
+                raise ValueError(f"cannot resume: the state has {name}={state[name]}, this loader has "
+                                 f"{here}; "
                                  "resume with the same data, world size and num_workers")
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
-        self._progress = {int(w): {"raw": int(p["raw"]), "good": int(p["good"]), "skipped": dict(p["skipped"])}
-                          for w, p in state["workers"].items()}
+        self._progress = {int(w): {"raw": int(p["raw"]), "good": int(p["good"]),
+                                   "skipped": dict(p["skipped"])} for w, p in state["workers"].items()}
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -275,7 +299,7 @@ class ReLabelDataset(IterableDataset):
         info = get_worker_info()
         wid, workers = (0, 1) if info is None else (info.id, info.num_workers)
         in_worker = info is not None
-        rank, world = resolve_world(self.rank, self.world_size)
+        rank, world = self.world()
         if workers != max(1, self.num_workers):
             self.num_workers = workers if in_worker else 0
         quota = samples_per_slot(self.total, world * workers)
@@ -285,7 +309,8 @@ class ReLabelDataset(IterableDataset):
         mine = slots[rank * workers + wid]
         start = self._progress.get(wid, {"raw": 0, "good": 0, "skipped": {}})
         if not in_worker and start["good"] >= quota:
-            log.warning("epoch %d was already read to the end; reading it again (call set_epoch for the next)",
+            log.warning("epoch %d was already read to the end; reading it again "
+                        "(call set_epoch for the next)",
                         self.epoch)
             start = {"raw": 0, "good": 0, "skipped": {}}
         skipped: Counter = Counter()
@@ -395,8 +420,10 @@ class ReLabelLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         ds = self.dataset
+        ds.world()  # pin rank and world size here: DataLoader workers cannot ask torch.distributed
         if ds.epoch_complete():
-            log.warning("epoch %d was already read to the end; reading it again (call set_epoch for the next)",
+            log.warning("epoch %d was already read to the end; reading it again "
+                        "(call set_epoch for the next)",
                         ds.epoch)
             ds._progress = {}
         loader = DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate,
@@ -407,7 +434,8 @@ class ReLabelLoader:
                 ds._note(state)
             yield batch
         counts = ds.skipped
-        (log.warning if counts else log.info)("epoch %d: %d samples, skipped %s", ds.epoch, len(ds), counts or "none")
+        (log.warning if counts else log.info)("epoch %d: %d samples, skipped %s", ds.epoch, len(ds),
+                                              counts or "none")
 
 
 def make_loader(urls: str | Sequence[str], batch_size: int, num_workers: int = 4, *, pin_memory: bool = False,

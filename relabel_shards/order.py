@@ -23,13 +23,14 @@ def derive_seed(*parts: int | str) -> int:
 
 
 def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """(rank, world_size): explicit values, else torch.distributed when initialized, else RANK/WORLD_SIZE, else (0, 1).
+    """(rank, world_size): explicit, else torch.distributed if initialized, else RANK/WORLD_SIZE, else (0, 1).
 
     Raises:
         ValueError: only one of the two is given, or ``rank`` is not in ``[0, world_size)``.
     """
     if (rank is None) != (world_size is None):
-        raise ValueError(f"give both rank and world_size or neither, got rank={rank}, world_size={world_size}")
+        raise ValueError(f"give both rank and world_size or neither, got rank={rank}, "
+                         f"world_size={world_size}")
     if rank is None:
         import torch.distributed as dist
 

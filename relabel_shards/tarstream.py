@@ -115,7 +115,8 @@ def fsspec_opener(url: str, storage_options: dict | None = None) -> Callable[[in
                 while left:
                     chunk = f.read(min(left, 1 << 20))
                     if not chunk:
-                        raise EOFError(f"{url}: ended at byte {offset - left} on re-open, expected {offset}")
+                        raise EOFError(f"{url}: ended at byte {offset - left} on re-open, expected {offset}"
+                                       ) from None
                     left -= len(chunk)
         return f
 

@@ -77,7 +77,8 @@ def test_exactly_once_over_ranks_and_workers_in_process(data):
     """2 ranks x 2 workers on 8 equal shards: every sample once per epoch, equal batches per rank."""
     seen, counts = [], []
     for rank in range(2):
-        loader = make_loader(data, batch_size=3, num_workers=2, image_size=16, rank=rank, world_size=2, seed=5)
+        loader = make_loader(data, batch_size=3, num_workers=2, image_size=16, rank=rank, world_size=2,
+                             seed=5)
         batches = list(loader)
         counts.append(len(batches))
         assert len(batches) == len(loader)
@@ -138,7 +139,8 @@ def test_uneven_shards_equal_batches_per_rank(tmp_path):
     make_shards(tmp_path, [9, 2, 5, 1, 7])  # 24 samples, very uneven
     counts = []
     for rank in range(2):
-        loader = make_loader(str(tmp_path), batch_size=4, num_workers=0, image_size=16, rank=rank, world_size=2)
+        loader = make_loader(str(tmp_path), batch_size=4, num_workers=0, image_size=16, rank=rank,
+                             world_size=2)
         counts.append(sum(1 for _ in loader))
         assert counts[-1] == len(loader)
     assert counts == [3, 3]  # ceil(24 / 2) = 12 samples each
@@ -179,8 +181,8 @@ def _corrupt_jpeg(i, members):
 
 
 def _corrupt_map(i, members):
-    return [(n, d[:10] + bytes(b ^ 0x5A for b in d[10:40]) + d[40:]) if n.endswith(".rlm") and i == 6 else (n, d)
-            for n, d in members]
+    return [(n, d[:10] + bytes(b ^ 0x5A for b in d[10:40]) + d[40:]) if n.endswith(".rlm") and i == 6
+            else (n, d) for n, d in members]
 
 
 def _missing_member(i, members):
@@ -222,3 +224,16 @@ def test_tar_cut_between_samples_is_caught_by_the_shard_length(tmp_path):
     truncate_tar(tmp_path / "train-000001.tar", keep_samples=3, cut_into_member=-512)  # cut at a header
     with pytest.raises(ValueError, match=r"train-000001\.tar: _info.json says 5 samples, the shard holds 3"):
         list(make_loader(str(tmp_path), batch_size=4, num_workers=0, image_size=16))
+
+
+def test_center_crop_for_evaluation(data):
+    ds = ReLabelDataset(data, image_size=S, center_crop=0.5, hflip=1.0, shuffle_buffer=0)
+    for s in ds:
+        w, h = image_size_of(int(s["key"][1:]))
+        side = round(min(w, h) * 0.5)
+        left, top = (w - side) // 2, (h - side) // 2
+        want = [left / w, top / h, (left + side) / w, (top + side) / h]
+        np.testing.assert_allclose(s["box"], want, rtol=0, atol=1e-6)
+        assert not s["flip"]
+    with pytest.raises(ValueError, match=r"center_crop must be in \(0, 1\] or None, got 1.5"):
+        ReLabelDataset(data, center_crop=1.5)

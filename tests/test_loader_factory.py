@@ -61,8 +61,9 @@ def sample(i: int, *, min_side: int = 96, encoding: str = "compact") -> list[tup
                           labelmap=encode_label_map(values, indices, NUM_CLASSES, encoding=encoding))
 
 
-def make_shards(out: str | Path, lengths: list[int], *, split: str = "train", storage_options: dict | None = None,
-                prefix: str = "train", transform: Any = None) -> dict[str, Any]:
+def make_shards(out: str | Path, lengths: list[int], *, split: str = "train",
+                storage_options: dict | None = None, prefix: str = "train",
+                transform: Any = None) -> dict[str, Any]:
     """Write shards of the given lengths (samples numbered across shards) and ``_info.json``.
 
     ``transform(i, members) -> members`` may damage a sample on its way into the shard.

@@ -357,3 +357,33 @@ def test_two_gloo_processes_give_the_same_shards_as_one(folder, tmp_path):
     assert json.loads(stdout.strip().splitlines()[-1]) == {"rank": 1, "world_size": 2, "written": [1],
                                                             "info": False}
     assert _tree(two) == _tree(one)
+
+
+@pytest.mark.slow
+def test_real_annotator_collage_localizes_each_half(real_photos, tmp_path):
+    """chelsea | coffee side by side, built with the embedded EfficientNet-Lite0, read back and pooled per half."""
+    import webdataset as wds
+    from timm.data import ImageNetInfo
+
+    from relabel_shards.labelmap import decode_label_map
+    from relabel_shards.pooling import label_pooling
+
+    cat, coffee = (Image.fromarray(real_photos[k]).resize((300, 300), Image.BICUBIC) for k in ("chelsea", "coffee"))
+    collage = Image.new("RGB", (600, 300))
+    collage.paste(cat, (0, 0))
+    collage.paste(coffee, (300, 0))
+    (tmp_path / "src" / "photos").mkdir(parents=True)
+    collage.save(tmp_path / "src" / "photos" / "chelsea_coffee.jpg", quality=95)
+    out = tmp_path / "ds"
+    build_shards(str(tmp_path / "src"), str(out), keep_aspect=True, input_size=224, num_workers=0)
+    split = read_info(str(out))["splits"]["train"]
+    assert split["relabel_shards"]["annotator"]["weights"] == "embedded"
+    (sample,) = list(wds.WebDataset(str(out / split["filenames"][0]), shardshuffle=False))
+    lm = decode_label_map(sample["rlm"])
+    assert lm.values.shape == (5, 7, 14)  # 224 x 448 input: the map keeps the collage's 1:2 aspect
+    values = torch.as_tensor(np.asarray(lm.values, dtype=np.float32))[None].expand(2, -1, -1, -1)
+    indices = torch.as_tensor(np.asarray(lm.indices, dtype=np.int64))[None].expand(2, -1, -1, -1)
+    boxes = torch.tensor([[0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]])
+    probs = label_pooling(values, indices, boxes, lm.num_classes)
+    info = ImageNetInfo()
+    assert [info.index_to_description(int(i)) for i in probs.argmax(1)] == ["Egyptian cat", "espresso"]

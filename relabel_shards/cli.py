@@ -245,8 +245,8 @@ def show_command(url: str, key: str, out: str, topk: int, split: str | None, sha
 @click.argument("relabel_root")
 @click.argument("out")
 @click.option("--layout", type=click.Choice(["hw", "wh"]), default="hw",
-              help="hw: keep each map's last two dims as (rows, cols), pool with swap_xy=True to reproduce the "
-                   "official targets; wh: transpose them, pool with swap_xy=False.")
+              help="hw: keep each map's last two dims as (rows, cols), pool with swap_xy=True to reproduce "
+                   "the official targets; wh: transpose them, pool with swap_xy=False.")
 @click.option("--encoding", type=click.Choice(["compact", "lossless"]), default="compact",
               help="Label-map record encoding.")
 @click.option("--shard-size", type=int, default=1000, help="Samples per shard.")
@@ -297,7 +297,8 @@ def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) 
     else:
         click.echo("_info.json is left to the rank that finishes last")
     layout = kwargs["layout"]
-    click.echo(f"layout {layout}: label_pooling(..., swap_xy={layout == 'hw'}) reproduces the official targets")
+    click.echo(f"layout {layout}: label_pooling(..., swap_xy={layout == 'hw'}) reproduces the official "
+               "targets")
 
 # ---- pool: a short LabelPooling demo (issue 2) ------------------------------------------------------
 

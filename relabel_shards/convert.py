@@ -1,0 +1,414 @@
+"""Import the official ReLabel release into label-map shards (``relabel-shards convert``).
+
+Data flow for one rank (all ranks run the same call; ``relabel_shards.writer`` does ranks and resume)::
+
+    IMAGES (ImageFolder, sources.py) + RELABEL_ROOT (*.pt, official_maps.py), paired by relative path
+      plan: shard i = items[i*shard_size:(i+1)*shard_size] (+ the maps without an image that sort into it)
+      DataLoader workers (CPU): read the JPEG, check it decodes, torch.load(weights_only=True) the map, check
+        it, lay it out (hw | wh), encode the record; a chunk of whole samples or failures per yield
+      # a chunk: {"task": i, "entries": [{"key", "members"} or {"key", "source", "reason", ...}],
+      #           "items": number of entries that are images of the plan, "end": bool}
+      writer thread: append to shard i's temporary tar, commit at "end"
+    after this rank's shards: ShardJob.finalize writes _info.json once every shard exists
+
+Shards, sidecars and ``_info.json`` are those of ``build`` (same members, same resume, same ranks); the
+annotator section says the maps came from the official release and in which layout they were stored.
+Failures (``_info.json``'s ``failures``) name the file at fault in ``source``, relative to its root: the image
+(bad image, image without a map), or the map (bad map, map without an image).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import logging
+import os
+import posixpath
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from relabel_shards.build import BuildSummary, ProgressFn, _check_args
+from relabel_shards.official_maps import (
+    LAYOUTS,
+    MAP_EXT,
+    NUM_CLASSES,
+    OFFICIAL_SHAPE,
+    OfficialMapError,
+    load_official_map,
+    map_relpath,
+    split_official_map,
+)
+from relabel_shards.shards import (
+    FORMAT_VERSION,
+    LABELMAP_EXT,
+    join,
+    json_bytes,
+    key_from_path,
+    sample_members,
+    url_to_fs,
+)
+from relabel_shards.sources import FileItem, Source, open_source, read_bytes
+from relabel_shards.writer import SerialExecutor, ShardJob, ShardStats
+
+log = logging.getLogger(__name__)
+
+OFFICIAL_MODEL = "relabel_imagenet (official release)"
+OFFICIAL_URL = "https://github.com/naver-ai/relabel_imagenet"
+CHUNK = 32  # samples per worker -> main-process hand-off (bounded memory, a smooth progress bar)
+
+# ConvertSummary is BuildSummary: same fields, same meaning ("images" = samples written by this call).
+ConvertSummary = BuildSummary
+
+
+def _failure(key: str, source: str, reason: str, **extra: str) -> dict:
+    return {"key": key, "source": source, "reason": reason, **extra}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _map_files(relabel_root: str, storage_options: dict | None) -> set[str]:
+    """Relative paths of the ``.pt`` files under the release root (hidden files skipped; others logged)."""
+    fs, root = url_to_fs(relabel_root, storage_options)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"relabel_root {relabel_root!r} is not a directory")
+    root = root.rstrip("/")
+    maps: set[str] = set()
+    other = 0
+    for p in fs.find(root):
+        rel = p[len(root) + 1:] if p.startswith(root + "/") else posixpath.relpath(p, root)
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if rel.endswith(MAP_EXT):
+            maps.add(rel)
+        else:
+            other += 1
+    if other:
+        log.info("relabel_root %s: ignoring %d files that are not %s label maps", relabel_root, other,
+                 MAP_EXT)
+    if not maps:
+        raise ValueError(f"relabel_root {relabel_root!r} holds no {MAP_EXT} label maps")
+    return maps
+
+
+def _check_image(data: bytes) -> tuple[int, int]:
+    """(width, height) of image bytes after decoding them (JPEGs at 1/8 scale: every byte is still parsed).
+
+    Raises:
+        ValueError: empty, not an image, or not decodable (truncated, corrupt); the message says which.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ValueError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            size = im.size
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
+            im.load()
+            return size
+    except UnidentifiedImageError:
+        raise ValueError("not a decodable image (PIL cannot identify it)") from None
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot decode image: {e}") from None
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the image header only (``check_images=False``)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise ValueError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except UnidentifiedImageError:
+        raise ValueError("not a decodable image (PIL cannot identify it)") from None
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image header: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------- workers
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _ConvertStream(IterableDataset):
+    """This rank's pending shards as chunks of finished samples (members incl. the record) and failures."""
+
+    def __init__(self, tasks: list[tuple[int, list[FileItem], list[str]]], relabel_root: str, maps: frozenset,
+                 layout: str, encoding: str, check_images: bool, storage_options: dict | None):
+        self.tasks = tasks
+        self.relabel_root = relabel_root
+        self.maps = maps
+        self.layout = layout
+        self.encoding = encoding
+        self.check_images = check_images
+        self.storage_options = storage_options
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for index, items, orphans in self.tasks[wid::nw]:
+            entries: list[dict] = []
+            for it in items:
+                entries.append(self._sample(it))
+                if len(entries) == CHUNK:
+                    yield {"task": index, "entries": entries, "items": len(entries), "end": False}
+                    entries = []
+            n_items = len(entries)
+            entries.extend(_failure(key_from_path(m), m, "label map without an image (no image "
+                                    f"{posixpath.splitext(m)[0]}.* in the image folder)") for m in orphans)
+            yield {"task": index, "entries": entries, "items": n_items, "end": True}
+
+    def _sample(self, it: FileItem) -> dict:
+        from relabel_shards.labelmap import encode_label_map
+
+        if it.error is not None:
+            return _failure(it.key, it.source, it.error)
+        mrel = map_relpath(it.source)
+        if mrel not in self.maps:
+            return _failure(it.key, it.source, f"image without a label map (no {mrel} in the release)")
+        try:
+            image = read_bytes(it.path, self.storage_options)
+        except OSError as e:
+            return _failure(it.key, it.source, f"cannot read file: {e.strerror or e}")
+        try:
+            w, h = _check_image(image) if self.check_images else _image_size(image)
+        except ValueError as e:
+            return _failure(it.key, it.source, str(e))
+        try:
+            raw = read_bytes(join(self.relabel_root, mrel), self.storage_options)
+        except OSError as e:
+            return _failure(it.key, mrel, f"cannot read label map: {e.strerror or e}", image=it.source)
+        try:
+            t = load_official_map(raw)
+        except OfficialMapError as e:
+            return _failure(it.key, mrel, f"bad label map: {e}", image=it.source)
+        values, indices = split_official_map(t, self.layout)  # (k, rows, cols) each
+        record = encode_label_map(values, indices, NUM_CLASSES, encoding=self.encoding)
+        meta: dict[str, Any] = {"source": it.source, "width": w, "height": h, "labelmap_source": mrel}
+        if it.class_name is not None:
+            meta["class_name"] = it.class_name
+        members = sample_members(it.key, image=image, image_ext=it.image_ext, label=it.label, meta=meta,
+                                 labelmap=record)
+        return {"key": it.key, "members": members}
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+def _pair(src: Source, maps: set[str]) -> tuple[list[FileItem], list[str]]:
+    """(images without a map, maps without an image), each in source / sorted order."""
+    claimed = {map_relpath(it.source) for it in src.items}
+    missing = [it for it in src.items if it.error is None and map_relpath(it.source) not in maps]
+    return missing, sorted(maps - claimed)
+
+
+def _assign_orphans(plan: list[list[FileItem]], orphans: list[str]) -> list[list[str]]:
+    """Each map without an image goes to the shard its path sorts into (by each shard's first image)."""
+    starts = [map_relpath(items[0].source) for items in plan]
+    out: list[list[str]] = [[] for _ in plan]
+    for m in orphans:
+        out[max(0, bisect.bisect_right(starts, m) - 1)].append(m)
+    return out
+
+
+def _fingerprint(src: Source, relabel_root: str, maps: set[str], settings: dict) -> str:
+    h = hashlib.sha256()
+    for it in src.items:
+        h.update(f"{it.key}\t{it.source}\t{it.label}\t{it.class_name}\n".encode())
+    hm = hashlib.sha256("\n".join(sorted(maps)).encode())
+    return hashlib.sha256(json_bytes({
+        "format_version": FORMAT_VERSION, "job": "convert", "source": src.describe(),
+        "relabel_root": relabel_root, "items": h.hexdigest(), "maps": hm.hexdigest(),
+        "settings": settings})).hexdigest()
+
+
+def _class_names() -> list[str] | None:
+    try:
+        from timm.data import ImageNetInfo
+
+        names = ImageNetInfo("imagenet-1k").label_descriptions()
+    except Exception:  # noqa: BLE001 - names are a convenience; the shards do not depend on them
+        return None
+    return list(names) if len(names) == NUM_CLASSES else None
+
+
+# --------------------------------------------------------------------------------------------- convert
+
+
+def convert_official(
+    images: str | os.PathLike,
+    relabel_root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    layout: str = "hw",
+    encoding: str = "compact",
+    shard_size: int = 1000,
+    prefix: str | None = None,
+    split: str = "train",
+    num_workers: int = 4,
+    rank: int | None = None,
+    world_size: int | None = None,
+    strict: bool = False,
+    check_images: bool = True,
+    storage_options: dict | None = None,
+    progress: ProgressFn | None = None,
+    name: str | None = None,
+) -> ConvertSummary:
+    """Pair each image of an ImageFolder with its official ReLabel map and write label-map shards to ``out``.
+
+    Args:
+        images: the ImageNet train folder (ImageFolder layout: ``class/image.JPEG``), local or fsspec URL.
+        relabel_root: the extracted release (``class/image.pt``, float32 ``[2, 5, 15, 15]`` each).
+        out: output directory or ``s3://`` / ``gs://`` URL prefix.
+        layout: ``"hw"`` stores each map's last two dims as (rows, cols) unchanged: ``label_pooling(...,
+            swap_xy=True)`` then reproduces the official targets exactly. ``"wh"`` transposes them, so that
+            correct boxes (``swap_xy=False``) reproduce the official targets. Recorded in ``_info.json``.
+        encoding: the record encoding, ``"compact"`` (pooled targets within 2e-3) or ``"lossless"`` (float32).
+        shard_size: samples per shard.
+        prefix: shard name prefix (``{prefix}-{index:06d}.tar``); defaults to ``split``.
+        split: the split's name in ``_info.json``.
+        num_workers: worker processes that read, check and encode (0: in this process).
+        rank, world_size: this rank; None: torch.distributed, else ``RANK``/``WORLD_SIZE``, else 0 of 1.
+        strict: a bad image or map, an image without a map or a map without an image is an error (naming the
+            file) instead of a skipped failure listed in ``_info.json``.
+        check_images: decode every image (JPEGs at 1/8 scale) so broken files fail here, not in training;
+            False reads only the header for the width and height.
+        storage_options: fsspec options for the URLs.
+        progress: called as ``progress(images_done, images_total)`` after each chunk of samples.
+        name: the dataset name in ``_info.json`` (default: the last component of ``out``).
+
+    Returns:
+        ConvertSummary (``BuildSummary``) of this rank's work; ``info`` is the split written to ``_info.json``
+        by this call, if any.
+
+    Raises:
+        FileNotFoundError: ``images`` or ``relabel_root`` does not exist.
+        ValueError: a bad argument, ``images`` not an ImageFolder, no maps, duplicate keys, a bad input with
+            ``strict``, or an output directory that holds shards of a different job.
+    """
+    prefix = _check_args(shard_size, 1, num_workers, encoding, split, prefix)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    out, relabel_root = os.fspath(out), os.fspath(relabel_root)
+    src = open_source(images, storage_options)
+    if src.kind != "folder":
+        raise ValueError(f"images must be an ImageFolder directory (class/image files), got a {src.kind} "
+                         f"source: {src.url!r}")
+    if src.classes is not None and len(src.classes) != NUM_CLASSES:
+        log.warning("images has %d class folders, not %d: .cls holds the folder's index, while the label "
+                    "maps use ImageNet-1k's class indices", len(src.classes), NUM_CLASSES)
+    maps = _map_files(relabel_root, storage_options)
+    missing, orphans = _pair(src, maps)
+    if strict and (missing or orphans):
+        what = (f"{missing[0].source}: image without a label map (no {map_relpath(missing[0].source)} in the "
+                "release)" if missing else f"{orphans[0]}: label map without an image")
+        raise ValueError(f"{what} (strict: {len(missing)} images without a map, {len(orphans)} maps without "
+                         "an image)")
+    n = -(-len(src.items) // shard_size)
+    plan = [list(src.items[i * shard_size:(i + 1) * shard_size]) for i in range(n)]
+    plan_orphans = _assign_orphans(plan, orphans)
+    settings = {"layout": layout, "encoding": encoding, "shard_size": shard_size, "prefix": prefix,
+                "split": split, "check_images": bool(check_images)}
+    fingerprint = _fingerprint(src, relabel_root, maps, settings)
+    job = ShardJob(out, prefix=prefix, num_shards=n, fingerprint=fingerprint, rank=rank,
+                   world_size=world_size, storage_options=storage_options)
+    todo = job.pending()
+    summary = ConvertSummary(rank=job.rank, world_size=job.world_size, num_shards=n, written=list(todo),
+                             skipped=[i for i in job.owned() if i not in set(todo)])
+    if todo:
+        stream = _ConvertStream([(i, plan[i], plan_orphans[i]) for i in todo], relabel_root, frozenset(maps),
+                                layout, encoding, bool(check_images), storage_options)
+        total = sum(len(plan[i]) for i in todo)
+        _run(job, stream, min(num_workers, len(todo)), strict, progress, total, summary)
+    summary.info = job.finalize(split, lambda stats: _project(stats, src, relabel_root, layout, encoding,
+                                                              settings), name=name)
+    return summary
+
+
+def _run(job: ShardJob, stream: _ConvertStream, num_workers: int, strict: bool, progress: ProgressFn | None,
+         total: int, summary: ConvertSummary) -> None:
+    loader = DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=num_workers,
+                        prefetch_factor=4 if num_workers > 0 else None,
+                        multiprocessing_context="fork" if num_workers > 0 and os.name == "posix" else None)
+    open_shards: dict = {}
+
+    def write(chunk: dict) -> None:  # runs in the writer thread, chunks in order
+        index = chunk["task"]
+        shard = open_shards.get(index)
+        if shard is None:
+            shard = open_shards[index] = job.open(index)
+        for e in chunk["entries"]:
+            if "reason" in e:
+                shard.fail(e)
+            else:
+                shard.add(e["key"], e["members"])
+        if chunk["end"]:
+            shard.commit(extra={"map_shapes": [list(OFFICIAL_SHAPE[2:])]})
+            del open_shards[index]
+
+    writer = SerialExecutor(maxsize=8)
+    done = 0
+    ok = False
+    try:
+        if progress is not None:
+            progress(0, total)
+        for chunk in loader:
+            failed = [e for e in chunk["entries"] if "reason" in e]
+            if failed:
+                if strict:
+                    f = failed[0]
+                    raise ValueError(f"{f['source']}: {f['reason']} "
+                                     "(strict: a bad input stops the conversion)")
+                for f in failed:
+                    log.warning("skipping %s: %s", f["source"], f["reason"])
+                summary.failures.extend(failed)
+            writer.submit(lambda c=chunk: write(c))
+            summary.images += len(chunk["entries"]) - len(failed)
+            done += chunk["items"]  # images of the plan; maps without an image are not counted in the total
+            if progress is not None:
+                progress(done, total)
+        writer.close()
+        ok = True
+    finally:
+        if not ok:
+            writer.close(raise_errors=False)
+            for shard in open_shards.values():
+                shard.abort()
+
+
+def _project(stats: list[ShardStats], src: Source, relabel_root: str, layout: str, encoding: str,
+             settings: dict) -> dict:
+    """Our section of ``_info.json``'s split (the writer adds shards, failures and the format version)."""
+    k, h, w = OFFICIAL_SHAPE[1:]
+    return {
+        "annotator": {
+            "model": OFFICIAL_MODEL,
+            "url": OFFICIAL_URL,
+            "release_root": relabel_root,
+            "layout": layout,
+            "swap_xy_reproduces_official": layout == "hw",
+            "num_classes": NUM_CLASSES,
+            "topk": k,
+        },
+        "layout": layout,
+        "k": k,
+        "height": h if layout == "hw" else w,
+        "width": w if layout == "hw" else h,
+        "num_classes": NUM_CLASSES,
+        "class_names": _class_names(),
+        "encoding": encoding,
+        "labelmap_ext": LABELMAP_EXT,
+        "source": src.describe(),
+        "dataset_classes": list(src.classes) if src.classes is not None else None,
+        "shard_size": settings["shard_size"],
+        "check_images": settings["check_images"],
+    }

@@ -271,18 +271,18 @@ def test_torch_compile_fullgraph_cpu():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 @pytest.mark.parametrize("value_dtype, index_dtype", [(torch.float32, torch.int64), (torch.float16, torch.int16),
                                                       (torch.bfloat16, torch.int32)])
-def test_cuda_backends_match_oracle_large_batch(backend, value_dtype, index_dtype):
+def test_cuda_backends_match_oracle_large_batch(value_dtype, index_dtype):
     values, indices, boxes = make_inputs(1024, 5, 15, 15, 1000, seed=31, value_dtype=value_dtype,
                                          index_dtype=index_dtype)
-    want = reference_label_pooling(values, indices, boxes, 1000)
+    v, i, b = values.cuda(), indices.cuda(), boxes.cuda()
     for swap_xy in (False, True):
-        want = reference_label_pooling(values, indices, boxes, 1000, swap_xy=swap_xy)
-        got = label_pooling(values.cuda(), indices.cuda(), boxes.cuda(), 1000, swap_xy=swap_xy, backend=backend)
-        assert got.is_cuda
-        torch.testing.assert_close(got.cpu(), want, atol=TOL, rtol=0)
+        want = reference_label_pooling(values, indices, boxes, 1000, swap_xy=swap_xy)  # on the CPU
+        for backend in ("auto", "torch", "triton"):
+            got = label_pooling(v, i, b, 1000, swap_xy=swap_xy, backend=backend)
+            assert got.is_cuda and got.shape == (1024, 1000)
+            torch.testing.assert_close(got.cpu(), want, atol=TOL, rtol=0, msg=f"{backend} swap_xy={swap_xy}")
 
 
 @pytest.mark.cuda
@@ -298,7 +298,7 @@ def test_cuda_triton_shapes_and_many_classes(shape):
 
 @pytest.mark.cuda
 def test_cuda_triton_deterministic_non_contiguous_and_compiled():
-    values, indices, boxes = make_inputs(4096, 5, 15, 15, 1000, seed=33, value_dtype=torch.float16)
+    values, indices, boxes = make_inputs(2048, 5, 15, 15, 1000, seed=33, value_dtype=torch.float16)
     v = values.cuda().transpose(2, 3).contiguous().transpose(2, 3)
     i = indices.cuda().transpose(2, 3).contiguous().transpose(2, 3)
     b = boxes.cuda()
@@ -322,3 +322,24 @@ def test_cuda_validation_choice():
     want = reference_label_pooling(values.masked_fill(bad != indices, 0.0), indices, boxes, 10)
     for backend in ("auto", "torch", "triton"):  # default on CUDA: no sync, the bad entry is ignored
         torch.testing.assert_close(label_pooling(*args, backend=backend).cpu(), want, atol=TOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_pool_demo():
+    from click.testing import CliRunner
+
+    from relabel_shards.cli import cli
+    from relabel_shards.pooling.demo import synthetic_label_maps
+
+    result = CliRunner().invoke(cli, ["pool", "--batch", "3", "--top", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("label_pooling (auto, cpu): ")
+    # the left-half box finds image 0's left object, the right-half box image 1's right object
+    _, indices = synthetic_label_maps(3, 5, 15, 15, 1000, seed=0)
+    assert lines[0].startswith(f"box (0.00, 0.00, 0.50, 1.00): class {int(indices[0, 0, 0, 0])} 0.")
+    assert lines[1].startswith(f"box (0.50, 0.00, 1.00, 1.00): class {int(indices[1, 0, 0, 14])} 0.")
+    bad = CliRunner().invoke(cli, ["pool", "--k", "2000"])
+    assert bad.exit_code == 1 and "k must be in [1, num_classes=1000], got 2000" in bad.output

@@ -303,6 +303,37 @@ def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) 
 # ---- pool: a short LabelPooling demo (issue 2) ------------------------------------------------------
 
 
+@cli.command("pool")
+@click.option("--batch", default=4, help="Images (and crop boxes) in the batch.")
+@click.option("--num-classes", default=1000, help="Classes C.")
+@click.option("--k", "k", default=5, help="Top-k classes per map cell.")
+@click.option("--size", default=15, help="The label map is size x size cells.")
+@click.option("--swap-xy", is_flag=True,
+              help="The official code's box order (the crop mirrored across the diagonal).")
+@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@click.option("--seed", default=0, help="Seeds the synthetic maps and the random boxes.")
+@click.option("--top", default=3, help="Classes printed per box.")
+@user_errors
+def pool(batch: int, num_classes: int, k: int, size: int, swap_xy: bool, backend: str, device: str, seed: int,
+         top: int) -> None:
+    """Pool synthetic label maps (two objects per image: left half, right half) for a few crop boxes.
+
+    Prints each box's top classes and the time of one label_pooling call. The first three boxes are the left
+    half, the right half and the whole image; with --swap-xy the halves come out as top and bottom halves.
+    """
+    from relabel_shards.pooling.demo import pool_demo
+
+    r = pool_demo(batch, num_classes, k, size, swap_xy=swap_xy, backend=backend, device=device, seed=seed)
+    probs, classes = r.targets.topk(min(top, num_classes), dim=1)
+    for box, p, c in zip(r.boxes.tolist(), probs.tolist(), classes.tolist(), strict=True):
+        shown = ", ".join(f"class {ci} {pi:.3f}" for ci, pi in zip(c, p, strict=True))
+        click.echo(f"box ({box[0]:.2f}, {box[1]:.2f}, {box[2]:.2f}, {box[3]:.2f}): {shown}")
+    dense_mib = batch * num_classes * size * size * 4 / 2**20
+    click.echo(f"label_pooling ({r.backend}, {r.device}): {r.seconds * 1e3:.3f} ms for {batch} boxes, "
+               f"k={k}, {size}x{size}, C={num_classes}; no dense map (the official path builds {dense_mib:.1f} MiB)")
+
+
 def main() -> None:
     cli(prog_name="relabel-shards")
 

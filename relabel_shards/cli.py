@@ -300,6 +300,7 @@ def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) 
     click.echo(f"layout {layout}: label_pooling(..., swap_xy={layout == 'hw'}) reproduces the official "
                "targets")
 
+
 # ---- pool: a short LabelPooling demo (issue 2) ------------------------------------------------------
 
 
@@ -331,7 +332,8 @@ def pool(batch: int, num_classes: int, k: int, size: int, swap_xy: bool, backend
         click.echo(f"box ({box[0]:.2f}, {box[1]:.2f}, {box[2]:.2f}, {box[3]:.2f}): {shown}")
     dense_mib = batch * num_classes * size * size * 4 / 2**20
     click.echo(f"label_pooling ({r.backend}, {r.device}): {r.seconds * 1e3:.3f} ms for {batch} boxes, "
-               f"k={k}, {size}x{size}, C={num_classes}; no dense map (the official path builds {dense_mib:.1f} MiB)")
+               f"k={k}, {size}x{size}, C={num_classes}; no dense map "
+               f"(the official path builds {dense_mib:.1f} MiB)")
 
 
 def main() -> None:

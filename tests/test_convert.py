@@ -408,3 +408,42 @@ def test_cli_convert_info_and_show(release, tmp_path):
                               "--num-workers", "0"])
     assert res.exit_code == 1 and res.output.strip().splitlines()[-1].startswith("Error: relabel_root")
     assert "Traceback" not in res.output
+
+
+def test_show_makes_the_orientation_visible(tmp_path):
+    """The README's check: the top class's heat lies on the object in one layout and mirrored in the other."""
+    from relabel_shards.labelmap import decode_label_map
+    from relabel_shards.show import cell_probabilities, show_sample
+
+    images, maps = tmp_path / "train", tmp_path / "relabel"
+    (images / "n0").mkdir(parents=True)
+    photo = np.zeros((90, 120, 3), np.uint8)
+    photo[0:36, 80:120] = 255  # the object: top right
+    Image.fromarray(photo).save(images / "n0" / "obj.JPEG", quality=95)
+    cls = 7
+    rng = np.random.default_rng(4)
+    scores = rng.random((1000, 15, 15))
+    scores[cls] = -1.0  # class 7 nowhere ...
+    scores[cls, 0:6, 10:15] = 2.0  # ... but first in the file's rows 0-5, cols 10-14
+    classes = np.argsort(-scores, axis=0)[:5]
+    values = np.concatenate([np.full((1, 15, 15), 4.0), rng.uniform(0, 2, (4, 15, 15))])
+    values[0, 0:6, 10:15] = 30.0
+    t = torch.from_numpy(np.stack([values, classes]).astype(np.float32))
+    _save(t, maps / "n0" / "obj.pt", legacy=True)
+    assert load_official_map((maps / "n0" / "obj.pt").read_bytes()) is not None  # still a valid map
+
+    def heat_center(layout: str) -> tuple[float, float]:
+        out = tmp_path / layout
+        convert_official(str(images), str(maps), str(out), layout=layout, num_workers=0)
+        res = show_sample(str(out), "obj", tmp_path / f"{layout}.png", topk=2)
+        assert res.classes[0][0] == cls  # the top class of the whole image
+        lm = decode_label_map(_samples(out)[0]["rlm"])
+        p = cell_probabilities(lm.values, lm.indices, 1000)[cls]  # (rows, cols) as show draws them
+        r, q = np.mgrid[0:15, 0:15]
+        return float((p * (r + 0.5)).sum() / p.sum() / 15), float((p * (q + 0.5)).sum() / p.sum() / 15)
+
+    ys, xs = np.nonzero(np.asarray(Image.open(images / "n0" / "obj.JPEG").convert("L")) > 128)
+    obj = (ys.mean() / 90, xs.mean() / 120)  # (y, x) normalized: about (0.2, 0.83)
+    hw, wh = heat_center("hw"), heat_center("wh")
+    assert abs(hw[0] - obj[0]) < 0.1 and abs(hw[1] - obj[1]) < 0.1  # on the object
+    assert abs(wh[0] - obj[1]) < 0.1 and abs(wh[1] - obj[0]) < 0.1  # mirrored across the diagonal: off it

@@ -125,6 +125,8 @@ def _planes(a: np.ndarray, width: int) -> bytes:
 
 
 def _unplanes(buf: memoryview, n: int, width: int) -> np.ndarray:
+    if width == 1:
+        return np.frombuffer(buf, dtype=np.uint8, count=n)
     b = np.frombuffer(buf, dtype=np.uint8, count=n * width).reshape(width, n)
     return np.ascontiguousarray(b.T).view(f"<u{width}").reshape(n)
 
@@ -148,13 +150,64 @@ def _pred2d(t: np.ndarray) -> np.ndarray:
     return p[1:, 1:] - p[:-1, 1:] - p[1:, :-1] + p[:-1, :-1]
 
 
+def _ref_width(k: int, m: int) -> int:
+    """Bytes per reference symbol of the palette codec: symbols are < k + m."""
+    return 1 if k + m <= 1 << 8 else 2 if k + m <= 1 << 16 else 4
+
+
+def _neighbour_refs(pos: np.ndarray) -> np.ndarray:
+    """Palette positions (k, h, w) -> reference symbols (docs/FORMAT.md "Index section").
+
+    ``j' < k``: the same class as rank ``j'`` of the previous cell (the left neighbour; in column 0 the cell
+    above); ``k + p``: palette position ``p``, written out. Neighbouring cells share most of their classes,
+    so most symbols are small and zstd codes them in fewer bits (benchmarks/bench_labelmap.py: -5 %).
+    """
+    k, h, w = pos.shape
+    m = int(pos.max()) + 1
+    nb = np.full_like(pos, -1)  # (k', h, w): the previous cell's positions, by the cell that refers to them
+    nb[:, :, 1:] = pos[:, :, :-1]
+    nb[:, 1:, 0] = pos[:, :-1, 0]
+    cell = np.arange(h * w, dtype=np.int64).reshape(1, h, w)
+    # (cell, class) keys; a stable sort keeps the lowest j' first among equal keys of one cell
+    nb_keys = np.where(nb >= 0, cell * m + nb, -1).reshape(-1)
+    order = np.argsort(nb_keys, kind="stable")
+    sorted_keys = nb_keys[order]
+    keys = (cell * m + pos).reshape(-1)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)
+    found = sorted_keys[at] == keys
+    j_prime = order[at] // (h * w)
+    return np.where(found, j_prime, k + pos.reshape(-1)).reshape(k, h, w)
+
+
+def _resolve_refs(sym: np.ndarray, m: int) -> np.ndarray:
+    """Reference symbols (k, h, w) -> palette positions, by pointer jumping (no loop over cells)."""
+    k, h, w = sym.shape
+    esc = sym >= k
+    if not esc[:, 0, 0].all():
+        raise LabelMapError("bad label-map record: cell (0, 0) refers to a previous cell, but it has none")
+    if int(sym.max()) >= k + m:
+        raise LabelMapError(
+            f"bad label-map record: palette position {int(sym.max()) - k} >= palette size {m}"
+        )
+    hw = h * w
+    prev = np.arange(hw).reshape(h, w) - 1  # the previous cell: the left neighbour, in column 0 the one above
+    prev[:, 0] -= w - 1
+    flat = sym.reshape(k, hw)
+    ptr = np.where(esc.reshape(k, hw), np.arange(k * hw).reshape(k, hw), flat * hw + prev.reshape(1, hw))
+    ptr = ptr.reshape(-1)  # escapes point to themselves
+    # Parents come earlier in raster order and chains are shorter than h + w: doubling resolves them all.
+    for _ in range((h + w).bit_length()):
+        ptr = ptr[ptr]
+    return (sym.reshape(-1) - k)[ptr]
+
+
 def _sizes(
     k: int, h: int, w: int, num_classes: int, value_codec: int, index_codec: int, m: int, flags: int
 ) -> int:
     """Decompressed payload size in bytes implied by the header fields (docs/FORMAT.md "Payload")."""
     n = k * h * w
     cw = 2 if num_classes <= 65536 else 4
-    size = n * cw if index_codec == 1 else m * cw + n * (1 if m <= 256 else 2)
+    size = n * cw if index_codec == 1 else m * cw + n * _ref_width(k, m)
     if value_codec == 1:
         size += 4 * n
     elif value_codec == 2:
@@ -255,7 +308,7 @@ def encode_label_map(
     if m <= MAX_DIM:
         index_codec = 2
         parts.append(_planes(np.diff(palette, prepend=-1) - 1, cw))  # gaps between consecutive classes
-        parts.append(_planes(pos.reshape(-1), 1 if m <= 256 else 2))
+        parts.append(_planes(_neighbour_refs(pos.reshape(k, h, w)), _ref_width(k, m)))
     else:
         index_codec, m = 1, 0
         parts.append(_planes(ix, cw))
@@ -451,16 +504,12 @@ def _decode_payload(p: memoryview, hd: LabelMapHeader) -> LabelMap:
         m = hd.palette_size
         palette = np.cumsum(_unplanes(p[off:], m, cw).astype(np.int64) + 1) - 1
         off += m * cw
-        pw = 1 if m <= 256 else 2
-        pos = _unplanes(p[off:], n, pw)
-        off += n * pw
+        rw = _ref_width(k, m)
+        sym = _unplanes(p[off:], n, rw).astype(np.int64).reshape(k, h, w)
+        off += n * rw
         if int(palette[-1]) >= c:
             raise LabelMapError(f"bad label-map record: palette class {int(palette[-1])} >= num_classes={c}")
-        if int(pos.max()) >= m:
-            raise LabelMapError(
-                f"bad label-map record: palette position {int(pos.max())} >= palette size {m}"
-            )
-        ix = palette[pos]
+        ix = palette[_resolve_refs(sym, m)]
     if hd.index_codec == "raw" and int(ix.max()) >= c:
         raise LabelMapError(f"bad label-map record: class index {int(ix.max())} >= num_classes={c}")
     indices = ix.astype(np.int16 if c <= 32767 else np.int32).reshape(k, h, w)

@@ -148,6 +148,22 @@ def test_many_classes_use_raw_indices_and_int32():
     np.testing.assert_array_equal(lm.values, values)
 
 
+def test_widest_reference_symbols():
+    rng = np.random.default_rng(2)
+    k, h, w, c = 2, 182, 182, 100000  # 66,248 elements over exactly 65,535 classes: k + m > 65536
+    classes = rng.choice(c, size=65535, replace=False)
+    indices = np.concatenate([classes, rng.choice(classes, size=k * h * w - classes.size)])
+    indices = rng.permutation(indices).reshape(k, h, w)
+    values = rng.normal(size=(k, h, w))
+    rec = encode_label_map(values, indices, c)
+    hd = read_header(rec)
+    assert hd.index_codec == "palette" and hd.palette_size == 65535
+    width = {0: 1, 1: 2, 2: 4}
+    values_size = h * w * width[hd.flags & 3] + (k - 1) * h * w * width[hd.flags >> 2 & 3]
+    assert hd.payload_size == 65535 * 4 + k * h * w * 4 + values_size  # 4-byte palette gaps and symbols
+    np.testing.assert_array_equal(decode_label_map(rec).indices, indices)
+
+
 def test_compact_step_option_and_unsorted_values():
     rng = np.random.default_rng(1)
     values = rng.normal(0, 5, size=(3, 4, 5))  # not descending along k: signed gaps
@@ -225,10 +241,11 @@ def test_header_and_payload_bytes_follow_the_spec():
     assert (magic, ver, vc, ic, flags, k, h, w, m, c, step) == (b"\x89RLM", 1, 1, 2, 0, 2, 1, 2, 3, 1000, 0.0)
     assert crc == zlib.crc32(rec[32:], zlib.crc32(rec[:28]))
     payload = zstandard.ZstdDecompressor().decompress(rec[32:])
-    # palette [3, 7, 300] as gaps [3, 3, 292] in u16 byte planes; positions [1, 0, 0, 2] (k-major) as u8;
-    # then the 4 float32 values as 4 byte planes.
+    # palette [3, 7, 300] as gaps [3, 3, 292] in u16 byte planes; reference symbols (k-major) as u8:
+    # cell (0, 0) writes out positions 1 and 0 as k + p = 3, 2; cell (0, 1) has class 3 = rank 1 of
+    # cell (0, 0) -> 1, and class 300 (position 2) is new -> 4; then the 4 float32 values as 4 byte planes.
     pal = bytes([3, 3, 292 & 255, 0, 0, 292 >> 8])
-    pos = bytes([1, 0, 0, 2])
+    pos = bytes([3, 1, 2, 4])
     f32 = np.array([2.5, 1.0, 0.5, -0.25], "<f4").view(np.uint8).reshape(4, 4).T.tobytes()
     assert payload == pal + pos + f32 and size == len(payload) == 6 + 4 + 16
 
@@ -333,8 +350,8 @@ def test_header_errors_are_named(records):
 
 
 def test_sizes_that_disagree_with_the_payload():
-    payload = bytes([5, 0]) + bytes([0]) + np.float32(1.5).tobytes()  # palette [5], pos [0], 1.5 (1 plane..)
-    payload = bytes([5, 0, 0]) + np.array([1.5], "<f4").view(np.uint8).tobytes()
+    # k = h = w = 1: palette [5] (u16 planes 05 00), symbol k + 0 = 1, value 1.5 (f32; one element, 4 planes)
+    payload = bytes([5, 0, 1]) + np.array([1.5], "<f4").view(np.uint8).tobytes()
     ok = _craft({}, payload)
     assert decode_label_map(ok).values.tolist() == [[[1.5]]]
     # the frame declares more than the header allows (a decompression bomb is refused before it inflates)
@@ -354,17 +371,18 @@ def test_sizes_that_disagree_with_the_payload():
 @pytest.mark.parametrize(
     "fields, payload, match",
     [
-        ({"num_classes": 5}, bytes([5, 0, 0]) + bytes(4), r"palette class 5 >= num_classes=5"),
-        ({"m": 2, "k": 2}, bytes([1, 0, 0, 0, 0, 2]) + bytes(8), r"palette position 2 >= palette size 2"),
+        ({"num_classes": 5}, bytes([5, 0, 1]) + bytes(4), r"palette class 5 >= num_classes=5"),
+        ({"m": 2, "k": 2}, bytes([1, 0, 0, 0, 2, 4]) + bytes(8), r"palette position 2 >= palette size 2"),
+        ({"m": 2, "k": 2}, bytes([1, 0, 0, 0, 0, 2]) + bytes(8), r"cell \(0, 0\) refers to a previous cell"),
         (
             {"ic": 2, "m": 1},
-            bytes([0, 0, 0]) + np.array([np.nan], "<f4").view(np.uint8).tobytes(),
+            bytes([0, 0, 1]) + np.array([np.nan], "<f4").view(np.uint8).tobytes(),
             "NaN or infinite",
         ),
         ({"ic": 1, "m": 0}, bytes([10, 0]) + bytes(4), r"class index 10 >= num_classes=10"),
         (
             {"vc": 3, "step": 1.0, "flags": 2, "k": 2},
-            bytes([0, 0, 0, 0]) + bytes([0, 0, 0, 0xFF]) + bytes([0]),
+            bytes([0, 0, 2, 2]) + bytes([0, 0, 0, 0xFF]) + bytes([0]),
             "quantized residuals exceed",
         ),
     ],

@@ -281,6 +281,8 @@ def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) 
 
             bar = tqdm(total=total, unit="img", desc="convert", dynamic_ncols=True)
         bar.update(done - bar.n)
+        if done == total:
+            bar.close()  # the rate stays that of the images, not of writing _info.json after them
 
     try:
         summary = convert_official(images, relabel_root, out, progress=show if progress else None, **kwargs)

@@ -26,7 +26,7 @@ import torch
 from _common import machine_info, print_header, print_table, timeit, write_json
 from _real_maps import PHOTOS, real_label_maps
 
-from relabel_shards.labelmap import decode_label_map, encode_label_map
+from relabel_shards.labelmap import DEFAULT_LEVEL, decode_label_map, encode_label_map
 
 
 def _boxes(n: int, seed: int = 0) -> torch.Tensor:
@@ -130,10 +130,12 @@ def main() -> None:
         "lossless (f32 + palette)": _ours(encoding="lossless"),
         "float16 (f16 + palette)": _ours(encoding="float16"),
         "compact step 0.005": _ours(step=0.005),
-        "compact (default: step 0.01, zstd 6)": _ours(),
-        "compact step 0.01, zstd 3": _ours(level=3),
-        "compact step 0.01, zstd 12": _ours(level=12),
-        "compact step 0.01, zstd 19": _ours(level=19),
+        f"compact (default: step 0.01, zstd {DEFAULT_LEVEL})": _ours(),
+        **{
+            f"compact step 0.01, zstd {lv}": _ours(level=lv)
+            for lv in (1, 3, 6, 12, 19)
+            if lv != DEFAULT_LEVEL
+        },
         "compact step 0.0125": _ours(step=0.0125),
         "compact step 1/64": _ours(step=1 / 64),
         "compact step 0.02": _ours(step=0.02),

@@ -164,6 +164,29 @@ def test_widest_reference_symbols():
     np.testing.assert_array_equal(decode_label_map(rec).indices, indices)
 
 
+def test_reference_symbols_large_k_sorting_path_agrees():
+    from relabel_shards import labelmap
+
+    rng = np.random.default_rng(3)
+    for k, h, w, c in [(12, 5, 7, 40), (9, 1, 9, 9), (20, 3, 3, 25), (5, 6, 6, 12)]:
+        indices = np.stack([rng.choice(c, size=k, replace=False) for _ in range(h * w)], 1).reshape(k, h, w)
+        _, pos = np.unique(indices, return_inverse=True)
+        pos = pos.reshape(k, h, w)
+        direct = labelmap._neighbour_refs(pos) if k <= labelmap._SMALL_K else None
+        old, labelmap._SMALL_K = labelmap._SMALL_K, 0  # force the sorting path
+        try:
+            sorted_path = labelmap._neighbour_refs(pos)
+        finally:
+            labelmap._SMALL_K = old
+        if direct is not None:
+            np.testing.assert_array_equal(direct, sorted_path)
+        np.testing.assert_array_equal(
+            labelmap._resolve_refs(sorted_path, int(pos.max()) + 1), pos.reshape(-1)
+        )
+        rec = encode_label_map(rng.normal(size=(k, h, w)), indices, c)
+        np.testing.assert_array_equal(decode_label_map(rec).indices, indices)
+
+
 def test_compact_step_option_and_unsorted_values():
     rng = np.random.default_rng(1)
     values = rng.normal(0, 5, size=(3, 4, 5))  # not descending along k: signed gaps

@@ -447,3 +447,26 @@ def test_show_makes_the_orientation_visible(tmp_path):
     hw, wh = heat_center("hw"), heat_center("wh")
     assert abs(hw[0] - obj[0]) < 0.1 and abs(hw[1] - obj[1]) < 0.1  # on the object
     assert abs(wh[0] - obj[1]) < 0.1 and abs(wh[1] - obj[0]) < 0.1  # mirrored across the diagonal: off it
+
+
+def test_training_loader_on_converted_shards_reproduces_the_official_targets(release, tmp_path):
+    """The training path: the streaming loader's batches, pooled with swap_xy=True, against the official code
+    on the original files for the loader's own crop boxes (flips do not change a 1x1 target)."""
+    from relabel_shards.loader import make_loader
+    from relabel_shards.pooling import label_pooling
+    from relabel_shards.pooling.official import get_labelmaps, get_relabel
+
+    images, maps, saved = release
+    out = tmp_path / "ds"
+    convert_official(str(images), str(maps), str(out), encoding="lossless", shard_size=4, num_workers=0)
+    by_key = {Path(rel).stem: t for rel, t in saved.items()}
+    seen = []
+    for batch in make_loader(str(out), batch_size=4, num_workers=0, image_size=32, seed=3):
+        b = len(batch["keys"])
+        ours = label_pooling(batch["values"], batch["indices"], batch["boxes"], 1000, swap_xy=True)
+        records = torch.stack([by_key[k] for k in batch["keys"]])
+        coords = batch["boxes"][:, [1, 0, 3, 2]]  # the official (y1, x1, y2, x2)
+        official = get_relabel(get_labelmaps(records, b, device="cpu"), coords, b)
+        assert (ours - official).abs().max().item() <= 1e-5
+        seen += batch["keys"]
+    assert sorted(seen) == sorted(by_key)

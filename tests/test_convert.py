@@ -470,3 +470,21 @@ def test_training_loader_on_converted_shards_reproduces_the_official_targets(rel
         assert (ours - official).abs().max().item() <= 1e-5
         seen += batch["keys"]
     assert sorted(seen) == sorted(by_key)
+
+
+@pytest.mark.network
+def test_release_and_output_on_s3_equal_local(release, tmp_path, s3_bucket):
+    import s3fs
+
+    images, maps, _ = release
+    fs = s3fs.S3FileSystem()
+    fs.put(str(maps), f"{s3_bucket}/relabel", recursive=True)
+    local = tmp_path / "ds"
+    convert_official(str(images), str(maps), str(local), shard_size=3, num_workers=0)
+    remote = f"{s3_bucket}/ds"
+    s = convert_official(str(images), f"{s3_bucket}/relabel", remote, shard_size=3, num_workers=2)
+    assert s.failures == [] and s.info["num_samples"] == 8
+    for name in s.info["filenames"]:
+        assert fs.cat_file(f"{remote}/{name}") == (local / name).read_bytes()
+    rs = read_info(remote)["splits"]["train"]["relabel_shards"]
+    assert rs["annotator"]["release_root"] == f"{s3_bucket}/relabel"

@@ -48,6 +48,15 @@ def _dataset(out: Path, n: int, per_shard: int, *, prefix: str, key: str = "img{
     write_info(str(out), make_split_info(prefix, shards, {"k": 2, "height": 2, "width": 2, "num_classes": C}))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU two threads ran these tiny models 8x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-data")
@@ -76,12 +85,12 @@ def test_loss_falls_and_validation_reports_top1_and_real(data, tmp_path):
 
 
 def test_resume_continues_where_the_checkpoint_left(data, tmp_path):
-    full = train_mod.train(_cfg(data, tmp_path / "a", epochs=2, ckpt_every=3))
-    part = train_mod.train(_cfg(data, tmp_path / "b", epochs=2, max_steps=3))
+    full = train_mod.train(_cfg(data, tmp_path / "a", epochs=2, ckpt_every=3, val=None))
+    part = train_mod.train(_cfg(data, tmp_path / "b", epochs=2, max_steps=3, val=None))
     assert len(part["loss"]) == 3
     ck = torch.load(tmp_path / "b" / "last-rank0.pt", weights_only=True)
     assert ck["step"] == 3 and ck["loader"]["workers"]["0"]["good"] == 48
-    rest = train_mod.train(_cfg(data, tmp_path / "b", epochs=2))
+    rest = train_mod.train(_cfg(data, tmp_path / "b", epochs=2, val=None))
     assert len(rest["loss"]) == len(full["loss"]) == 8
     # same seed, same data order: the resumed run reproduces the uninterrupted one
     np.testing.assert_allclose(rest["loss"], full["loss"], rtol=1e-4, atol=1e-5)

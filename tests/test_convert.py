@@ -253,7 +253,8 @@ def test_bad_inputs_listed_and_skipped_or_fatal_with_strict(tmp_path):
         (maps / "b" / f"{name}.pt").write_bytes(data)
     (images / "a" / "nomap.JPEG").write_bytes(_jpeg(8, (32, 32)))  # image without a map
     _save(_official_map(9), maps / "a" / "orphan.pt", legacy=False)  # map without an image
-    _save(_official_map(9), maps / "c" / "lost.pt", legacy=True)  # a whole class folder without images
+    for j in range(3):  # a class folder without images: one failure for the folder
+        _save(_official_map(9), maps / "c" / f"lost{j}.pt", legacy=True)
     (images / "a" / "broken.JPEG").write_bytes(b"not a jpeg")
     _save(_official_map(10), maps / "a" / "broken.pt", legacy=False)
     (images / "a" / "truncated.JPEG").write_bytes(_jpeg(11, (64, 64))[:300])
@@ -277,7 +278,9 @@ def test_bad_inputs_listed_and_skipped_or_fatal_with_strict(tmp_path):
         assert re.search(reason, f["reason"][len("bad label map: "):]), (name, f["reason"])
     assert failures["a/nomap.JPEG"]["reason"] == "image without a label map (no a/nomap.pt in the release)"
     assert failures["a/orphan.pt"]["reason"].startswith("label map without an image (no image a/orphan.*")
-    assert failures["c/lost.pt"]["key"] == "lost"
+    assert failures["c/"] == {
+        "key": "c", "source": "c/",
+        "reason": "3 label maps without an image (the image folder has no class folder c)"}
     assert failures["a/broken.JPEG"]["reason"] == "not a decodable image (PIL cannot identify it)"
     assert failures["a/truncated.JPEG"]["reason"].startswith("cannot decode image")
     assert [s["__key__"] for s in _samples(out)] == ["a_0", "a_1", "b_0", "b_1"]
@@ -285,14 +288,15 @@ def test_bad_inputs_listed_and_skipped_or_fatal_with_strict(tmp_path):
 
     # strict: pairing problems stop the job before anything is written
     with pytest.raises(ValueError, match=r"a/nomap\.JPEG: image without a label map .* "
-                                         r"\(strict: 1 images without a map, 2 maps without an image\)"):
+                                         r"\(strict: 1 images without a map, 4 maps without an image\)"):
         convert_official(str(images), str(maps), str(tmp_path / "s1"), num_workers=0, strict=True)
     assert not (tmp_path / "s1").exists()
     (images / "a" / "nomap.JPEG").unlink()
-    with pytest.raises(ValueError, match=r"a/orphan\.pt: label map without an image \(strict: 0 images"):
+    with pytest.raises(ValueError, match=r"a/orphan\.pt: label map without an image \(no image a/orphan\.\* "
+                                         r"in the image folder\) \(strict: 0 images without a map, 4 maps"):
         convert_official(str(images), str(maps), str(tmp_path / "s2"), num_workers=0, strict=True)
-    for p in (maps / "a" / "orphan.pt", maps / "c" / "lost.pt"):
-        p.unlink()
+    (maps / "a" / "orphan.pt").unlink()
+    shutil.rmtree(maps / "c")
     # a bad file stops it where it is met: complete shards before it stay, no partial shard, no _info.json
     with pytest.raises(ValueError, match=r"a/broken\.JPEG: not a decodable image .*\(strict: a bad input"):
         convert_official(str(images), str(maps), str(tmp_path / "s3"), num_workers=0, strict=True,

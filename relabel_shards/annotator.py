@@ -470,6 +470,33 @@ def _class_names(model: nn.Module, num_classes: int) -> list[str] | None:
     return list(names) if len(names) == num_classes else None
 
 
+def _create_model(name: str, pretrained: bool, kwargs: dict[str, Any], dynamic: bool) -> nn.Module:
+    """``timm.create_model``; with ``dynamic``, first with ``dynamic_img_size=True``.
+
+    ViT-style models take input sizes other than their own only with ``dynamic_img_size`` (the position
+    embeddings are resampled on the fly, so checkpoints still fit); CNN entrypoints reject the argument
+    with a TypeError before building anything, and are then made without it.
+    """
+    import timm
+
+    attempts = [{**kwargs, "dynamic_img_size": True}, kwargs] if dynamic else [kwargs]
+    for i, kw in enumerate(attempts):
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kw)
+        except TypeError as e:
+            if i + 1 < len(attempts):
+                continue
+            raise ValueError(f"timm.create_model({name!r}, **{kwargs}) failed: {e}") from None
+        except Exception as e:
+            if pretrained:
+                raise ValueError(
+                    f"could not load pretrained weights for {name!r} ({type(e).__name__}: {e}); "
+                    f"without network access pass checkpoint=FILE"
+                ) from None
+            raise
+    raise AssertionError("unreachable")
+
+
 def create_annotator(
     model: str | None = None,
     *,
@@ -536,17 +563,8 @@ def create_annotator(
         nc = _checkpoint_num_classes(name, sd)
         if nc is not None and "num_classes" not in kwargs:
             kwargs["num_classes"] = nc
-    try:
-        net = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"timm.create_model({name!r}, **{kwargs}) failed: {e}") from None
-    except Exception as e:
-        if pretrained:
-            raise ValueError(
-                f"could not load pretrained weights for {name!r} ({type(e).__name__}: {e}); "
-                f"without network access pass checkpoint=FILE"
-            ) from None
-        raise
+    dynamic = (keep_aspect or input_size is not None) and "dynamic_img_size" not in kwargs
+    net = _create_model(name, pretrained, kwargs, dynamic)
     if model is None:
         weights_sha, source = _load_embedded(net), "embedded"
     elif sd is not None:

@@ -69,6 +69,30 @@ def test_vit_token_grid_is_row_major_patches():
             assert _rel_err(dense[:, :, r, q], ref) < 1e-5
 
 
+def test_vit_other_input_sizes_and_keep_aspect(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    src = timm.create_model("test_vit", global_pool="avg", fc_norm=False)
+    path = tmp_path / "vit.pth"
+    torch.save(src.state_dict(), path)  # made at 160 px: position embeddings for a 10x10 grid
+    ann = create_annotator(
+        "test_vit",
+        checkpoint=path,
+        input_size=(96, 128),
+        device="cpu",
+        model_kwargs={"global_pool": "avg", "fc_norm": False},
+    )
+    x = torch.randn(1, 3, 96, 128)
+    dense = ann.dense_logits(x)
+    assert dense.shape == (1, 1000, 6, 8)  # patch 16: the grid follows the input
+    with torch.inference_mode():
+        assert _rel_err(dense.mean((2, 3)), ann.model(x)) < 1e-4
+    wide = create_annotator("test_vit", keep_aspect=True, device="cpu")
+    img = wide.preprocess(np.zeros((100, 300, 3), np.uint8))
+    assert img.shape == (3, 160, 480) and wide(img[None])[0].shape == (1, 5, 10, 30)
+
+
 def test_convnext_norm_applied_at_each_position():
     torch.manual_seed(0)
     ann = create_annotator("test_convnext", device="cpu")

@@ -2,8 +2,9 @@
 
 Both run on the same images in the same batches, in one run: the forward-only baseline gets its batches
 already decoded and preprocessed (in memory), so it measures the model (plus top-k and the copy to the CPU);
-the pipeline reads JPEG files, decodes and resizes them in DataLoader workers, runs the same annotator, encodes
-the label maps and writes shards in the writer thread. Goal (issue 3): pipeline >= 95 % of forward-only.
+the pipeline reads JPEG files, decodes and resizes them in DataLoader workers, runs the same annotator,
+encodes the label maps and writes shards in the writer thread. Goal (issue 3): pipeline >= 95 % of
+forward-only.
 
     python benchmarks/bench_build.py                      # embedded EfficientNet-Lite0, CPU, 1-3 min here
     python benchmarks/bench_build.py --device cuda --images 2048 --batch-size 128 --num-workers 8
@@ -72,16 +73,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     ann = create_annotator(args.model, device=args.device)
-    print(f"# annotator: {ann!r}; {args.images} images {size[0]}x{size[1]}, batch {args.batch_size}, "
-          f"workers {args.num_workers}, shard size {args.shard_size}")
+    print(
+        f"# annotator: {ann!r}; {args.images} images {size[0]}x{size[1]}, batch {args.batch_size}, "
+        f"workers {args.num_workers}, shard size {args.shard_size}"
+    )
 
     # The same batches the build forms: each shard's images in order, batch_size at a time.
     files = sorted(src.rglob("*.jpg"), key=lambda f: (f.parent.name, f.name))
     batches = []
     for s in range(0, len(files), args.shard_size):
-        shard = files[s:s + args.shard_size]
+        shard = files[s : s + args.shard_size]
         for b in range(0, len(shard), args.batch_size):
-            imgs = [ann.preprocess(Image.open(f).convert("RGB")) for f in shard[b:b + args.batch_size]]
+            imgs = [ann.preprocess(Image.open(f).convert("RGB")) for f in shard[b : b + args.batch_size]]
             batches.append(torch.stack(imgs))
 
     def forward_all() -> None:
@@ -97,28 +100,52 @@ def main(argv: list[str] | None = None) -> dict:
         out = work / f"out{r}"
         t0: list[float] = []
         t_start = time.perf_counter()
-        build_shards(str(src), str(out), model=args.model, device=args.device, batch_size=args.batch_size,
-                     num_workers=args.num_workers, shard_size=args.shard_size, encoding=args.encoding,
-                     progress=lambda done, total: t0.append(time.perf_counter()) if not t0 else None)
+        build_shards(
+            str(src),
+            str(out),
+            model=args.model,
+            device=args.device,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            shard_size=args.shard_size,
+            encoding=args.encoding,
+            progress=lambda done, total, t0=t0: t0.append(time.perf_counter()) if not t0 else None,
+        )
         t_end = time.perf_counter()
         if r > 0:
             fwd_times.append(f)
             times.append(t_end - t0[0])  # from the first batch request to shards + _info.json written
-        print(f"# round {r}{' (warm-up)' if r == 0 else ''}: forward only {f:.2f} s, pipeline "
-              f"{t_end - t0[0]:.2f} s (+{t0[0] - t_start:.2f} s setup: source listing, model)")
-    del batches
-    fwd = {"median_s": statistics.median(fwd_times), "min_s": min(fwd_times), "max_s": max(fwd_times),
-           "repeats": len(fwd_times)}
+        print(
+            f"# round {r}{' (warm-up)' if r == 0 else ''}: forward only {f:.2f} s, pipeline "
+            f"{t_end - t0[0]:.2f} s (+{t0[0] - t_start:.2f} s setup: source listing, model)"
+        )
+    fwd = {
+        "median_s": statistics.median(fwd_times),
+        "min_s": min(fwd_times),
+        "max_s": max(fwd_times),
+        "repeats": len(fwd_times),
+    }
     pipe = statistics.median(times)
     rows = [
-        {"mode": "forward only (preprocessed batches)", "seconds": fwd["median_s"],
-         "images_per_s": args.images / fwd["median_s"], "ratio": 1.0},
-        {"mode": "build_shards pipeline", "seconds": pipe, "images_per_s": args.images / pipe,
-         "ratio": fwd["median_s"] / pipe},
+        {
+            "mode": "forward only (preprocessed batches)",
+            "seconds": fwd["median_s"],
+            "images_per_s": args.images / fwd["median_s"],
+            "ratio": 1.0,
+        },
+        {
+            "mode": "build_shards pipeline",
+            "seconds": pipe,
+            "images_per_s": args.images / pipe,
+            "ratio": fwd["median_s"] / pipe,
+        },
     ]
     print_table(rows, ["mode", "seconds", "images_per_s", "ratio"])
     verdict = "meets" if rows[1]["ratio"] >= 0.95 else "misses"
-    print(f"# pipeline keeps {100 * rows[1]['ratio']:.1f} % of forward-only throughput ({verdict} the 95 % goal)")
+    print(
+        f"# pipeline keeps {100 * rows[1]['ratio']:.1f} % of forward-only throughput "
+        f"({verdict} the 95 % goal)"
+    )
     payload = {"machine": info, "args": vars(args), "rows": rows, "forward": fwd, "pipeline_runs_s": times}
     write_json(args.json, payload)
     return payload

@@ -4,7 +4,8 @@ Data flow for one rank (all ranks run the same call; see ``relabel_shards.writer
 
     source items (sources.py)  ->  plan: shard i = items[i*shard_size:(i+1)*shard_size], or input shard i
       DataLoader workers: read bytes, decode, preprocess (annotator.preprocess), stack into chunks
-      # a chunk: {"task": i, "entries": [sample or failure, ...], "images": [Tensor[n,3,H,W], ...], "end": bool}
+      # a chunk: {"task": i, "entries": [sample or failure, ...], "images": [Tensor[n,3,H,W], ...],
+      #           "end": bool}
       main thread: annotator(images) on the device  ->  values/indices [n,k,h,w] on the CPU
       writer thread: encode_label_map, append to shard i's temporary tar, commit at "end"  (writer.py)
     after this rank's shards: ShardJob.finalize writes _info.json once every shard exists
@@ -17,7 +18,8 @@ With ``keep_aspect`` images differ in size: a chunk holds one stacked tensor per
 first appearance, and the annotator runs once per size (images of the same size still share a batch).
 
 Input shards map one to one onto output shards (``shard_size`` does not apply): every member passes through
-unchanged and ``key.rlm`` is appended. A sample that already holds an ``.rlm`` member gets the new one instead.
+unchanged and ``key.rlm`` is appended. A sample that already holds an ``.rlm`` member gets the new one
+instead.
 """
 
 from __future__ import annotations
@@ -33,10 +35,24 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from relabel_shards.shards import FORMAT_VERSION, LABELMAP_EXT, ShardError, json_bytes, sample_members, \
-    split_member_name
-from relabel_shards.sources import FileItem, Source, decode_image, image_member, iter_shard_samples, open_source, \
-    read_bytes
+from relabel_shards.shards import (
+    FORMAT_VERSION,
+    LABELMAP_EXT,
+    ShardError,
+    json_bytes,
+    sample_members,
+    split_member_name,
+)
+from relabel_shards.sources import (
+    DuplicateKeyError,
+    FileItem,
+    Source,
+    decode_image,
+    image_member,
+    iter_shard_samples,
+    open_source,
+    read_bytes,
+)
 from relabel_shards.writer import SerialExecutor, ShardJob, ShardStats
 
 log = logging.getLogger(__name__)
@@ -80,8 +96,13 @@ def _failure(key: str, source: str, reason: str) -> dict:
 class _ChunkStream(IterableDataset):
     """Iterable dataset for the DataLoader: this rank's pending shards, decoded and preprocessed in chunks."""
 
-    def __init__(self, tasks: list[tuple[int, Any]], preprocess: Callable, batch_size: int,
-                 storage_options: dict | None):
+    def __init__(
+        self,
+        tasks: list[tuple[int, Any]],
+        preprocess: Callable,
+        batch_size: int,
+        storage_options: dict | None,
+    ):
         self.tasks = tasks
         self.preprocess = preprocess
         self.batch_size = batch_size
@@ -91,7 +112,9 @@ class _ChunkStream(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for index, payload in self.tasks[wid::nw]:
-            samples = self._file_samples(payload) if isinstance(payload, list) else self._shard_samples(payload)
+            samples = (
+                self._file_samples(payload) if isinstance(payload, list) else self._shard_samples(payload)
+            )
             yield from self._chunks(index, samples)
 
     def _chunks(self, index: int, samples: Iterator[dict]) -> Iterator[dict]:
@@ -149,8 +172,9 @@ class _ChunkStream(IterableDataset):
             meta: dict[str, Any] = {"source": it.source, "width": w, "height": h}
             if it.class_name is not None:
                 meta["class_name"] = it.class_name
-            members = sample_members(it.key, image=data, image_ext=it.image_ext, label=it.label, meta=meta,
-                                     labelmap=b"")[:-1]  # the label map is appended by the writer thread
+            members = sample_members(
+                it.key, image=data, image_ext=it.image_ext, label=it.label, meta=meta, labelmap=b""
+            )[:-1]  # the label map is appended by the writer thread
             yield {"key": it.key, "members": members, "tensor": tensor, "size": (w, h)}
 
     def _shard_samples(self, url: str) -> Iterator[dict]:
@@ -169,6 +193,8 @@ class _ChunkStream(IterableDataset):
                     continue
                 tensor, size = dec
                 yield {"key": key, "members": kept, "tensor": tensor, "size": size}
+        except DuplicateKeyError as e:
+            yield {**_failure("", url, str(e)), "fatal": True}  # never a skip: keys must be unique
         except (ShardError, OSError) as e:
             yield _failure("", url, f"input shard unreadable from here on: {e}")
 
@@ -181,7 +207,29 @@ def _plan(src: Source, shard_size: int) -> list[Any]:
     if src.kind == "shards":
         return list(src.shard_urls)
     n = math.ceil(len(src.items) / shard_size)
-    return [list(src.items[i * shard_size:(i + 1) * shard_size]) for i in range(n)]
+    return [list(src.items[i * shard_size : (i + 1) * shard_size]) for i in range(n)]
+
+
+def _input_shard_total(src: Source, todo: list[int]) -> int | None:
+    """Samples in the input shards still to do, from the inputs' own ``_info.json`` (timm layout) if any."""
+    from relabel_shards.shards import read_info
+
+    def where(url: str) -> tuple[str, str]:
+        return (url.rsplit("/", 1)[0], url.rsplit("/", 1)[1]) if "/" in url else (".", url)
+
+    lengths: dict[tuple[str, str], int] = {}
+    for d in sorted({where(u)[0] for u in src.shard_urls}):
+        try:
+            info = read_info(d, src.storage_options)
+        except (FileNotFoundError, ShardError, OSError, ValueError):
+            return None
+        for split in info.get("splits", {}).values():
+            for f, n in zip(split.get("filenames", []), split.get("shard_lengths", []), strict=False):
+                lengths[(d, f)] = int(n)
+    try:
+        return sum(lengths[where(src.shard_urls[i])] for i in todo)
+    except KeyError:
+        return None
 
 
 def _fingerprint(src: Source, plan_settings: dict, annotator_config: dict) -> str:
@@ -192,15 +240,27 @@ def _fingerprint(src: Source, plan_settings: dict, annotator_config: dict) -> st
     else:
         for it in src.items:
             h.update(f"{it.key}\t{it.source}\t{it.label}\t{it.class_name}\n".encode())
-    return hashlib.sha256(json_bytes({"format_version": FORMAT_VERSION, "source": src.describe(),
-                                      "items": h.hexdigest(), "settings": plan_settings,
-                                      "annotator": annotator_config})).hexdigest()
+    return hashlib.sha256(
+        json_bytes(
+            {
+                "format_version": FORMAT_VERSION,
+                "source": src.describe(),
+                "items": h.hexdigest(),
+                "settings": plan_settings,
+                "annotator": annotator_config,
+            }
+        )
+    ).hexdigest()
 
 
-def _check_args(shard_size: int, batch_size: int, num_workers: int, encoding: str, split: str,
-                prefix: str | None) -> str:
-    for name, value, low in (("shard_size", shard_size, 1), ("batch_size", batch_size, 1),
-                             ("num_workers", num_workers, 0)):
+def _check_args(
+    shard_size: int, batch_size: int, num_workers: int, encoding: str, split: str, prefix: str | None
+) -> str:
+    for name, value, low in (
+        ("shard_size", shard_size, 1),
+        ("batch_size", batch_size, 1),
+        ("num_workers", num_workers, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if encoding not in ENCODINGS:
@@ -209,7 +269,9 @@ def _check_args(shard_size: int, batch_size: int, num_workers: int, encoding: st
         raise ValueError(f"split must be a non-empty name without '/', got {split!r}")
     prefix = split if prefix is None else prefix
     if not isinstance(prefix, str) or not prefix or "/" in prefix or prefix.startswith("."):
-        raise ValueError(f"prefix must be a non-empty file name prefix without '/' or a leading '.', got {prefix!r}")
+        raise ValueError(
+            f"prefix must be a non-empty file name prefix without '/' or a leading '.', got {prefix!r}"
+        )
     return prefix
 
 
@@ -258,16 +320,20 @@ def build_shards(
             pattern, URL, or a list of them); see ``relabel_shards.sources``.
         out: output directory or ``s3://`` / ``gs://`` URL prefix.
         model, pretrained, checkpoint, topk, input_size, keep_aspect: the annotator
-            (``relabel_shards.annotator.create_annotator``); ``model=None`` is the embedded EfficientNet-Lite0.
-        encoding: the label-map record encoding, ``"compact"`` or ``"lossless"`` (``relabel_shards.labelmap``).
+            (``relabel_shards.annotator.create_annotator``); ``model=None`` is the embedded
+            EfficientNet-Lite0.
+        encoding: the label-map record encoding, ``"compact"`` or ``"lossless"``
+            (``relabel_shards.labelmap``).
         shard_size: samples per shard (folder/list sources; shard sources keep their input sharding).
         prefix: shard name prefix (``{prefix}-{index:06d}.tar``); defaults to ``split``.
         split: the split's name in ``_info.json``.
         batch_size: images per annotator call.
         num_workers: DataLoader worker processes that read, decode and resize (0: in this process).
-        device: where the annotator runs; None: ``cuda:$LOCAL_RANK`` under torchrun, else CUDA if any, else CPU.
+        device: where the annotator runs; None: ``cuda:$LOCAL_RANK`` under torchrun, else CUDA if any,
+            else CPU.
         rank, world_size: this rank; None: torch.distributed, else ``RANK``/``WORLD_SIZE``, else 0 of 1.
-        strict: a bad input is an error (naming the file) instead of a skipped failure listed in ``_info.json``.
+        strict: a bad input is an error (naming the file) instead of a skipped failure listed in
+            ``_info.json``.
         storage_options: fsspec options for ``source`` and ``out`` URLs.
         progress: called as ``progress(images_done, images_total)`` after each batch (total None when unknown,
             as for shard sources).
@@ -275,7 +341,8 @@ def build_shards(
         name: the dataset name in ``_info.json`` (default: the last component of ``out``).
 
     Returns:
-        BuildSummary of this rank's work; ``info`` is the split written to ``_info.json`` by this call, if any.
+        BuildSummary of this rank's work; ``info`` is the split written to ``_info.json`` by this call,
+        if any.
 
     Raises:
         FileNotFoundError: the source or a file it lists does not exist.
@@ -290,35 +357,87 @@ def build_shards(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        ann = create_annotator(model, pretrained=pretrained, checkpoint=checkpoint, topk=topk,
-                               input_size=input_size, device=_default_device(device), keep_aspect=keep_aspect)
+        ann = create_annotator(
+            model,
+            pretrained=pretrained,
+            checkpoint=checkpoint,
+            topk=topk,
+            input_size=input_size,
+            device=_default_device(device),
+            keep_aspect=keep_aspect,
+        )
     plan = _plan(src, shard_size)
-    settings = {"encoding": encoding, "shard_size": shard_size if src.kind != "shards" else None,
-                "prefix": prefix, "split": split, "seed": seed if ann.weights_sha256 is None else None}
+    settings = {
+        "encoding": encoding,
+        "shard_size": shard_size if src.kind != "shards" else None,
+        "prefix": prefix,
+        "split": split,
+        "seed": seed if ann.weights_sha256 is None else None,
+    }
     ann_config = ann.config()
-    job = ShardJob(out, prefix=prefix, num_shards=len(plan), fingerprint=_fingerprint(src, settings, ann_config),
-                   rank=rank, world_size=world_size, storage_options=storage_options)
+    job = ShardJob(
+        out,
+        prefix=prefix,
+        num_shards=len(plan),
+        fingerprint=_fingerprint(src, settings, ann_config),
+        rank=rank,
+        world_size=world_size,
+        storage_options=storage_options,
+    )
     todo = job.pending()
-    summary = BuildSummary(rank=job.rank, world_size=job.world_size, num_shards=len(plan), written=list(todo),
-                           skipped=[i for i in job.owned() if i not in set(todo)])
-    total = None if src.kind == "shards" else sum(len(plan[i]) for i in todo)
+    summary = BuildSummary(
+        rank=job.rank,
+        world_size=job.world_size,
+        num_shards=len(plan),
+        written=list(todo),
+        skipped=[i for i in job.owned() if i not in set(todo)],
+    )
+    total = _input_shard_total(src, todo) if src.kind == "shards" else sum(len(plan[i]) for i in todo)
     if todo:
-        _run(job, [(i, plan[i]) for i in todo], ann, encode_label_map, encoding, batch_size, num_workers, strict,
-             storage_options, progress, total, summary)
-    summary.info = job.finalize(split, lambda stats: _project(stats, src, ann, ann_config, encoding, settings),
-                                name=name)
+        _run(
+            job,
+            [(i, plan[i]) for i in todo],
+            ann,
+            encode_label_map,
+            encoding,
+            batch_size,
+            num_workers,
+            strict,
+            storage_options,
+            progress,
+            total,
+            summary,
+        )
+    summary.info = job.finalize(
+        split, lambda stats: _project(stats, src, ann, ann_config, encoding, settings), name=name
+    )
     return summary
 
 
-def _run(job: ShardJob, tasks: list[tuple[int, Any]], ann, encode_label_map: Callable, encoding: str,
-         batch_size: int, num_workers: int, strict: bool, storage_options: dict | None,
-         progress: ProgressFn | None, total: int | None, summary: BuildSummary) -> None:
+def _run(
+    job: ShardJob,
+    tasks: list[tuple[int, Any]],
+    ann,
+    encode_label_map: Callable,
+    encoding: str,
+    batch_size: int,
+    num_workers: int,
+    strict: bool,
+    storage_options: dict | None,
+    progress: ProgressFn | None,
+    total: int | None,
+    summary: BuildSummary,
+) -> None:
     stream = _ChunkStream(tasks, ann.preprocess, batch_size, storage_options)
     cuda = getattr(ann, "device", None) is not None and torch.device(ann.device).type == "cuda"
     loader = DataLoader(
-        stream, batch_size=None, num_workers=min(num_workers, len(tasks)), pin_memory=cuda,
+        stream,
+        batch_size=None,
+        num_workers=min(num_workers, len(tasks)),
+        pin_memory=cuda,
         prefetch_factor=4 if num_workers > 0 else None,
-        multiprocessing_context="fork" if num_workers > 0 and os.name == "posix" else None)
+        multiprocessing_context="fork" if num_workers > 0 and os.name == "posix" else None,
+    )
     num_classes = ann.num_classes
     open_shards: dict = {}
     shapes: dict[int, set] = {}
@@ -351,6 +470,9 @@ def _run(job: ShardJob, tasks: list[tuple[int, Any]], ann, encode_label_map: Cal
         for chunk in loader:
             failed = [e for e in chunk["entries"] if "reason" in e]
             if failed:
+                fatal = [e for e in failed if e.get("fatal")]
+                if fatal:
+                    raise ValueError(fatal[0]["reason"])
                 if strict:
                     f = failed[0]
                     raise ValueError(f"{f['source']}: {f['reason']} (strict: a bad input stops the build)")
@@ -373,7 +495,9 @@ def _run(job: ShardJob, tasks: list[tuple[int, Any]], ann, encode_label_map: Cal
                 shard.abort()
 
 
-def _project(stats: list[ShardStats], src: Source, ann, ann_config: dict, encoding: str, settings: dict) -> dict:
+def _project(
+    stats: list[ShardStats], src: Source, ann, ann_config: dict, encoding: str, settings: dict
+) -> dict:
     """Our section of ``_info.json``'s split (the writer adds shards, failures and the format version)."""
     shapes = sorted({tuple(s) for st in stats for s in st.extra.get("map_shapes", [])})
     height, width = shapes[0] if len(shapes) == 1 else (None, None)

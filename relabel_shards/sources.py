@@ -3,16 +3,18 @@
 Three kinds of source, told apart by :func:`open_source`:
 
 - ``folder``: an ImageFolder-style directory (local or fsspec URL). Classes are the sorted sub-directories and
-  files are walked in sorted order, exactly as ``torchvision.datasets.ImageFolder`` does; a file whose extension
-  is not an image extension is not dropped silently but becomes a failure of the build ("not an image file").
-- ``list``: a text file of ``path<TAB>label`` lines (blank lines and ``#`` comments skipped). Relative paths are
-  relative to the list file's directory. Labels are integers, or else class names (then numbered in sorted
-  order, like ImageFolder's folders).
-- ``shards``: existing WebDataset ``.tar`` shards (a path, a brace pattern such as ``in-{000000..000009}.tar``,
-  a ``::``-joined list, a URL, or a list of those). Their samples pass through unchanged; they are read at build
-  time by :func:`iter_shard_samples`, one input shard per output shard.
+  files are walked in sorted order, exactly as ``torchvision.datasets.ImageFolder`` does; a file whose
+  extension is not an image extension is not dropped silently but becomes a failure of the build
+  ("not an image file").
+- ``list``: a text file of ``path<TAB>label`` lines (blank lines and ``#`` comments skipped). Relative
+  paths are relative to the list file's directory. Labels are integers, or else class names (then numbered
+  in sorted order, like ImageFolder's folders).
+- ``shards``: existing WebDataset ``.tar`` shards (a path, a brace pattern such as
+  ``in-{000000..000009}.tar``, a ``::``-joined list, a URL, or a list of those). Their samples pass through
+  unchanged; they are read at build time by :func:`iter_shard_samples`, one input shard per output shard.
 
-Keys come from :func:`relabel_shards.shards.key_from_path`; two files with the same key are an error naming both.
+Keys come from :func:`relabel_shards.shards.key_from_path`; two files with the same key are an error naming
+both.
 """
 
 from __future__ import annotations
@@ -25,11 +27,22 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from relabel_shards.shards import IMAGE_EXTS, ShardError, expand_urls, key_from_path, split_member_name, url_to_fs
+from relabel_shards.shards import (
+    IMAGE_EXTS,
+    ShardError,
+    expand_urls,
+    key_from_path,
+    split_member_name,
+    url_to_fs,
+)
 
 log = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("folder", "list", "shards")
+
+
+class DuplicateKeyError(ShardError):
+    """Two samples of an input shard share a key (an error even where bad inputs are skipped)."""
 
 
 @dataclass(frozen=True)
@@ -39,8 +52,8 @@ class FileItem:
     Attributes:
         key: the sample key (no dots, unique within the source).
         path: where to read the bytes (local path or fsspec URL).
-        source: the path as recorded in ``.json`` and in failures: relative to the folder, or as written in the
-            list file (so nothing host-dependent lands in the shards).
+        source: the path as recorded in ``.json`` and in failures: relative to the folder, or as written in
+            the list file (so nothing host-dependent lands in the shards).
         label: the class index written to ``.cls``.
         class_name: the class's name where known (ImageFolder folder, named list labels), else None.
         error: a reason known before reading (e.g. not an image extension); the item then becomes a failure.
@@ -55,7 +68,7 @@ class FileItem:
 
     @property
     def image_ext(self) -> str:
-        """The output member extension: the file's own, lower case, with ``jpeg`` spelled ``jpg`` (timm's key)."""
+        """The output member extension: the file's own, lower case, ``jpeg`` spelled ``jpg`` (timm's key)."""
         ext = posixpath.splitext(self.source)[1].lstrip(".").lower()
         return "jpg" if ext in ("jpeg", "jpe") else ext
 
@@ -72,7 +85,7 @@ class Source:
     storage_options: dict | None = field(default=None, compare=False)
 
     def describe(self) -> dict:
-        """What ``_info.json`` records of the source (as given by the user: nothing host-dependent is added)."""
+        """What ``_info.json`` records of the source (as the user gave it: nothing host-dependent added)."""
         d: dict = {"kind": self.kind, "url": self.url}
         if self.kind == "shards":
             d["num_shards"] = len(self.shard_urls)
@@ -89,7 +102,9 @@ def _is_url(s: str) -> bool:
 
 
 def _looks_like_shards(s: str) -> bool:
-    return "::" in s or ("{" in s and ".." in s) or s.rstrip("/").lower().endswith((".tar", ".tar.gz", ".tgz"))
+    return (
+        "::" in s or ("{" in s and ".." in s) or s.rstrip("/").lower().endswith((".tar", ".tar.gz", ".tgz"))
+    )
 
 
 def open_source(source: str | os.PathLike | Sequence[str], storage_options: dict | None = None) -> Source:
@@ -125,8 +140,10 @@ def _check_unique(items: list[FileItem]) -> None:
     for it in items:
         other = seen.get(it.key)
         if other is not None:
-            raise ValueError(f"duplicate sample key {it.key!r}: {other!r} and {it.source!r} "
-                             "(keys are file names without extension; rename one)")
+            raise ValueError(
+                f"duplicate sample key {it.key!r}: {other!r} and {it.source!r} "
+                "(keys are file names without extension; rename one)"
+            )
         seen[it.key] = it.source
 
 
@@ -134,8 +151,13 @@ def _finish(kind: str, url: str, items: list[FileItem], classes, storage_options
     if not items:
         raise ValueError(f"source {url!r} holds no images")
     _check_unique(items)
-    return Source(kind=kind, url=url, items=tuple(items), classes=tuple(classes) if classes is not None else None,
-                  storage_options=storage_options)
+    return Source(
+        kind=kind,
+        url=url,
+        items=tuple(items),
+        classes=tuple(classes) if classes is not None else None,
+        storage_options=storage_options,
+    )
 
 
 def _ext_error(name: str) -> str | None:
@@ -149,7 +171,9 @@ def _folder_source(url: str, fs, root: str, storage_options) -> Source:
     root = root.rstrip("/")
     classes = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p))
     if not classes:
-        raise ValueError(f"source {url!r}: no class sub-directories (expected an ImageFolder layout root/class/img)")
+        raise ValueError(
+            f"source {url!r}: no class sub-directories (expected an ImageFolder layout root/class/img)"
+        )
     items: list[FileItem] = []
     for label, cls in enumerate(classes):
         cdir = f"{root}/{cls}"
@@ -159,9 +183,17 @@ def _folder_source(url: str, fs, root: str, storage_options) -> Source:
                 if fname.startswith("."):
                     continue  # hidden files (.DS_Store, editors' temp files) are not dataset members
                 full = f"{dirpath.rstrip('/')}/{fname}"
-                rel = posixpath.relpath(full, root) if not _is_url(url) else full[len(root) + 1:]
-                items.append(FileItem(key=key_from_path(rel), path=_full_url(url, fs, full), source=rel,
-                                      label=label, class_name=cls, error=_ext_error(fname)))
+                rel = posixpath.relpath(full, root) if not _is_url(url) else full[len(root) + 1 :]
+                items.append(
+                    FileItem(
+                        key=key_from_path(rel),
+                        path=_full_url(url, fs, full),
+                        source=rel,
+                        label=label,
+                        class_name=cls,
+                        error=_ext_error(fname),
+                    )
+                )
     return _finish("folder", url, items, classes, storage_options)
 
 
@@ -200,20 +232,25 @@ def _list_source(url: str, fs, path: str, storage_options) -> Source:
         labels = [index[lab] for _, lab, _ in rows]
         names = [lab for _, lab, _ in rows]
     items = []
-    for (p, _, lineno), label, name in zip(rows, labels, names):
+    for (p, _, lineno), label, name in zip(rows, labels, names, strict=True):
         if label < 0:
             raise ValueError(f"{url}:{lineno}: label must be >= 0, got {label}")
         if _is_url(p) or posixpath.isabs(p):
             full = p
         else:
             full = _full_url(url, fs, posixpath.normpath(f"{base}/{p}"))
-        items.append(FileItem(key=key_from_path(p), path=full, source=p, label=label, class_name=name,
-                              error=_ext_error(p)))
+        items.append(
+            FileItem(
+                key=key_from_path(p), path=full, source=p, label=label, class_name=name, error=_ext_error(p)
+            )
+        )
     missing = [it for it in items if not _is_url(it.path) and not os.path.exists(it.path)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"source {url!r}: listed file {missing[0].source!r} does not exist "
-                                f"(looked at {missing[0].path}){more}")
+        raise FileNotFoundError(
+            f"source {url!r}: listed file {missing[0].source!r} does not exist "
+            f"(looked at {missing[0].path}){more}"
+        )
     return _finish("list", url, items, classes, storage_options)
 
 
@@ -227,7 +264,9 @@ def _shard_source(specs: list[str], storage_options) -> Source:
     if len(set(urls)) != len(urls):
         dup = next(u for u in urls if urls.count(u) > 1)
         raise ValueError(f"source lists shard {dup!r} twice")
-    return Source(kind="shards", url="::".join(specs), shard_urls=tuple(urls), storage_options=storage_options)
+    return Source(
+        kind="shards", url="::".join(specs), shard_urls=tuple(urls), storage_options=storage_options
+    )
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -243,8 +282,9 @@ def read_bytes(path: str, storage_options: dict | None = None) -> bytes:
         return f.read()
 
 
-def iter_shard_samples(url: str, storage_options: dict | None = None
-                       ) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+def iter_shard_samples(
+    url: str, storage_options: dict | None = None
+) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """Yield ``(key, [(member name, bytes), ...])`` for each sample of a WebDataset tar, in order.
 
     Members are grouped the way webdataset groups them (key = name up to the basename's first dot, adjacent
@@ -269,8 +309,10 @@ def iter_shard_samples(url: str, storage_options: dict | None = None
                     if key is not None:
                         yield key, members
                     if k in seen:
-                        raise ShardError(f"{url}: key {k!r} appears twice (its members are not adjacent, "
-                                         "or two samples share it)")
+                        raise DuplicateKeyError(
+                            f"{url}: key {k!r} appears twice (its members are not adjacent, "
+                            "or two samples share it)"
+                        )
                     seen.add(k)
                     key, members = k, []
                 members.append((ti.name, data))

@@ -1,4 +1,4 @@
-"""The resumable, rank-aware shard job shared by ``build`` and ``convert``: plan, skip, write, stats, ``_info.json``.
+"""The resumable, rank-aware shard job shared by ``build`` and ``convert``: plan, skip, write, ``_info.json``.
 
 How a job runs (every rank runs the same code with the same arguments):
 
@@ -82,7 +82,9 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
             try:
                 rank, world_size = int(env_rank), int(env_world)
             except ValueError:
-                raise ValueError(f"RANK/WORLD_SIZE must be integers, got {env_rank!r}/{env_world!r}") from None
+                raise ValueError(
+                    f"RANK/WORLD_SIZE must be integers, got {env_rank!r}/{env_world!r}"
+                ) from None
         else:
             rank, world_size = 0, 1
     if not isinstance(world_size, int) or world_size < 1:
@@ -103,20 +105,36 @@ class ShardStats:
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return json_bytes({
-            "version": STATS_VERSION, "filename": self.record.filename, "num_samples": self.record.num_samples,
-            "bytes": self.record.bytes, "sha256": self.record.sha256, "keys": list(self.keys),
-            "failures": list(self.failures), "fingerprint": self.fingerprint, "extra": self.extra,
-        })
+        return json_bytes(
+            {
+                "version": STATS_VERSION,
+                "filename": self.record.filename,
+                "num_samples": self.record.num_samples,
+                "bytes": self.record.bytes,
+                "sha256": self.record.sha256,
+                "keys": list(self.keys),
+                "failures": list(self.failures),
+                "fingerprint": self.fingerprint,
+                "extra": self.extra,
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> ShardStats:
         try:
             d = json.loads(raw)
-            return cls(record=ShardRecord(filename=d["filename"], num_samples=int(d["num_samples"]),
-                                          bytes=int(d["bytes"]), sha256=str(d["sha256"])),
-                       keys=tuple(d["keys"]), failures=tuple(d["failures"]), fingerprint=str(d["fingerprint"]),
-                       extra=dict(d.get("extra") or {}))
+            return cls(
+                record=ShardRecord(
+                    filename=d["filename"],
+                    num_samples=int(d["num_samples"]),
+                    bytes=int(d["bytes"]),
+                    sha256=str(d["sha256"]),
+                ),
+                keys=tuple(d["keys"]),
+                failures=tuple(d["failures"]),
+                fingerprint=str(d["fingerprint"]),
+                extra=dict(d.get("extra") or {}),
+            )
         except (ValueError, KeyError, TypeError) as e:
             raise ShardError(f"{where}: not a valid stats file ({type(e).__name__}: {e})") from None
 
@@ -143,8 +161,13 @@ class ShardOutput:
     def commit(self, extra: dict | None = None) -> ShardStats:
         """Publish the shard, then its sidecar; ``extra`` (JSON-able) goes into the sidecar for finalize."""
         record = self._shard.commit()
-        stats = ShardStats(record=record, keys=tuple(self._keys), failures=tuple(self._failures),
-                           fingerprint=self._job.fingerprint, extra=dict(extra or {}))
+        stats = ShardStats(
+            record=record,
+            keys=tuple(self._keys),
+            failures=tuple(self._failures),
+            fingerprint=self._job.fingerprint,
+            extra=dict(extra or {}),
+        )
         write_bytes_atomic(self._job.stats_url(self.index), stats.to_json(), self._job.storage_options)
         log.info("wrote %s (%d samples, %d bytes)", record.filename, record.num_samples, record.bytes)
         return stats
@@ -165,8 +188,17 @@ class ShardJob:
         storage_options: fsspec options for ``out``.
     """
 
-    def __init__(self, out: str, *, prefix: str, num_shards: int, fingerprint: str, rank: int | None = None,
-                 world_size: int | None = None, storage_options: dict | None = None):
+    def __init__(
+        self,
+        out: str,
+        *,
+        prefix: str,
+        num_shards: int,
+        fingerprint: str,
+        rank: int | None = None,
+        world_size: int | None = None,
+        storage_options: dict | None = None,
+    ):
         if not isinstance(num_shards, int) or num_shards < 1:
             raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
         if not prefix or "/" in prefix or prefix.startswith("."):
@@ -207,9 +239,11 @@ class ShardJob:
             log.warning("%s; the shard will be written again", e)
             return None
         if stats.fingerprint != self.fingerprint:
-            raise ValueError(f"{join(self.out, self.stats_name(index))} was written by a different build "
-                             f"(fingerprint {stats.fingerprint[:12]}, this one {self.fingerprint[:12]}): "
-                             "use another output directory or remove the old shards")
+            raise ValueError(
+                f"{join(self.out, self.stats_name(index))} was written by a different build "
+                f"(fingerprint {stats.fingerprint[:12]}, this one {self.fingerprint[:12]}): "
+                "use another output directory or remove the old shards"
+            )
         return stats
 
     def is_complete(self, index: int) -> bool:
@@ -248,7 +282,9 @@ class ShardJob:
         owned = self.owned()
         self.remove_stale_temps(owned)
         todo = [i for i in owned if not self.is_complete(i)]
-        log.info("rank %d/%d: %d of its %d shards to write", self.rank, self.world_size, len(todo), len(owned))
+        log.info(
+            "rank %d/%d: %d of its %d shards to write", self.rank, self.world_size, len(todo), len(owned)
+        )
         return todo
 
     def open(self, index: int) -> ShardOutput:
@@ -257,8 +293,12 @@ class ShardJob:
         return ShardOutput(self, index)
 
     # _info.json
-    def finalize(self, split: str, project: dict[str, Any] | Callable[[list[ShardStats]], dict[str, Any]],
-                 name: str | None = None) -> dict[str, Any] | None:
+    def finalize(
+        self,
+        split: str,
+        project: dict[str, Any] | Callable[[list[ShardStats]], dict[str, Any]],
+        name: str | None = None,
+    ) -> dict[str, Any] | None:
         """Write ``_info.json``'s ``split`` once every shard is complete; return it, or None when not yet.
 
         ``project`` (our section of the split, or a function of all shards' stats that returns it) gets
@@ -270,7 +310,9 @@ class ShardJob:
         try:
             import torch.distributed as dist
 
-            use_dist = dist.is_available() and dist.is_initialized() and dist.get_world_size() == self.world_size
+            use_dist = (
+                dist.is_available() and dist.is_initialized() and dist.get_world_size() == self.world_size
+            )
         except ImportError:  # pragma: no cover
             use_dist = False
         if use_dist and self.world_size > 1:
@@ -281,8 +323,12 @@ class ShardJob:
         for i in range(self.num_shards):
             stats = self.read_stats(i)
             if stats is None:
-                log.info("rank %d: shard %s not written yet; %s is left to the last rank", self.rank,
-                         self.filename(i), INFO_NAME)
+                log.info(
+                    "rank %d: shard %s not written yet; %s is left to the last rank",
+                    self.rank,
+                    self.filename(i),
+                    INFO_NAME,
+                )
                 return None
             try:
                 size = self._fs.size(join(self._root, self.filename(i)))
@@ -300,8 +346,13 @@ class ShardJob:
         split_info = make_split_info(split, [s.record for s in all_stats], proj)
         self._remove_stale_info_temps()
         write_info(self.out, split_info, self.storage_options, name=name)
-        log.info("wrote %s (%d shards, %d samples, %d failures)", join(self.out, INFO_NAME), self.num_shards,
-                 split_info["num_samples"], len(failures))
+        log.info(
+            "wrote %s (%d shards, %d samples, %d failures)",
+            join(self.out, INFO_NAME),
+            self.num_shards,
+            split_info["num_samples"],
+            len(failures),
+        )
         return split_info
 
     def _remove_stale_info_temps(self) -> None:

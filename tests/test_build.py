@@ -28,10 +28,11 @@ def _image(seed: int, size=(40, 56)) -> Image.Image:
     h, w = size
     y, x = np.mgrid[0:h, 0:w]
     rng = np.random.default_rng(seed)
-    a = np.stack([(x * rng.uniform(1, 6)) % 255, (y * rng.uniform(1, 6)) % 255, np.full_like(x, seed * 37 % 255)],
-                 -1).astype(np.uint8)
+    a = np.stack(
+        [(x * rng.uniform(1, 6)) % 255, (y * rng.uniform(1, 6)) % 255, np.full_like(x, seed * 37 % 255)], -1
+    ).astype(np.uint8)
     r, c = rng.integers(0, h - 10), rng.integers(0, w - 10)
-    a[r:r + 10, c:c + 10] = 255
+    a[r : r + 10, c : c + 10] = 255
     return Image.fromarray(a)
 
 
@@ -65,23 +66,29 @@ def _read_samples(out: Path, info: dict) -> list[dict]:
     return list(wds.WebDataset(urls, shardshuffle=False))
 
 
-def _check_maps_match_annotator(samples: list[dict], shard_lengths: list[int], batch_size: int, image_key="jpg"):
+def _check_maps_match_annotator(
+    samples: list[dict], shard_lengths: list[int], batch_size: int, image_key="jpg"
+):
     from relabel_shards.labelmap import decode_label_map
 
     ann = _annotator()
     start = 0
     for n in shard_lengths:
-        shard = samples[start:start + n]
+        shard = samples[start : start + n]
         start += n
         for b in range(0, n, batch_size):
-            batch = shard[b:b + batch_size]
-            imgs = [Image.open(io.BytesIO(next(s[k] for k in (image_key, "png", "jpg") if k in s))).convert("RGB")
-                    for s in batch]
+            batch = shard[b : b + batch_size]
+            imgs = [
+                Image.open(io.BytesIO(next(s[k] for k in (image_key, "png", "jpg") if k in s))).convert("RGB")
+                for s in batch
+            ]
             values, indices = ann(torch.stack([ann.preprocess(im) for im in imgs]))
-            for s, v, i in zip(batch, values, indices):
+            for s, v, i in zip(batch, values, indices, strict=True):
                 lm = decode_label_map(s["rlm"])
                 assert lm.num_classes == ann.num_classes
-                np.testing.assert_array_equal(np.asarray(lm.indices, dtype=np.int64), i.numpy().astype(np.int64))
+                np.testing.assert_array_equal(
+                    np.asarray(lm.indices, dtype=np.int64), i.numpy().astype(np.int64)
+                )
                 np.testing.assert_array_equal(np.asarray(lm.values, dtype=np.float32), v.float().numpy())
 
 
@@ -97,8 +104,16 @@ def folder(tmp_path_factory) -> Path:
 def test_folder_end_to_end_read_by_webdataset_and_timm(folder, tmp_path):
     out = tmp_path / "ds"
     seen = []
-    summary = build_shards(str(folder), str(out), model=MODEL, shard_size=4, batch_size=3, num_workers=2,
-                           encoding="lossless", progress=lambda d, t: seen.append((d, t)))
+    summary = build_shards(
+        str(folder),
+        str(out),
+        model=MODEL,
+        shard_size=4,
+        batch_size=3,
+        num_workers=2,
+        encoding="lossless",
+        progress=lambda d, t: seen.append((d, t)),
+    )
     assert seen[0] == (0, 6) and seen[-1] == (6, 6)
     assert summary.written == [0, 1] and summary.images == 6 and summary.failures == []
     info = read_info(str(out))
@@ -141,8 +156,16 @@ def test_list_file_source(tmp_path):
     lst = tmp_path / "files.tsv"
     lst.write_text("pics/p2.jpg\t9\npics/p0.jpg\t4\npics/p1.jpg\t9\n")
     out = tmp_path / "ds"
-    build_shards(str(lst), str(out), model=MODEL, shard_size=2, batch_size=8, num_workers=0, encoding="lossless",
-                 split="val")
+    build_shards(
+        str(lst),
+        str(out),
+        model=MODEL,
+        shard_size=2,
+        batch_size=8,
+        num_workers=0,
+        encoding="lossless",
+        split="val",
+    )
     split = read_info(str(out))["splits"]["val"]
     assert split["filenames"] == ["val-000000.tar", "val-000001.tar"]
     samples = _read_samples(out, split)
@@ -158,14 +181,24 @@ def test_input_shards_pass_through_imagenet_layout(tmp_path):
     for si, ks in enumerate(keys):
         samples = []
         for j, k in enumerate(ks):
-            members = [(f"{k}.cls", str(si).encode()), (f"{k}.jpg", _encode(_image(70 + si * 5 + j), "JPEG")),
-                       (f"{k}.json", json.dumps({"filename": f"{k}.JPEG"}).encode())]
+            members = [
+                (f"{k}.cls", str(si).encode()),
+                (f"{k}.jpg", _encode(_image(70 + si * 5 + j), "JPEG")),
+                (f"{k}.json", json.dumps({"filename": f"{k}.JPEG"}).encode()),
+            ]
             originals[k] = members
             samples.append(members)
         write_shard(str(src), f"imagenet-train-{si:06d}.tar", samples)
     out = tmp_path / "ds"
-    build_shards(str(src / "imagenet-train-{000000..000001}.tar"), str(out), model=MODEL, batch_size=4,
-                 num_workers=0, encoding="lossless", shard_size=1)  # shard_size does not apply to shard inputs
+    build_shards(
+        str(src / "imagenet-train-{000000..000001}.tar"),
+        str(out),
+        model=MODEL,
+        batch_size=4,
+        num_workers=0,
+        encoding="lossless",
+        shard_size=1,
+    )  # shard_size does not apply to shard inputs
     split = read_info(str(out))["splits"]["train"]
     assert split["shard_lengths"] == [2, 1] and split["relabel_shards"]["shard_size"] is None
     import tarfile
@@ -202,20 +235,30 @@ def test_bad_inputs_are_skipped_and_listed_or_fatal_with_strict(tmp_path):
     assert keys == ["cat_0", "cat_1", "dog_0", "dog_1"]
 
     with pytest.raises(ValueError, match=r"cat/empty\.jpg: empty file \(strict"):
-        build_shards(str(root), str(tmp_path / "strict"), **SMALL, shard_size=2, batch_size=1, num_workers=0,
-                     strict=True)
+        build_shards(
+            str(root),
+            str(tmp_path / "strict"),
+            **SMALL,
+            shard_size=2,
+            batch_size=1,
+            num_workers=0,
+            strict=True,
+        )
     # shard 0 (cat_0, cat_1) was complete; shard 1 starts with the empty file: no partial shard, no _info.json
     assert sorted(os.listdir(tmp_path / "strict")) == ["train-000000.tar", "train-000000_stats.json"]
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    ({"source": "missing"}, FileNotFoundError, r"source '.*missing' does not exist"),
-    ({"source": "empty"}, ValueError, r"source '.*empty' holds no images"),
-    ({"model": "no_such_model_xyz"}, ValueError, r"unknown timm model name 'no_such_model_xyz'"),
-    ({"shard_size": 0}, ValueError, r"shard_size must be an integer >= 1, got 0"),
-    ({"encoding": "gzip"}, ValueError, r"encoding must be one of \['compact', 'lossless'\], got 'gzip'"),
-    ({"rank": 2, "world_size": 2}, ValueError, r"rank must be in \[0, world_size-1=1\], got 2"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"source": "missing"}, FileNotFoundError, r"source '.*missing' does not exist"),
+        ({"source": "empty"}, ValueError, r"source '.*empty' holds no images"),
+        ({"model": "no_such_model_xyz"}, ValueError, r"unknown timm model name 'no_such_model_xyz'"),
+        ({"shard_size": 0}, ValueError, r"shard_size must be an integer >= 1, got 0"),
+        ({"encoding": "gzip"}, ValueError, r"encoding must be one of \['compact', 'lossless'\], got 'gzip'"),
+        ({"rank": 2, "world_size": 2}, ValueError, r"rank must be in \[0, world_size-1=1\], got 2"),
+    ],
+)
 def test_clear_errors(folder, tmp_path, kwargs, exc, match):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     args = {"source": str(folder), "model": MODEL, "num_workers": 0, **kwargs}
@@ -231,8 +274,10 @@ def test_cli_errors_are_one_line_nonzero(folder, tmp_path):
     from relabel_shards.cli import cli
 
     runner = CliRunner()
-    for args, match in [([str(tmp_path / "nope"), str(tmp_path / "o")], "does not exist"),
-                        ([str(folder), str(tmp_path / "o"), "--model", "no_such_model_xyz"], "unknown timm model")]:
+    for args, match in [
+        ([str(tmp_path / "nope"), str(tmp_path / "o")], "does not exist"),
+        ([str(folder), str(tmp_path / "o"), "--model", "no_such_model_xyz"], "unknown timm model"),
+    ]:
         res = runner.invoke(cli, ["build", *args, "--num-workers", "0"])
         assert res.exit_code == 1
         assert res.output.strip().splitlines()[-1].startswith("Error: ") and match in res.output
@@ -243,11 +288,13 @@ def test_two_ranks_give_the_same_shards_as_one(folder, tmp_path):
     one = tmp_path / "one" / "ds"
     build_shards(str(folder), str(one), **SMALL, shard_size=2, batch_size=2, num_workers=0)
     two = tmp_path / "two" / "ds"
-    s0 = build_shards(str(folder), str(two), **SMALL, shard_size=2, batch_size=2, num_workers=0,
-                      rank=0, world_size=2)
+    s0 = build_shards(
+        str(folder), str(two), **SMALL, shard_size=2, batch_size=2, num_workers=0, rank=0, world_size=2
+    )
     assert s0.written == [0, 2] and s0.info is None and not (two / "_info.json").exists()
-    s1 = build_shards(str(folder), str(two), **SMALL, shard_size=2, batch_size=2, num_workers=0,
-                      rank=1, world_size=2)
+    s1 = build_shards(
+        str(folder), str(two), **SMALL, shard_size=2, batch_size=2, num_workers=0, rank=1, world_size=2
+    )
     assert s1.written == [1] and s1.info is not None
     assert _tree(two) == _tree(one)
     # a rerun finds every shard complete and rewrites nothing but the identical _info.json
@@ -270,8 +317,16 @@ def test_keep_aspect_batches_by_size(tmp_path):
     for j, size in enumerate(sizes):
         (root / f"i{j}.png").write_bytes(_encode(_image(90 + j, size), "PNG"))
     out = tmp_path / "ds"
-    build_shards(str(tmp_path / "imgs"), str(out), model=MODEL, keep_aspect=True, input_size=64, batch_size=4,
-                 num_workers=0, encoding="lossless")
+    build_shards(
+        str(tmp_path / "imgs"),
+        str(out),
+        model=MODEL,
+        keep_aspect=True,
+        input_size=64,
+        batch_size=4,
+        num_workers=0,
+        encoding="lossless",
+    )
     split = read_info(str(out))["splits"]["train"]
     rs = split["relabel_shards"]
     assert rs["height"] is None and rs["width"] is None
@@ -289,7 +344,7 @@ def test_keep_aspect_batches_by_size(tmp_path):
         groups.setdefault(tuple(t.shape), []).append((s, t))
     for members in groups.values():  # the build ran one batch per image size
         values, indices = ann(torch.stack([t for _, t in members]))
-        for (s, _), v, i in zip(members, values, indices):
+        for (s, _), v, i in zip(members, values, indices, strict=True):
             lm = decode_label_map(s["rlm"])
             assert lm.values.shape == tuple(v.shape)
             np.testing.assert_array_equal(np.asarray(lm.values, dtype=np.float32), v.float().numpy())
@@ -319,7 +374,8 @@ rank, port, src, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 s = build_shards(src, out, model="test_efficientnet", input_size=64, shard_size=2, batch_size=2,
                  num_workers=0)
-print(json.dumps({"rank": s.rank, "world_size": s.world_size, "written": s.written, "info": s.info is not None}))
+print(json.dumps({"rank": s.rank, "world_size": s.world_size, "written": s.written,
+                  "info": s.info is not None}))
 dist.destroy_process_group()
 """
 
@@ -336,39 +392,62 @@ def test_two_gloo_processes_give_the_same_shards_as_one(folder, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     two = tmp_path / "two" / "ds"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     # rank 1 in a subprocess, rank 0 here
-    proc = subprocess.Popen([sys.executable, "-c", _GLOO_RANK, "1", str(port), str(folder), str(two)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    import torch.distributed as dist
-
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _GLOO_RANK, "1", str(port), str(folder), str(two)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     import datetime
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=2,
-                            timeout=datetime.timedelta(seconds=180))
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=0,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=180),
+    )
     try:
         s0 = build_shards(str(folder), str(two), **SMALL, shard_size=2, batch_size=2, num_workers=0)
     finally:
         dist.destroy_process_group()
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
-    assert (s0.rank, s0.world_size, s0.written, s0.info is not None) == (0, 2, [0, 2], True)  # after the barrier
-    assert json.loads(stdout.strip().splitlines()[-1]) == {"rank": 1, "world_size": 2, "written": [1],
-                                                            "info": False}
+    assert (s0.rank, s0.world_size, s0.written, s0.info is not None) == (
+        0,
+        2,
+        [0, 2],
+        True,
+    )  # after the barrier
+    assert json.loads(stdout.strip().splitlines()[-1]) == {
+        "rank": 1,
+        "world_size": 2,
+        "written": [1],
+        "info": False,
+    }
     assert _tree(two) == _tree(one)
 
 
 @pytest.mark.slow
 def test_real_annotator_collage_localizes_each_half(real_photos, tmp_path):
-    """chelsea | coffee side by side, built with the embedded EfficientNet-Lite0, read back and pooled per half."""
+    """chelsea | coffee side by side, built with the embedded Lite0 annotator, read back, pooled per half."""
     import webdataset as wds
     from timm.data import ImageNetInfo
 
     from relabel_shards.labelmap import decode_label_map
     from relabel_shards.pooling import label_pooling
 
-    cat, coffee = (Image.fromarray(real_photos[k]).resize((300, 300), Image.BICUBIC) for k in ("chelsea", "coffee"))
+    cat, coffee = (
+        Image.fromarray(real_photos[k]).resize((300, 300), Image.BICUBIC) for k in ("chelsea", "coffee")
+    )
     collage = Image.new("RGB", (600, 300))
     collage.paste(cat, (0, 0))
     collage.paste(coffee, (300, 0))
@@ -387,3 +466,53 @@ def test_real_annotator_collage_localizes_each_half(real_photos, tmp_path):
     probs = label_pooling(values, indices, boxes, lm.num_classes)
     info = ImageNetInfo()
     assert [info.index_to_description(int(i)) for i in probs.argmax(1)] == ["Egyptian cat", "espresso"]
+
+
+def test_input_shards_over_http_with_their_info_for_progress(tmp_path, http_dir):
+    root, url = http_dir
+    samples = [[(f"k{j}.jpg", _encode(_image(200 + j), "JPEG")), (f"k{j}.cls", b"3")] for j in range(3)]
+    rec = write_shard(str(root), "in-000000.tar", samples)
+    (root / "_info.json").write_text(
+        json.dumps(
+            {
+                "splits": {
+                    "train": {
+                        "name": "train",
+                        "num_samples": 3,
+                        "filenames": [rec.filename],
+                        "shard_lengths": [3],
+                    }
+                }
+            }
+        )
+    )
+    seen = []
+    out = tmp_path / "ds"
+    build_shards(
+        f"{url}/in-000000.tar", str(out), **SMALL, num_workers=0, progress=lambda d, t: seen.append((d, t))
+    )
+    assert seen[0] == (0, 3) and seen[-1] == (3, 3)  # the total comes from the inputs' _info.json
+    split = read_info(str(out))["splits"]["train"]
+    assert [s["__key__"] for s in _read_samples(out, split)] == ["k0", "k1", "k2"]
+    assert split["relabel_shards"]["source"] == {
+        "kind": "shards",
+        "url": f"{url}/in-000000.tar",
+        "num_shards": 1,
+    }
+
+
+def test_duplicate_key_in_input_shard_is_fatal_even_without_strict(tmp_path):
+    jpg = _encode(_image(1), "JPEG")
+    write_shard(str(tmp_path / "in"), "in-000000.tar", [[("a.jpg", jpg)], [("b.jpg", jpg)], [("a.jpg", jpg)]])
+    with pytest.raises(ValueError, match=r"in-000000\.tar: key 'a' appears twice"):
+        build_shards(str(tmp_path / "in" / "in-000000.tar"), str(tmp_path / "ds"), **SMALL, num_workers=0)
+    write_shard(str(tmp_path / "in2"), "x-000000.tar", [[("a.jpg", jpg)]])
+    write_shard(str(tmp_path / "in2"), "x-000001.tar", [[("a.png", jpg)]])
+    with pytest.raises(ValueError, match=r"duplicate sample key 'a': in x-000000\.tar and in x-000001\.tar"):
+        build_shards(
+            str(tmp_path / "in2" / "x-{000000..000001}.tar"),
+            str(tmp_path / "ds2"),
+            **SMALL,
+            prefix="x",
+            num_workers=0,
+        )

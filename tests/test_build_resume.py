@@ -1,4 +1,4 @@
-"""kill -9 a build at random moments, rerun it: shards, sidecars and _info.json byte-identical to a clean run."""
+"""kill -9 a build at random moments, rerun it: shards, sidecars, _info.json byte-identical to a clean run."""
 
 from __future__ import annotations
 
@@ -28,8 +28,25 @@ def _folder(root: Path, n: int = 10) -> Path:
 
 
 def _cmd(src: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "relabel_shards.cli", "build", str(src), str(out), "--model", "test_efficientnet", "--input-size", "64",
-            "--shard-size", "2", "--batch-size", "1", "--num-workers", "0", "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "relabel_shards.cli",
+        "build",
+        str(src),
+        str(out),
+        "--model",
+        "test_efficientnet",
+        "--input-size",
+        "64",
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "1",
+        "--num-workers",
+        "0",
+        "--no-progress",
+    ]
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -39,20 +56,34 @@ def _tree(root: Path) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_kill_dash_nine_then_rerun_is_byte_identical(tmp_path):
     src = _folder(tmp_path / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     ref = tmp_path / "ref" / "ds"  # the uninterrupted run, in this process with the CLI's settings
-    build_shards(str(src), str(ref), model="test_efficientnet", input_size=64, shard_size=2, batch_size=1,
-                 num_workers=0)
+    build_shards(
+        str(src),
+        str(ref),
+        model="test_efficientnet",
+        input_size=64,
+        shard_size=2,
+        batch_size=1,
+        num_workers=0,
+    )
     reference = _tree(ref)
     assert "_info.json" in reference and sum(n.endswith(".tar") for n in reference) == 6
 
     out = tmp_path / "killed" / "ds"
     rng = random.Random(1234)
     kills = 0
-    for attempt in range(2):
-        proc = subprocess.Popen(_cmd(src, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    for _ in range(2):
+        proc = subprocess.Popen(
+            _cmd(src, out),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         # wait until this run starts writing (a temporary or new file appears), then kill at a random moment
         before = set(os.listdir(out)) if out.exists() else set()
         deadline = time.monotonic() + 120

@@ -20,7 +20,10 @@ from relabel_shards.shards import (
     write_tar,
 )
 
-SAMPLES = [[("a.jpg", b"x" * 1000), ("a.cls", b"1")], [("b.png", b"y" * 513), ("b.cls", b"2"), ("b.rlm", b"z")]]
+SAMPLES = [
+    [("a.jpg", b"x" * 1000), ("a.cls", b"1")],
+    [("b.png", b"y" * 513), ("b.cls", b"2"), ("b.rlm", b"z")],
+]
 
 
 def test_keys_and_names():
@@ -40,7 +43,8 @@ def test_tar_is_deterministic_and_standard():
     with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
         infos = tar.getmembers()
         assert [(t.name, t.size, t.mtime, t.mode, t.uid, t.gid, t.uname, t.gname) for t in infos] == [
-            (n, len(d), 0, 0o444, 0, 0, "", "") for s in SAMPLES for n, d in s]
+            (n, len(d), 0, 0o444, 0, 0, "", "") for s in SAMPLES for n, d in s
+        ]
         assert tar.extractfile("b.rlm").read() == b"z"
     buf2 = io.BytesIO()
     write_tar(buf2, SAMPLES)
@@ -60,7 +64,11 @@ def test_partial_shard_gives_write_tar_bytes_and_record(tmp_path):
     data = (tmp_path / "s-000000.tar").read_bytes()
     assert data == ref.getvalue()
     assert (rec.filename, rec.num_samples, rec.bytes, rec.sha256) == (
-        "s-000000.tar", 2, len(data), hashlib.sha256(data).hexdigest())
+        "s-000000.tar",
+        2,
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+    )
     assert os.listdir(tmp_path) == ["s-000000.tar"]
     umask = os.umask(0o022)
     os.umask(umask)

@@ -33,8 +33,10 @@ def _folder(root: Path, layout: dict[str, list[str]]) -> Path:
 def test_folder_matches_torchvision_imagefolder(tmp_path):
     from torchvision.datasets import ImageFolder
 
-    root = _folder(tmp_path / "data", {"zebra": ["z2.jpg", "z1.JPEG", "sub/z0.png"], "ant": ["a1.jpg", "a0.jpg"],
-                                       "Bee": ["b.jpeg"]})
+    root = _folder(
+        tmp_path / "data",
+        {"zebra": ["z2.jpg", "z1.JPEG", "sub/z0.png"], "ant": ["a1.jpg", "a0.jpg"], "Bee": ["b.jpeg"]},
+    )
     src = open_source(str(root))
     tv = ImageFolder(str(root))
     assert src.kind == "folder"
@@ -50,8 +52,10 @@ def test_folder_non_image_extension_is_a_listed_failure_hidden_files_ignored(tmp
     (root / "c" / "notes.txt").write_text("hello")
     (root / "c" / ".DS_Store").write_bytes(b"\0")
     src = open_source(str(root))
-    assert [(it.key, it.error) for it in src.items] == [("notes", "not an image file (extension 'txt')"),
-                                                        ("x", None)]
+    assert [(it.key, it.error) for it in src.items] == [
+        ("notes", "not an image file (extension 'txt')"),
+        ("x", None),
+    ]
 
 
 def test_list_file_relative_paths_int_and_named_labels(tmp_path):
@@ -64,18 +68,22 @@ def test_list_file_relative_paths_int_and_named_labels(tmp_path):
     assert src.kind == "list" and src.classes is None
     assert [(it.key, it.label, it.source, it.path) for it in src.items] == [
         ("b", 7, "imgs/b.png", str(tmp_path / "imgs" / "b.png")),
-        ("a", 3, "imgs/a.jpg", str(tmp_path / "imgs" / "a.jpg"))]
+        ("a", 3, "imgs/a.jpg", str(tmp_path / "imgs" / "a.jpg")),
+    ]
     lst.write_text(f"imgs/b.png\tdog\n{tmp_path / 'imgs' / 'a.jpg'}\tcat\n")
     src = open_source(str(lst))
     assert list(src.classes) == ["cat", "dog"]
     assert [(it.label, it.class_name) for it in src.items] == [(1, "dog"), (0, "cat")]
 
 
-@pytest.mark.parametrize("text, match", [
-    ("a.jpg 3\n", r"list\.txt:1: expected 'path<TAB>label'"),
-    ("a.jpg\t-1\n", r"list\.txt:1: label must be >= 0, got -1"),
-    ("# only a comment\n", "holds no images"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("a.jpg 3\n", r"list\.txt:1: expected 'path<TAB>label'"),
+        ("a.jpg\t-1\n", r"list\.txt:1: label must be >= 0, got -1"),
+        ("# only a comment\n", "holds no images"),
+    ],
+)
 def test_list_file_errors(tmp_path, text, match):
     (tmp_path / "a.jpg").write_bytes(_jpeg(0))
     (tmp_path / "list.txt").write_text(text)

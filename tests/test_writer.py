@@ -13,7 +13,9 @@ from relabel_shards.writer import SerialExecutor, ShardJob, resolve_rank
 
 
 def _samples(index: int, n: int = 2):
-    return [(f"s{index}_{j}", [(f"s{index}_{j}.txt", f"shard {index} sample {j}".encode())]) for j in range(n)]
+    return [
+        (f"s{index}_{j}", [(f"s{index}_{j}.txt", f"shard {index} sample {j}".encode())]) for j in range(n)
+    ]
 
 
 def _write(job: ShardJob, index: int, failures=()):
@@ -55,8 +57,10 @@ def test_ownership_and_wrong_rank(tmp_path):
 
 
 def test_two_ranks_then_info_once_all_exist(tmp_path):
-    jobs = [ShardJob(str(tmp_path), prefix="p", num_shards=3, fingerprint="f", rank=r, world_size=2)
-            for r in range(2)]
+    jobs = [
+        ShardJob(str(tmp_path), prefix="p", num_shards=3, fingerprint="f", rank=r, world_size=2)
+        for r in range(2)
+    ]
     for i in jobs[0].pending():
         _write(jobs[0], i, failures=[{"source": f"bad{i}", "reason": "r"}] if i == 2 else ())
     assert jobs[0].finalize("train", {"x": 1}) is None  # rank 1's shard is missing
@@ -118,7 +122,9 @@ def test_duplicate_key_across_shards(tmp_path):
         out = job.open(i)
         out.add("same", [("same.txt", b"%d" % i)])
         out.commit()
-    with pytest.raises(ValueError, match=r"duplicate sample key 'same': in p-000000\.tar and in p-000001\.tar"):
+    with pytest.raises(
+        ValueError, match=r"duplicate sample key 'same': in p-000000\.tar and in p-000001\.tar"
+    ):
         job.finalize("train", {})
 
 

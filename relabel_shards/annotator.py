@@ -61,14 +61,8 @@ def _head_desc(model: nn.Module) -> str:
     if getattr(model, "attn_pool", None) is not None:
         return type(model.attn_pool).__name__
     pool = getattr(model, "global_pool", None)
-    if isinstance(pool, str):
-        pool_desc = f"global_pool={pool!r}"
-    else:
-        pool_desc = (
-            f"{type(pool).__name__}(pool_type={getattr(pool, 'pool_type', '?')!r})"
-            if pool is not None
-            else ""
-        )
+    pool_desc = f"global_pool={pool!r}" if isinstance(pool, str) or pool is None else \
+        f"{type(pool).__name__}(pool_type={getattr(pool, 'pool_type', '?')!r})"
     cls = model.get_classifier() if hasattr(model, "get_classifier") else None
     return " + ".join(x for x in (pool_desc, type(cls).__name__ if cls is not None else "") if x) or "unknown"
 
@@ -76,17 +70,15 @@ def _head_desc(model: nn.Module) -> str:
 def _unsupported(name: str, model: nn.Module, why: str) -> ValueError:
     return ValueError(
         f"cannot turn the classifier head of {name!r} ({_head_desc(model)}) into a dense label-map "
-        f"predictor: "
-        f"{why}; supported: a spatial mean + Linear head (CNNs), NormMlpClassifierHead (ConvNeXt), "
-        f"ViT-style token heads"
+        f"predictor: {why}; supported: a spatial mean + Linear head (CNNs), NormMlpClassifierHead "
+        f"(ConvNeXt), ViT-style token heads"
     )
 
 
 def _linear_nchw(x: Tensor, fc: nn.Linear) -> Tensor:
     """Apply ``fc`` at every position: (B, C, h, w) -> (B, K, h, w), float32."""
-    return torch.nn.functional.conv2d(
-        x, fc.weight.float()[:, :, None, None], None if fc.bias is None else fc.bias.float()
-    )
+    bias = None if fc.bias is None else fc.bias.float()
+    return torch.nn.functional.conv2d(x, fc.weight.float()[:, :, None, None], bias)
 
 
 def _make_dense_head(model: nn.Module, name: str, tokens: bool) -> tuple[Callable[[Tensor], Tensor], bool]:
@@ -103,9 +95,8 @@ def _make_dense_head(model: nn.Module, name: str, tokens: bool) -> tuple[Callabl
         if getattr(model, "head_dist", None) is not None:
             raise _unsupported(name, model, "a distillation head beside the class head")
         if not isinstance(head, nn.Linear) or not hasattr(model, "num_prefix_tokens"):
-            raise _unsupported(
-                name, model, f"head is {type(head).__name__}, expected Linear with num_prefix_tokens"
-            )
+            why = f"head is {type(head).__name__}, expected Linear with num_prefix_tokens"
+            raise _unsupported(name, model, why)
         pool = getattr(model, "global_pool", "token")
         if pool not in ("token", "avg"):
             raise _unsupported(name, model, f"global_pool {pool!r} (expected 'token' or 'avg')")
@@ -114,16 +105,12 @@ def _make_dense_head(model: nn.Module, name: str, tokens: bool) -> tuple[Callabl
 
         def dense_tokens(x: Tensor, grid: tuple[int, int]) -> Tensor:
             x = fc_norm(x[:, prefix:].float())  # (B, gh*gw, C), per token
-            x = torch.nn.functional.linear(
-                x, head.weight.float(), None if head.bias is None else head.bias.float()
-            )
+            bias = None if head.bias is None else head.bias.float()
+            x = torch.nn.functional.linear(x, head.weight.float(), bias)
             return x.transpose(1, 2).reshape(x.shape[0], -1, *grid)  # (B, K, gh, gw), row-major patches
 
-        plain = (
-            pool == "avg"
-            and isinstance(fc_norm, nn.Identity)
-            and not getattr(model, "pool_include_prefix", False)
-        )
+        plain = pool == "avg" and isinstance(fc_norm, nn.Identity)
+        plain = plain and not getattr(model, "pool_include_prefix", False)
         return dense_tokens, plain
 
     head = getattr(model, "head", None)
@@ -144,9 +131,8 @@ def _make_dense_head(model: nn.Module, name: str, tokens: bool) -> tuple[Callabl
     return (lambda x: _linear_nchw(x.float(), cls)), True
 
 
-def _check_plain_head(
-    model: nn.Module, name: str, dense: Callable, tokens: bool, device: torch.device
-) -> None:
+def _check_plain_head(model: nn.Module, name: str, dense: Callable, tokens: bool, device: torch.device
+                      ) -> None:
     """Compare ``model.forward_head`` with the mean of the dense head on random features (float32)."""
     g = torch.Generator().manual_seed(0)
     cls = model.head if tokens else model.get_classifier()
@@ -162,12 +148,9 @@ def _check_plain_head(
             ref = model.forward_head(x).float()
     except Exception as e:  # a head that does not take plain features at all
         raise _unsupported(name, model, f"forward_head does not take the pooled features ({e})") from None
-    if ref.shape != ours.shape or not torch.allclose(
-        ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max())
-    ):
-        raise _unsupported(
-            name, model, "forward_head is not a spatial mean followed by the Linear classifier"
-        )
+    atol = 1e-4 * float(ref.abs().max())
+    if ref.shape != ours.shape or not torch.allclose(ours, ref, rtol=1e-4, atol=atol):
+        raise _unsupported(name, model, "forward_head is not a spatial mean and then the Linear classifier")
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -188,9 +171,8 @@ def _load_embedded(model: nn.Module) -> str:
     src = torch.load(path, map_location="cpu", weights_only=True)
     dst = model.state_dict()
     # The two state dicts name things differently but match one to one in order and shape.
-    if len(src) != len(dst) or any(
-        a.shape != b.shape for a, b in zip(src.values(), dst.values(), strict=True)
-    ):
+    if len(src) != len(dst) or any(a.shape != b.shape for a, b in zip(src.values(), dst.values(), strict=True)
+                                   ):
         raise ValueError(
             f"embedded weights {path}: {len(src)} tensors do not match {EMBEDDED_MODEL}'s "
             f"{len(dst)} in order and shape"
@@ -207,9 +189,8 @@ def _read_checkpoint(path: str) -> dict[str, Tensor]:
     try:  # handles .safetensors, {'state_dict' | 'model' | 'state_dict_ema': ...} and 'module.' prefixes
         sd = load_state_dict(path, use_ema=True, weights_only=True)
     except Exception as e:
-        raise ValueError(
-            f"checkpoint {path}: cannot read a state dict from it ({type(e).__name__}: {e})"
-        ) from None
+        why = f"{type(e).__name__}: {e}"
+        raise ValueError(f"checkpoint {path}: cannot read a state dict from it ({why})") from None
     if not isinstance(sd, dict) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ValueError(f"checkpoint {path}: expected a mapping of names to tensors")
     return sd
@@ -393,11 +374,10 @@ class Annotator:
                 if self._tokens:
                     pe = self.model.patch_embed
                     hw = tuple(images.shape[2:])
-                    grid = (
-                        tuple(pe.dynamic_feat_size(hw))
-                        if hasattr(pe, "dynamic_feat_size")
-                        else tuple(s // p for s, p in zip(hw, pe.patch_size, strict=True))
-                    )
+                    if hasattr(pe, "dynamic_feat_size"):
+                        grid = tuple(pe.dynamic_feat_size(hw))
+                    else:
+                        grid = tuple(s // p for s, p in zip(hw, pe.patch_size, strict=True))
                     n = f.shape[1] - int(self.model.num_prefix_tokens)
                     if n != grid[0] * grid[1]:
                         raise ValueError(
@@ -406,10 +386,8 @@ class Annotator:
                         )
                     return self._dense_head(f, grid).contiguous()
                 if f.ndim != 4:
-                    raise ValueError(
-                        f"{self.model_name}: forward_features gave shape {list(f.shape)}, "
-                        f"expected [B, C, h, w]"
-                    )
+                    shape = list(f.shape)
+                    raise ValueError(f"{self.model_name}: forward_features gave {shape}, not [B, C, h, w]")
                 return self._dense_head(f).contiguous()
 
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -542,18 +520,13 @@ def create_annotator(
         raise ValueError(f"topk must be an int >= 1, got {topk!r}")
     if input_size is not None:
         hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if len(hw) != 2 or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= 8192 for v in hw
-        ):
+        if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and 16 <= v <= 8192
+                                   for v in hw):
             raise ValueError(f"input_size must be an int or (H, W) of ints in [16, 8192], got {input_size!r}")
     name = model or EMBEDDED_MODEL
     if not timm.is_model(name):
         raise ValueError(f"unknown timm model name {name!r}; see timm.list_models() for the names")
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     kwargs = dict(model_kwargs or {})
 
     sd = None
@@ -590,17 +563,8 @@ def create_annotator(
     net = net.eval().to(dev)
     if dev.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    ann = Annotator(
-        net,
-        model_name=name,
-        topk=topk,
-        data_config=data_config,
-        device=dev,
-        keep_aspect=keep_aspect,
-        weights_sha256=weights_sha,
-        weights_source=source,
-        class_names=_class_names(net, num_classes),
-        model_kwargs=model_kwargs,
-    )
+    ann = Annotator(net, model_name=name, topk=topk, data_config=data_config, device=dev,
+                    keep_aspect=keep_aspect, weights_sha256=weights_sha, weights_source=source,
+                    class_names=_class_names(net, num_classes), model_kwargs=model_kwargs)
     logger.info("annotator: %r", ann)
     return ann

@@ -516,3 +516,83 @@ def test_duplicate_key_in_input_shard_is_fatal_even_without_strict(tmp_path):
             prefix="x",
             num_workers=0,
         )
+
+
+def test_gcs_output_equals_local(folder, tmp_path, gcs_endpoint):
+    import gcsfs
+
+    opts = {"token": "anon", "project": "test"}
+    fs = gcsfs.GCSFileSystem(**opts)
+    fs.mkdir("relabel-build-test")
+    local = tmp_path / "ds"
+    build_shards(str(folder), str(local), **SMALL, shard_size=4, num_workers=0)
+    remote = "gs://relabel-build-test/ds"
+    summary = build_shards(str(folder), remote, **SMALL, shard_size=4, num_workers=0, storage_options=opts)
+    assert summary.info == read_info(str(local))["splits"]["train"]
+    for name, data in _tree(local).items():
+        assert fs.cat_file(f"relabel-build-test/ds/{name}") == data, name
+
+
+def test_cli_build_with_progress_bar(folder, tmp_path):
+    from click.testing import CliRunner
+
+    from relabel_shards.cli import cli
+
+    out = tmp_path / "ds"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            str(folder),
+            str(out),
+            "--model",
+            MODEL,
+            "--input-size",
+            "64",
+            "--shard-size",
+            "4",
+            "--num-workers",
+            "0",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "random weights" in res.output  # the CLI warns that a bare --model has random weights
+    assert "6/6" in res.output and "img/s" in res.output  # tqdm: count, rate (and ETA)
+    assert f"{out}: 2 shards, 6 samples, 0 failures listed in _info.json" in res.output
+    assert read_info(str(out))["splits"]["train"]["shard_lengths"] == [4, 2]
+
+
+@pytest.mark.cuda
+def test_cuda_build_matches_direct_annotator_calls(folder, tmp_path):
+    out = tmp_path / "ds"
+    build_shards(
+        str(folder),
+        str(out),
+        model=MODEL,
+        device="cuda",
+        shard_size=4,
+        batch_size=4,
+        num_workers=2,
+        encoding="lossless",
+    )
+    split = read_info(str(out))["splits"]["train"]
+    assert split["relabel_shards"]["annotator"]["trunk_dtype"] == "bfloat16"
+    from relabel_shards.annotator import create_annotator
+    from relabel_shards.labelmap import decode_label_map
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        ann = create_annotator(MODEL, device="cuda")
+    samples = _read_samples(out, split)
+    for start, n in ((0, 4), (4, 2)):
+        batch = samples[start : start + n]
+        imgs = [Image.open(io.BytesIO(s.get("jpg", s.get("png")))).convert("RGB") for s in batch]
+        values, indices = ann(torch.stack([ann.preprocess(im) for im in imgs]))
+        for s, v, i in zip(batch, values, indices, strict=True):
+            lm = decode_label_map(s["rlm"])
+            # same batches on the same GPU; allow for bf16 kernels that are not bitwise reproducible
+            top1 = np.asarray(lm.indices, dtype=np.int64)[0] == i.numpy().astype(np.int64)[0]
+            assert top1.mean() >= 0.9
+            np.testing.assert_allclose(
+                np.asarray(lm.values, dtype=np.float32)[0], v.float().numpy()[0], atol=5e-2
+            )

@@ -1,20 +1,21 @@
 """LabelPooling: ``label_pooling`` against the official dense path, on the CPU or on one GPU.
 
 CPU (default): the official path as shipped (per-image ``scatter_`` into a zero ``[B, 1000, 15, 15]`` float32
-map, ``roi_align`` to 1x1, softmax; ``official.py``) against ``label_pooling`` (the op's CPU kernel: the sparse
-PyTorch path), B in {64, 256, 1024}, k=5, 15x15, C=1000, on one thread and on all threads: median time, ratio,
-and peak tensor memory (bytes of tensors alive at once, tracked per op; tracemalloc does not see torch).
-Goal (issue 2): >= 50x faster at B=256 on one thread, >= 50x less peak memory.
+map, ``roi_align`` to 1x1, softmax; ``official.py``) against ``label_pooling`` (the op's CPU kernel: the
+sparse PyTorch path), B in {64, 256, 1024}, k=5, 15x15, C=1000, on one thread and on all threads: median time,
+ratio, and peak tensor memory (bytes of tensors alive at once, tracked per op; tracemalloc does not see
+torch). Goal (issue 2): >= 50x faster at B=256 on one thread, >= 50x less peak memory.
 
-``--device cuda``: the official path as shipped (dense CPU build, host-to-device copy, roi_align and softmax on
-the GPU) against the PyTorch path on the GPU and the fused Triton kernel, B in {256, 1024, 4096}: microseconds
-per batch (wall clock with a sync per call; back-to-back calls timed by CUDA events; the kernel alone replayed
-from a CUDA graph), GB/s of the bytes the kernel must read (values + indices + boxes, as stored), and the peak
-GPU memory. Goals (issue 5, H100): <= 20 us for B=1024, >= 100x faster than the official path end to end.
+``--device cuda``: the official path as shipped (dense CPU build, host-to-device copy, roi_align and softmax
+on the GPU) against the PyTorch path on the GPU and the fused Triton kernel, B in {256, 1024, 4096}:
+microseconds per batch (wall clock with a sync per call; back-to-back calls timed by CUDA events; the kernel
+alone replayed from a CUDA graph), GB/s of the bytes the kernel must read (values + indices + boxes, as
+stored), and the peak GPU memory. Goals (issue 5, H100): <= 20 us for B=1024, >= 100x faster than the official
+path end to end.
 
 Every path runs the official box order (``swap_xy=True``), so each result is also checked against the official
-output (``max_abs_diff``). Inputs: top-5 classes per cell from a 24-class palette per image, float16 values and
-int16 indices on the GPU by default (``--value-dtype``, ``--index-dtype``).
+output (``max_abs_diff``). Inputs: top-5 classes per cell from a 24-class palette per image, float16 values
+and int16 indices on the GPU by default (``--value-dtype``, ``--index-dtype``).
 
     python benchmarks/bench_pooling.py                 # CPU, about a minute on 2 cores
     python benchmarks/bench_pooling.py --device cuda   # one GPU
@@ -35,14 +36,16 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, print_header, print_table, timeit, write_json  # noqa: E402
 
-from relabel_shards.pooling import label_pooling  # noqa: E402
-from relabel_shards.pooling import official  # noqa: E402
+from relabel_shards.pooling import (
+    label_pooling,  # noqa: E402
+    official,  # noqa: E402
+)
 
 K, H, W, C = 5, 15, 15, 1000
 
 
 class PeakTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the mode and alive at once (inputs made outside excluded)."""
+    """Peak bytes of tensor storages created inside the mode and alive at once (inputs excluded)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -121,10 +124,10 @@ def bench_cpu(args) -> dict:
             values, indices, boxes = make_batch(batch)
             records, coords = official_records(values, indices), boxes[:, [1, 0, 3, 2]]
 
-            def run_official():
+            def run_official(records=records, coords=coords, batch=batch):
                 return official.get_relabel(official.get_labelmaps(records, batch, C, "cpu"), coords, batch)
 
-            def run_ours():
+            def run_ours(values=values, indices=indices, boxes=boxes):
                 return label_pooling(values, indices, boxes, C, swap_xy=True)
 
             diff = (run_ours() - run_official()).abs().max().item()
@@ -133,14 +136,14 @@ def bench_cpu(args) -> dict:
             t_our = timeit(run_ours, repeats=args.repeats, warmup=2)["median_s"]
             # the op's CPU kernel is opaque to a dispatch mode: track the same PyTorch path called directly
             m_off, m_our = peak_cpu_bytes(run_official), peak_cpu_bytes(
-                lambda: label_pooling_torch(values, indices, boxes, C, True, indices_checked=True))
+                lambda: label_pooling_torch(values, indices, boxes, C, True, indices_checked=True))  # noqa: B023
             rows.append({"threads": threads, "B": batch, "official_ms": t_off * 1e3, "ours_ms": t_our * 1e3,
                          "speedup": t_off / t_our, "official_peak_MiB": m_off / 2**20,
                          "ours_peak_MiB": m_our / 2**20, "memory_ratio": m_off / max(m_our, 1),
                          "max_abs_diff": diff})
     torch.set_num_threads(saved)
-    print_table(rows, ["threads", "B", "official_ms", "ours_ms", "speedup", "official_peak_MiB", "ours_peak_MiB",
-                       "memory_ratio", "max_abs_diff"])
+    print_table(rows, ["threads", "B", "official_ms", "ours_ms", "speedup", "official_peak_MiB",
+                       "ours_peak_MiB",                        "memory_ratio", "max_abs_diff"])
     goal = [r for r in rows if r["threads"] == 1 and r["B"] == 256]
     if goal:
         g = goal[0]
@@ -181,10 +184,25 @@ def _graph_us(fn, iters: int, repeats: int) -> float | None:
         return None
 
 
-def bench_cuda(args) -> dict:
+def _cuda_paths(run_official, v, i, b) -> dict:
+    """name -> (callable, whether to also time it from a CUDA graph)."""
     from relabel_shards.pooling.torch_impl import label_pooling_torch
     from relabel_shards.pooling.triton_impl import label_pooling_triton
 
+    def pool(backend: str):
+        return lambda: label_pooling(v, i, b, C, swap_xy=True, backend=backend)
+
+    return {
+        "official (CPU dense + H2D + roi_align)": (run_official, False),
+        "label_pooling backend=torch": (pool("torch"), False),
+        "label_pooling backend=triton": (pool("triton"), False),
+        "auto (op dispatch)": (pool("auto"), False),
+        "torch path, kernel only": (lambda: label_pooling_torch(v, i, b, C, True), True),
+        "triton kernel only": (lambda: label_pooling_triton(v, i, b, C, True), True),
+    }
+
+
+def bench_cuda(args) -> dict:
     dev = torch.device("cuda")
     vdt, idt = getattr(torch, args.value_dtype), getattr(torch, args.index_dtype)
     rows = []
@@ -192,21 +210,14 @@ def bench_cuda(args) -> dict:
         values, indices, boxes = make_batch(batch)
         records, coords = official_records(values, indices), boxes[:, [1, 0, 3, 2]]
         v, i, b = values.to(dev, vdt), indices.to(dev, idt), boxes.to(dev)
-        read_bytes = v.numel() * v.element_size() + i.numel() * i.element_size() + b.numel() * b.element_size()
+        read_bytes = sum(t.numel() * t.element_size() for t in (v, i, b))
 
-        def run_official():  # as shipped: dense map on the CPU, copy, roi_align + softmax on the GPU
+        # as shipped: dense map on the CPU, copy, roi_align + softmax on the GPU
+        def run_official(records=records, coords=coords, batch=batch):
             return official.get_relabel(official.get_labelmaps(records, batch, C, dev), coords.to(dev), batch)
 
         want = run_official().float()
-        paths = {
-            "official (CPU dense + H2D + roi_align)": (run_official, False),
-            "label_pooling backend=torch": (lambda: label_pooling(v, i, b, C, swap_xy=True, backend="torch"), False),
-            "label_pooling backend=triton": (lambda: label_pooling(v, i, b, C, swap_xy=True, backend="triton"),
-                                             False),
-            "auto (op dispatch)": (lambda: label_pooling(v, i, b, C, swap_xy=True), False),
-            "torch path, kernel only": (lambda: label_pooling_torch(v, i, b, C, True), True),
-            "triton kernel only": (lambda: label_pooling_triton(v, i, b, C, True), True),
-        }
+        paths = _cuda_paths(run_official, v, i, b)
         base_us = None
         for name, (fn, kernel_only) in paths.items():
             is_official = base_us is None  # the first path
@@ -222,13 +233,15 @@ def bench_cuda(args) -> dict:
             us_graph = _graph_us(fn, 20, 5) if kernel_only else None
             base_us = us_wall if is_official else base_us
             best = us_graph if us_graph is not None else us_loop
-            rows.append({"path": name, "B": batch, "us_wall": us_wall, "us_loop": us_loop, "us_graph": us_graph,
-                         "GB/s_read": read_bytes / (best * 1e-6) / 1e9, "speedup_vs_official": base_us / best,
+            rows.append({"path": name, "B": batch, "us_wall": us_wall, "us_loop": us_loop,
+                         "us_graph": us_graph, "GB/s_read": read_bytes / (best * 1e-6) / 1e9,
+                         "speedup_vs_official": base_us / best,
                          "gpu_peak_MiB": peak, "max_abs_diff": diff})
     print_table(rows, ["path", "B", "us_wall", "us_loop", "us_graph", "GB/s_read", "speedup_vs_official",
                        "gpu_peak_MiB", "max_abs_diff"])
     print(f"# values {args.value_dtype}, indices {args.index_dtype}; us_wall: one call + sync (median); "
-          "us_loop: 50 back-to-back calls / 50 (CUDA events); us_graph: 20 calls replayed from a CUDA graph / 20; "
+          "us_loop: 50 back-to-back calls / 50 (CUDA events); "
+          "us_graph: 20 calls replayed from a CUDA graph / 20; "
           "speedup and GB/s use us_graph where measured, else us_loop")
     for r in rows:
         if r["path"] == "triton kernel only" and r["B"] == 1024:

@@ -1,14 +1,13 @@
-"""LabelPooling (relabel_shards.pooling): the sparse PyTorch path and the op against the dense roi_align oracle,
-the official code's box order, argument errors, torch.library.opcheck and torch.compile. CUDA cases skip
-themselves without a GPU (benchmarks/gpu_check.sh runs them on one)."""
+"""LabelPooling (relabel_shards.pooling): the sparse PyTorch path and the op against the dense roi_align
+oracle, the official code's box order, argument errors, torch.library.opcheck and torch.compile. CUDA cases
+skip themselves without a GPU (benchmarks/gpu_check.sh runs them on one)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from relabel_shards.pooling import LabelPooling, label_pooling, reference_label_pooling
-from relabel_shards.pooling import official
+from relabel_shards.pooling import LabelPooling, label_pooling, official, reference_label_pooling
 
 TOL = 1e-5
 
@@ -33,7 +32,7 @@ def make_inputs(batch: int, k: int, h: int, w: int, num_classes: int, *, seed: i
                 value_dtype: torch.dtype = torch.float32, index_dtype: torch.dtype = torch.int64,
                 palette: int = 24) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k maps like an annotator's: k distinct classes per cell drawn from a per-image palette (so classes
-    recur across cells and their contributions add up), descending logits, plus EDGE_BOXES then random boxes."""
+    recur across cells and their contributions add up), descending logits, EDGE_BOXES then random boxes."""
     g = torch.Generator().manual_seed(seed)
     palette = min(palette, num_classes)
     assert palette >= k
@@ -98,8 +97,8 @@ def test_non_contiguous_inputs():
     i = indices.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
     b = torch.stack([boxes, boxes], 2).reshape(24, 8)[:, ::2]  # the same boxes, column stride 2
     assert not (v.is_contiguous() or i.is_contiguous() or b.is_contiguous())
-    torch.testing.assert_close(label_pooling(v, i, b, 100), reference_label_pooling(values, indices, boxes, 100),
-                               atol=TOL, rtol=0)
+    want = reference_label_pooling(values, indices, boxes, 100)
+    torch.testing.assert_close(label_pooling(v, i, b, 100), want, atol=TOL, rtol=0)
 
 
 def test_absent_classes_keep_logit_zero():
@@ -143,7 +142,8 @@ def test_swap_xy_equals_official_code():
     want = official.official_label_pooling(values, indices, boxes, 1000, device="cpu")
     # the oracle makes the same calls as the official code: bit for bit
     assert torch.equal(reference_label_pooling(values, indices, boxes, 1000, swap_xy=True), want)
-    torch.testing.assert_close(label_pooling(values, indices, boxes, 1000, swap_xy=True), want, atol=TOL, rtol=0)
+    ours = label_pooling(values, indices, boxes, 1000, swap_xy=True)
+    torch.testing.assert_close(ours, want, atol=TOL, rtol=0)
     # and the default (correct) geometry is a different crop
     assert (label_pooling(values, indices, boxes, 1000) - want).abs().max() > 1e-3
 
@@ -151,12 +151,13 @@ def test_swap_xy_equals_official_code():
 def test_official_functions_on_release_records():
     # The release's per-image records: [2, k, h, w] float32, [0] logits, [1] class indices as floats.
     values, indices, boxes = make_inputs(8, 5, 15, 15, 1000, seed=12)
-    records = [torch.stack([v, i.float()]) for v, i in zip(values, indices)]
+    records = [torch.stack([v, i.float()]) for v, i in zip(values, indices, strict=True)]
     dense = official.get_labelmaps(records, 8, device="cpu")
     assert dense.shape == (8, 1000, 15, 15)
     coords = boxes[:, [1, 0, 3, 2]]  # the official loader's (y1, x1, y2, x2)
     got = official.get_relabel(dense, coords, 8)
-    torch.testing.assert_close(label_pooling(values, indices, boxes, 1000, swap_xy=True), got, atol=TOL, rtol=0)
+    ours = label_pooling(values, indices, boxes, 1000, swap_xy=True)
+    torch.testing.assert_close(ours, got, atol=TOL, rtol=0)
 
 
 def test_official_squeeze_quirk_breaks_batch_of_one():
@@ -202,7 +203,8 @@ def test_bad_arguments_raise_value_error(bad, match):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (lambda v, i, b: (v.long(), i, b, 10), r"values must be float16, bfloat16, float32 or float64, got torch.int64"),
+    (lambda v, i, b: (v.long(), i, b, 10),
+     r"values must be float16, bfloat16, float32 or float64, got torch.int64"),
     (lambda v, i, b: (v, i.float(), b, 10), r"indices must have an integer dtype, got torch.float32"),
     (lambda v, i, b: (v, i, b.long(), 10), r"boxes must be floating point"),
     (lambda v, i, b: (v, i, b, 10.0), r"num_classes must be an int, got float"),
@@ -271,7 +273,8 @@ def test_torch_compile_fullgraph_cpu():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("value_dtype, index_dtype", [(torch.float32, torch.int64), (torch.float16, torch.int16),
+@pytest.mark.parametrize("value_dtype, index_dtype", [(torch.float32, torch.int64),
+                                                      (torch.float16, torch.int16),
                                                       (torch.bfloat16, torch.int32)])
 def test_cuda_backends_match_oracle_large_batch(value_dtype, index_dtype):
     values, indices, boxes = make_inputs(1024, 5, 15, 15, 1000, seed=31, value_dtype=value_dtype,
@@ -308,7 +311,8 @@ def test_cuda_triton_deterministic_non_contiguous_and_compiled():
                                rtol=0)
     compiled = torch.compile(lambda v, i, b: label_pooling(v, i, b, 1000), fullgraph=True)
     assert torch.equal(compiled(v, i, b), first)
-    torch.library.opcheck(torch.ops.relabel_shards.label_pooling.default, (v[:8], i[:8], b[:8], 1000, False, False))
+    op = torch.ops.relabel_shards.label_pooling.default
+    torch.library.opcheck(op, (v[:8], i[:8], b[:8], 1000, False, False))
 
 
 @pytest.mark.cuda

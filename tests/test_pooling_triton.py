@@ -9,9 +9,9 @@ import os
 
 import pytest
 import torch
+from test_pooling import EDGE_BOXES, TOL, make_inputs
 
 from relabel_shards.pooling import label_pooling, reference_label_pooling
-from test_pooling import EDGE_BOXES, TOL, make_inputs
 
 pytest.importorskip("triton")
 
@@ -39,7 +39,7 @@ def test_edge_boxes(first, swap_xy):
 @pytest.mark.parametrize("shape, value_dtype, index_dtype, swap_xy", [
     ((8, 3, 7, 14, 50), torch.float16, torch.int16, True),  # non-square, half, short indices, official order
     ((6, 2, 9, 4, 30), torch.float32, torch.int32, False),  # taller than wide
-    ((4, 5, 15, 15, 1000), torch.bfloat16, torch.int64, False),  # bf16 (widened to float32 in the interpreter)
+    ((4, 5, 15, 15, 1000), torch.bfloat16, torch.int64, False),  # bf16 (float32 in the interpreter)
     ((1, 1, 1, 1, 3), torch.float32, torch.uint8, False),  # B = 1, a 1x1 map
     ((5, 5, 2, 3, 5), torch.float16, torch.int64, True),  # every class present: no logit-0 class left
 ])
@@ -65,7 +65,8 @@ def test_classes_above_one_block(num_classes, index_dtype):
 def test_non_contiguous_inputs():
     values, indices, boxes = make_inputs(4, 5, 15, 15, 100, seed=43)
     v = values.to(DEVICE).transpose(2, 3).contiguous().transpose(2, 3)
-    i = torch.stack([indices.int(), indices.int()], 3).reshape(4, 5, 30, 15)[:, :, ::2].to(DEVICE)  # row stride 2
+    i = torch.stack([indices.int(), indices.int()], 3).reshape(4, 5, 30, 15)[:, :, ::2]  # row stride 2
+    i = i.to(DEVICE)
     assert torch.equal(i.cpu(), indices.to(torch.int32))
     b = torch.stack([boxes, boxes], 2).reshape(4, 8)[:, ::2].to(DEVICE)
     assert not (v.is_contiguous() or i.is_contiguous() or b.is_contiguous())
@@ -87,8 +88,9 @@ def test_repeated_and_out_of_range_indices():
     got = label_pooling(values.to(DEVICE), dup.to(DEVICE), boxes.to(DEVICE), 40, backend="triton",
                         validate=False).cpu()
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
-    with pytest.raises(ValueError, match=r"indices must be in \[0, num_classes=40\), got a class index (40|-3)"):
-        label_pooling(values.to(DEVICE), dup.to(DEVICE), boxes.to(DEVICE), 40, backend="triton", validate=True)
+    with pytest.raises(ValueError, match=r"must be in \[0, num_classes=40\), got a class index (40|-3)"):
+        label_pooling(values.to(DEVICE), dup.to(DEVICE), boxes.to(DEVICE), 40, backend="triton",
+                      validate=True)
 
 
 def test_deterministic():

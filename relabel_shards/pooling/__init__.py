@@ -2,8 +2,9 @@
 
 ``label_pooling`` (function), ``LabelPooling`` (``nn.Module``) and ``reference_label_pooling`` (the dense
 oracle, for tests and benchmarks). Modules: ``reference.py`` (oracle), ``torch_impl.py`` (sparse exact PyTorch
-path), ``triton_impl.py`` (fused kernel, imported only when used), ``op.py`` (the ``relabel_shards::label_pooling``
-op), ``official.py`` (the official ReLabel code, for comparisons). Importing this package does not import triton.
+path), ``triton_impl.py`` (fused kernel, imported only when used), ``op.py`` (the
+``relabel_shards::label_pooling`` op), ``official.py`` (the official ReLabel code, for comparisons),
+``demo.py`` (the ``relabel-shards pool`` demo). Importing this package does not import triton.
 """
 
 from relabel_shards.pooling.api import LabelPooling, label_pooling

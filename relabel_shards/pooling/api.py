@@ -38,13 +38,14 @@ def label_pooling(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tens
                   swap_xy: bool = False, backend: str = "auto", validate: bool | None = None) -> torch.Tensor:
     """Soft targets of crop boxes from top-k label maps (ReLabel's LabelPooling), without a dense map.
 
-    The result is ``softmax(roi_align(dense, box, output_size=1))`` over the C classes, where ``dense[b]`` is a
-    zero ``[C, h, w]`` map with the top-k values scattered in at their class indices, and roi_align uses
+    The result is ``softmax(roi_align(dense, box, output_size=1))`` over the C classes, where ``dense[b]``
+    is a zero ``[C, h, w]`` map with the top-k values scattered in at their class indices, and roi_align uses
     ``aligned=False``, ``sampling_ratio=-1`` and the box ``(x1 * w - 0.5, y1 * h - 0.5, x2 * w - 0.5,
     y2 * h - 0.5)`` in map cells. Classes absent from the top-k keep logit 0 and count in the softmax.
 
     Args:
-        values: Tensor[B, k, h, w] float16 / bfloat16 / float32 top-k logits per map cell (row-major, y then x).
+        values: Tensor[B, k, h, w] float16 / bfloat16 / float32 top-k logits per map cell (row-major, y then
+            x).
         indices: Tensor[B, k, h, w] any integer dtype, class indices in ``[0, num_classes)``.
         boxes: Tensor[B, 4] floating, ``(x1, y1, x2, y2)`` normalized to the whole image (0 = left/top edge,
             1 = right/bottom edge); boxes may extend beyond the image.

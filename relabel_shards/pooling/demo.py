@@ -23,8 +23,8 @@ class PoolDemoResult:
 
 def synthetic_label_maps(batch: int, k: int, h: int, w: int, num_classes: int, seed: int = 0
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k label maps with structure: each image holds two "objects" (classes), one in its left half and one in
-    its right half, plus k - 1 random runner-up classes per cell.
+    """Top-k label maps with structure: each image holds two "objects" (classes), one in its left half and one
+    in its right half, plus k - 1 random runner-up classes per cell.
 
     Returns:
         values Tensor[B, k, h, w] float16 (descending logits), indices Tensor[B, k, h, w] int16 (or int32 when
@@ -41,7 +41,8 @@ def synthetic_label_maps(batch: int, k: int, h: int, w: int, num_classes: int, s
     else:  # very many classes: offsets from the object class (distinct, cheap)
         rest = (top + torch.arange(1, k).view(1, -1, 1, 1)) % num_classes
     indices = torch.cat([top, rest], 1)
-    values = torch.cat([torch.full((batch, 1, h, w), 8.0), torch.rand(batch, k - 1, h, w, generator=g) * 4], 1)
+    runners_up = torch.rand(batch, k - 1, h, w, generator=g) * 4
+    values = torch.cat([torch.full((batch, 1, h, w), 8.0), runners_up], 1)
     values = values.sort(dim=1, descending=True).values
     index_dtype = torch.int16 if num_classes <= 32767 else torch.int32
     return values.to(torch.float16), indices.to(index_dtype)
@@ -49,7 +50,7 @@ def synthetic_label_maps(batch: int, k: int, h: int, w: int, num_classes: int, s
 
 def pool_demo(batch: int = 4, num_classes: int = 1000, k: int = 5, size: int = 15, *, swap_xy: bool = False,
               backend: str = "auto", device: str = "cpu", seed: int = 0, repeats: int = 5) -> PoolDemoResult:
-    """Pool synthetic label maps for boxes over the left half, the right half, the whole image, and random crops.
+    """Pool synthetic label maps for boxes over the left half, the right half, the whole image, random crops.
 
     Args:
         batch: number of images and boxes B, at least 1.

@@ -1,10 +1,10 @@
 """The official ReLabel pooling, as shipped: for tests and benchmarks that compare against the original.
 
-Behaviour of ``get_labelmaps`` and ``get_relabel`` in ``utils/relabel_functions.py`` of naver-ai/relabel_imagenet
-(commit 3e19ffb, https://github.com/naver-ai/relabel_imagenet), Copyright 2021-present NAVER Corp., licensed
-under the Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0), which this project also uses.
-Re-stated here step for step with the same tensor operations in the same order, so the numbers are the
-official ones; the only changes are parameters for what the original hard-codes:
+Behaviour of ``get_labelmaps`` and ``get_relabel`` in ``utils/relabel_functions.py`` of
+naver-ai/relabel_imagenet (commit 3e19ffb, https://github.com/naver-ai/relabel_imagenet), Copyright
+2021-present NAVER Corp., licensed under the Apache License 2.0 (https://www.apache.org/licenses/LICENSE-2.0),
+which this project also uses. Re-stated here step for step with the same tensor operations in the same order,
+so the numbers are the official ones; the only changes are parameters for what the original hard-codes:
 
 - ``num_classes`` (the original: 1000) and ``device`` (the original calls ``.cuda()``; here the default is
   CUDA where present, else the CPU, so tests run anywhere).
@@ -36,7 +36,7 @@ def _default_device() -> torch.device:
 
 def get_labelmaps(label_maps_topk: torch.Tensor | Sequence[torch.Tensor], num_batches: int,
                   num_classes: int = 1000, device: torch.device | str | None = None) -> torch.Tensor:
-    """The official dense map: a zero ``[B, C, h, w]`` float32 map, one ``scatter_`` per image, then to device.
+    """The official dense map: a zero ``[B, C, h, w]`` float32 map, a ``scatter_`` per image, then to device.
 
     Args:
         label_maps_topk: Tensor[B, 2, k, h, w] (or a sequence of B ``[2, k, h, w]`` tensors) of float32:
@@ -50,13 +50,13 @@ def get_labelmaps(label_maps_topk: torch.Tensor | Sequence[torch.Tensor], num_ba
     """
     h, w = label_maps_topk[0].size()[2], label_maps_topk[0].size()[3]
     label_maps = torch.zeros([num_batches, num_classes, h, w])
-    for dense, topk in zip(label_maps, label_maps_topk):
+    for dense, topk in zip(label_maps, label_maps_topk, strict=False):
         dense.scatter_(0, topk[1].long(), topk[0])  # in place on a view of label_maps
     return label_maps.to(_default_device() if device is None else device)
 
 
 def get_relabel(label_maps: torch.Tensor, batch_coords: torch.Tensor, num_batches: int) -> torch.Tensor:
-    """The official LabelPooling: roi_align of the ``(y1, x1, y2, x2) * w - 0.5`` box to 1x1, squeeze, softmax.
+    """The official LabelPooling: roi_align of the ``(y1, x1, y2, x2) * w - 0.5`` box to 1x1, softmax.
 
     Args:
         label_maps: Tensor[B, C, h, w] float32 dense map (from :func:`get_labelmaps`).

@@ -2,8 +2,8 @@
 
 It is the semantics of DESIGN.md "LabelPooling semantics" written out with the very calls the official code
 makes, so it is slow and memory-hungry on purpose (``B * C * h * w * 4`` bytes). It always runs on the CPU:
-with deterministic algorithms switched on, torchvision's CUDA path falls back to a pure-Python ``roi_align`` that
-clamps out-of-range samples instead of zeroing them, which changes boxes beyond the map.
+with deterministic algorithms switched on, torchvision's CUDA path falls back to a pure-Python ``roi_align``
+that clamps out-of-range samples instead of zeroing them, which changes boxes beyond the map.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ import torch
 from relabel_shards.pooling._checks import check_data, check_inputs
 
 
-def reference_label_pooling(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, num_classes: int,
-                            *, swap_xy: bool = False) -> torch.Tensor:
+def reference_label_pooling(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor,
+                            num_classes: int, *, swap_xy: bool = False) -> torch.Tensor:
     """Soft targets by building the dense map: the oracle every backend is checked against.
 
     Args:
         values: Tensor[B, k, h, w] float16 / bfloat16 / float32 logits.
         indices: Tensor[B, k, h, w] integer class indices in ``[0, num_classes)``, distinct within a cell (as
-            top-k gives; repeated indices in one cell are summed here, where the official ``scatter_`` keeps one).
+            top-k gives; repeated indices in one cell are summed here, where the official ``scatter_`` keeps
+            one).
         boxes: Tensor[B, 4] floating, normalized (x1, y1, x2, y2) of the whole image.
         num_classes: C.
         swap_xy: pass roi_align the official ``(y1, x1, y2, x2) * w - 0.5`` box instead of the correct

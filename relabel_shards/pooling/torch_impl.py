@@ -21,9 +21,9 @@ def axis_weights(start: torch.Tensor, end: torch.Tensor, size: int) -> torch.Ten
 
     With ``roi = max(end - start, 1)`` and ``grid = ceil(roi)`` samples at
     ``y_i = start + ((i + 0.5) * roi) / grid`` (float32, in this order, like torchvision), a sample with
-    ``y < -1`` or ``y > size`` adds nothing; otherwise ``y`` is clamped to ``>= 0``, ``low = floor(y)``, and when
-    ``low >= size - 1`` the sample sits wholly on the last cell; else it splits ``(1 - frac, frac)`` between
-    ``low`` and ``low + 1``. The sum over samples is divided by ``grid``.
+    ``y < -1`` or ``y > size`` adds nothing; otherwise ``y`` is clamped to ``>= 0``, ``low = floor(y)``, and
+    when ``low >= size - 1`` the sample sits wholly on the last cell; else it splits ``(1 - frac, frac)``
+    between ``low`` and ``low + 1``. The sum over samples is divided by ``grid``.
 
     The sample spacing ``roi / grid`` lies in (0.5, 1], so at most ``2 * size + 3`` samples fall in
     ``[-1, size]``: a fixed window of ``2 * size + 6`` candidates starting just before the first sample at

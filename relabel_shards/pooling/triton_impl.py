@@ -3,23 +3,23 @@
 Per image b, the program:
 
 1. reads the box and computes the row weights ``Wy[h]`` and column weights ``Wx[w]`` in registers, with the
-   same float32 operations in the same order as ``torch_impl.axis_weights`` (hence as torchvision's roi_align);
+   same float32 operations in the same order as ``torch_impl.axis_weights`` (so as torchvision's roi_align);
 2. loads the ``[k, h, w]`` values and class indices as stored (any strides; values f16/bf16/f32, indices
    int8..int64) and forms ``contrib = value * (Wy[r] * Wx[q])``;
 3. accumulates the contributions by class index without a dense map: it packs ``class << 32 | bits(contrib)``
-   into int64 keys and sorts them (a bitonic sort, :func:`_sort`), so each class is one run; run starts come from a
-   neighbour compare (``tl.gather``), run ends from a binary search by ``tl.gather`` (log2 N steps), and each
-   class's total is the difference of a float64 prefix sum (``tl.cumsum``) across its run: fixed order, no
-   atomics;
+   into int64 keys and sorts them (a bitonic sort, :func:`_sort`), so each class is one run; run starts come
+   from a neighbour compare (``tl.gather``), run ends from a binary search by ``tl.gather`` (log2 N steps),
+   and each class's total is the difference of a float64 prefix sum (``tl.cumsum``) across its run: fixed
+   order, no atomics;
 4. computes the softmax over all C classes (absent classes have logit 0 and still count:
    ``Z = sum_present exp(l - m) + (C - n_present) * exp(-m)``), writes ``exp(-m) / Z`` to the whole output row
    in tiles of ``C_BLOCK`` classes, and after a barrier overwrites the present classes with their own values.
 
-The work per image depends on ``k * h * w`` (padded to powers of two), not on C, except for writing the row, so
-C = 21,841 (ImageNet-21k) costs only the larger write. Class indices outside ``[0, C)`` are ignored.
+The work per image depends on ``k * h * w`` (padded to powers of two), not on C, except for writing the row,
+so C = 21,841 (ImageNet-21k) costs only the larger write. Class indices outside ``[0, C)`` are ignored.
 
 Exactness: division uses ``div_rn`` (IEEE rounding, as on the CPU) and the launch turns off FMA contraction
-(``enable_fp_fusion=False``), so sample positions, validity and weights match torchvision's float32 arithmetic.
+(``enable_fp_fusion=False``), so sample positions, validity and weights follow torchvision's float32 steps.
 
 Under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` where there is no GPU) the same kernel runs on CPU
 tensors; the interpreter has no bfloat16, so bfloat16 values are widened to float32 first (exact) there.
@@ -71,8 +71,8 @@ def _sort(x, N: tl.constexpr, LOG_N: tl.constexpr):
     """Ascending bitonic sort of an int64 tensor [N] (N = 2**LOG_N), viewed as a [2] * LOG_N hypercube.
 
     Hypercube axis ``LOG_N - 1 - j`` holds bit j of the flat position; an element's partner across that axis
-    is ``sum over the axis - itself`` (exact in wrapping int64 arithmetic). Written with ``tl.sum`` rather than
-    the XOR reduction of ``tl.sort`` because Triton's interpreter runs ``tl.sum`` in numpy and a custom
+    is ``sum over the axis - itself`` (exact in wrapping int64 arithmetic). Written with ``tl.sum`` rather
+    than the XOR reduction of ``tl.sort`` because Triton's interpreter runs ``tl.sum`` in numpy and a custom
     reduction one element at a time (20 s against 0.2 s per image here).
     """
     shape: tl.constexpr = [2] * LOG_N
@@ -96,7 +96,8 @@ def _label_pooling_kernel(values_ptr, indices_ptr, boxes_ptr, out_ptr,
                           v_sb, v_sk, v_sh, v_sw, i_sb, i_sk, i_sh, i_sw, box_sb, box_sc, out_sb,
                           K, H, W, C,
                           SWAP_XY: tl.constexpr, K_BLOCK: tl.constexpr, H_BLOCK: tl.constexpr,
-                          W_BLOCK: tl.constexpr, LOG_N: tl.constexpr, S_H: tl.constexpr, S_W: tl.constexpr, C_BLOCK: tl.constexpr):
+                          W_BLOCK: tl.constexpr, LOG_N: tl.constexpr, S_H: tl.constexpr, S_W: tl.constexpr,
+                          C_BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     box = boxes_ptr + b * box_sb
     x1 = tl.load(box).to(tl.float32)
@@ -168,7 +169,7 @@ def label_pooling_triton(values: torch.Tensor, indices: torch.Tensor, boxes: tor
 
     Args:
         values: Tensor[B, k, h, w] float16 / bfloat16 / float32 (float64 is narrowed to float32), any strides.
-        indices: Tensor[B, k, h, w] int8 / uint8 / int16 / int32 / int64 (other integer types widened to int64).
+        indices: Tensor[B, k, h, w] int8 / uint8 / int16 / int32 / int64 (other integer types: widened).
         boxes: Tensor[B, 4] floating, normalized (x1, y1, x2, y2).
         num_classes: C.
         swap_xy: the official box order.

@@ -312,6 +312,7 @@ def build_shards(
     progress: ProgressFn | None = None,
     seed: int = 0,
     name: str | None = None,
+    resume_check: str = "sha256",
 ) -> BuildSummary:
     """Annotate every image of ``source`` and write WebDataset shards with label maps to ``out``.
 
@@ -339,6 +340,8 @@ def build_shards(
             as for shard sources).
         seed: seeds the weights of a random-weight model (tests), so every rank and rerun gets the same ones.
         name: the dataset name in ``_info.json`` (default: the last component of ``out``).
+        resume_check: ``"sha256"`` (read each complete shard once before skipping it) or ``"size"``
+            (``relabel_shards.writer.ShardJob``).
 
     Returns:
         BuildSummary of this rank's work; ``info`` is the split written to ``_info.json`` by this call,
@@ -383,6 +386,7 @@ def build_shards(
         rank=rank,
         world_size=world_size,
         storage_options=storage_options,
+        resume_check=resume_check,
     )
     todo = job.pending()
     summary = BuildSummary(

@@ -80,6 +80,8 @@ def cli(verbose: int) -> None:
 @click.option("--strict", is_flag=True, help="Stop at the first bad input instead of skipping and listing it.")
 @click.option("--seed", type=int, default=0, help="Seed for random-weight models (tests).")
 @click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
+@click.option("--resume-check", type=click.Choice(["sha256", "size"]), default="sha256",
+              help="How complete shards are checked before a rerun skips them.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (images/s, ETA).")
 @user_errors
 def build(source: tuple[str, ...], out: str, progress: bool, **kwargs) -> None:

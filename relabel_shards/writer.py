@@ -57,6 +57,7 @@ from relabel_shards.shards import (
 log = logging.getLogger(__name__)
 
 STATS_VERSION = 1
+RESUME_CHECKS = ("sha256", "size")
 
 
 def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -186,6 +187,9 @@ class ShardJob:
         fingerprint: digest of everything that decides the output bytes; sidecars carry it.
         rank, world_size: this rank (see :func:`resolve_rank`).
         storage_options: fsspec options for ``out``.
+        resume_check: how a shard with a sidecar is checked before it is skipped: ``"sha256"`` reads it once
+            and compares size and digest (catches later damage too); ``"size"`` compares the size only (enough
+            against kill -9, since a shard appears under its final name only whole; no read of large outputs).
     """
 
     def __init__(
@@ -198,6 +202,7 @@ class ShardJob:
         rank: int | None = None,
         world_size: int | None = None,
         storage_options: dict | None = None,
+        resume_check: str = "sha256",
     ):
         if not isinstance(num_shards, int) or num_shards < 1:
             raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
@@ -208,6 +213,9 @@ class ShardJob:
         self.num_shards = num_shards
         self.fingerprint = fingerprint
         self.rank, self.world_size = resolve_rank(rank, world_size)
+        if resume_check not in RESUME_CHECKS:
+            raise ValueError(f"resume_check must be one of {list(RESUME_CHECKS)}, got {resume_check!r}")
+        self.resume_check = resume_check
         self.storage_options = storage_options
         self._fs, self._root = url_to_fs(self.out, storage_options)
 
@@ -247,14 +255,17 @@ class ShardJob:
         return stats
 
     def is_complete(self, index: int) -> bool:
-        """Whether shard ``index`` has a sidecar from this build and its bytes match it (size and sha256)."""
+        """Whether shard ``index`` has a sidecar from this build and its bytes match it (``resume_check``)."""
         stats = self.read_stats(index)
         if stats is None:
             return False
         path = join(self._root, self.filename(index))
         try:
-            with self._fs.open(path, "rb") as f:
-                size, digest = file_sha256(f)
+            if self.resume_check == "size":
+                size, digest = self._fs.size(path), stats.record.sha256
+            else:
+                with self._fs.open(path, "rb") as f:
+                    size, digest = file_sha256(f)
         except FileNotFoundError:
             log.warning("%s: stats exist but the shard does not; writing it again", self.filename(index))
             return False

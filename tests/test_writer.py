@@ -154,3 +154,20 @@ def test_s3_output(s3_bucket):
     info = job.finalize("train", {})
     assert read_info(out)["splits"]["train"] == info
     assert ShardJob(out, prefix="p", num_shards=2, fingerprint="f").pending() == []
+
+
+def test_resume_check_size_trusts_same_size_sha256_reads(tmp_path):
+    job = ShardJob(str(tmp_path), prefix="p", num_shards=2, fingerprint="f")
+    for i in job.pending():
+        _write(job, i)
+    with open(tmp_path / "p-000000.tar", "r+b") as f:  # same size, other bytes
+        f.seek(600)
+        f.write(b"X")
+    with open(tmp_path / "p-000001.tar", "r+b") as f:  # cut short
+        f.truncate(1024)
+    assert ShardJob(
+        str(tmp_path), prefix="p", num_shards=2, fingerprint="f", resume_check="size"
+    ).pending() == [1]
+    assert ShardJob(str(tmp_path), prefix="p", num_shards=2, fingerprint="f").pending() == [0, 1]
+    with pytest.raises(ValueError, match=r"resume_check must be one of \['sha256', 'size'\], got 'md5'"):
+        ShardJob(str(tmp_path), prefix="p", num_shards=2, fingerprint="f", resume_check="md5")

@@ -6,12 +6,13 @@ A record holds ``values[k, h, w]`` (raw logits) and ``indices[k, h, w]`` (class 
 num_classes, quantization step, payload size, CRC-32) followed by one zstandard frame. ``docs/FORMAT.md``
 specifies every byte. Encodings (a closed table, :data:`ENCODINGS`):
 
-- ``"compact"`` (default): a palette of the classes present, values quantized to a fixed step (0.01 logit)
-  and coded as a 2-D prediction residual of the top-1 plane plus the gaps down the ranks. About 2.1 KB per
-  5x15x15 record on real maps; pooled targets within about 1.2e-3 of the float32 map's
+- ``"compact"`` (default): a palette of the classes present, each element a reference to the previous
+  cell's ranks or a palette position; values quantized to a fixed step (0.01 logit) and coded as a 2-D
+  prediction residual of the top-1 plane plus the gaps down the ranks. 2,204 bytes per 5x15x15 record on
+  real maps (the official ``torch.save`` file: 9,353), pooled targets within 9.9e-4 of the float32 map's
   (``benchmarks/bench_labelmap.py``).
-- ``"float16"``: the palette plus float16 values (about 3 KB, pooled error about 5e-4).
-- ``"lossless"``: the palette plus float32 values, bit-exact.
+- ``"float16"``: the same indices plus float16 values (2,908 bytes, pooled error 7.4e-4).
+- ``"lossless"``: the same indices plus float32 values, bit-exact (4,719 bytes).
 
 Decoding checks every size before it allocates (the decompressed size is fixed by the header and must match
 the zstd frame's declared content size), verifies the CRC-32, and never unpickles. Every bad record raises

@@ -356,7 +356,12 @@ class ShardJob:
         proj["num_failures"] = len(failures)
         split_info = make_split_info(split, [s.record for s in all_stats], proj)
         self._remove_stale_info_temps()
-        write_info(self.out, split_info, self.storage_options, name=name)
+        try:
+            write_info(self.out, split_info, self.storage_options, name=name)
+        except FileNotFoundError:
+            # another rank finishing at the same moment removed our temporary file as stale; its _info.json
+            # has the same bytes, but write ours again so that this call's promise holds
+            write_info(self.out, split_info, self.storage_options, name=name)
         log.info(
             "wrote %s (%d shards, %d samples, %d failures)",
             join(self.out, INFO_NAME),

@@ -596,3 +596,26 @@ def test_cuda_build_matches_direct_annotator_calls(folder, tmp_path):
             np.testing.assert_allclose(
                 np.asarray(lm.values, dtype=np.float32)[0], v.float().numpy()[0], atol=5e-2
             )
+
+
+def test_imagefolder_and_list_on_s3_equal_local(folder, tmp_path, s3_bucket):
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(s3_bucket)
+    fs.put(str(folder), f"{s3_bucket}/imgs", recursive=True)
+    local = tmp_path / "local"
+    build_shards(str(folder), str(local), **SMALL, shard_size=4, num_workers=0)
+    remote = tmp_path / "remote"
+    build_shards(f"{s3_bucket}/imgs", str(remote), **SMALL, shard_size=4, num_workers=0)
+    assert [p for p in _tree(remote) if p != "_info.json"] == [p for p in _tree(local) if p != "_info.json"]
+    for name in _tree(local):
+        if name.endswith(".tar"):  # same members and bytes: relative sources, same keys, same maps
+            assert _tree(remote)[name] == _tree(local)[name], name
+    info = read_info(str(remote))["splits"]["train"]["relabel_shards"]
+    assert info["source"] == {"kind": "folder", "url": f"{s3_bucket}/imgs", "num_files": 6}
+    fs.pipe_file(f"{s3_bucket}/list.txt", b"imgs/cat/cat_0.JPEG\t1\nimgs/dog/dog_1.png\t0\n")
+    build_shards(f"{s3_bucket}/list.txt", str(tmp_path / "fromlist"), **SMALL, num_workers=0)
+    split = read_info(str(tmp_path / "fromlist"))["splits"]["train"]
+    samples = _read_samples(tmp_path / "fromlist", split)
+    assert [(s["__key__"], int(s["cls"])) for s in samples] == [("cat_0", 1), ("dog_1", 0)]
+    assert samples[0]["jpg"] == (folder / "cat" / "cat_0.JPEG").read_bytes()

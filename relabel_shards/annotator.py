@@ -313,14 +313,15 @@ class Annotator:
         """Resize and normalize one image for this model: the whole image, no crop.
 
         Args:
-            image: a PIL image (any mode; converted to RGB) or an RGB uint8 array ``[H0, W0, 3]``.
+            image: a PIL image (any mode; converted to RGB; turned upright by its EXIF orientation, which
+                is idempotent) or an RGB uint8 array ``[H0, W0, 3]``.
 
         Returns:
             Tensor[3, H, W] float32, normalized with the model's mean/std. Without ``keep_aspect`` (H, W) is
             :attr:`input_size` (the image squashed, as the paper does); with it the short side becomes
             ``min(input_size)`` and the long side keeps the aspect ratio (rounded), with no padding.
         """
-        from PIL import Image
+        from PIL import Image, ImageOps
         from timm.data.transforms import str_to_pil_interp
 
         if isinstance(image, np.ndarray):
@@ -331,7 +332,7 @@ class Annotator:
             image = Image.fromarray(np.ascontiguousarray(image[..., :3]))
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL image or a uint8 numpy array, got {type(image).__name__}")
-        image = image.convert("RGB")
+        image = ImageOps.exif_transpose(image).convert("RGB")  # label maps describe the upright image
         h, w = self.input_size
         if self.keep_aspect:
             w0, h0 = image.size

@@ -201,6 +201,27 @@ def test_preprocess_squash_and_keep_aspect():
         ann.preprocess("x.jpg")
 
 
+def test_preprocess_turns_exif_rotated_jpegs_upright():
+    import io
+
+    from PIL import Image
+
+    upright = np.zeros((80, 40, 3), np.uint8)
+    upright[:20] = 255  # white top quarter
+    stored = np.rot90(upright, k=1).copy()  # stored rotated; EXIF orientation 6 says: turn 90 deg clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    ann = create_annotator("test_resnet", input_size=64, device="cpu", keep_aspect=True)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        im.load()
+        x = ann.preprocess(im.convert("RGB"))  # what a decoder that only converts hands over
+    ref = ann.preprocess(upright)
+    assert x.shape == ref.shape == (3, 128, 64)
+    assert float((x - ref).abs().mean()) < 0.05
+
+
 def test_config_is_json_and_complete():
     ann = create_annotator("test_resnet", input_size=(128, 96), topk=4, device="cpu", keep_aspect=True)
     cfg = json.loads(json.dumps(ann.config()))

@@ -410,13 +410,21 @@ def _zstd_frame_end(buf: memoryview, start: int) -> int:
     return pos + (4 if fhd & 0x04 else 0)
 
 
+def _bytes_view(data: bytes | bytearray | memoryview) -> memoryview:
+    """A flat, contiguous byte view of ``data`` (strided or typed memoryviews are copied)."""
+    view = memoryview(data)
+    if view.format == "B" and view.ndim == 1 and view.c_contiguous:
+        return view
+    return memoryview(view.tobytes())
+
+
 def read_header(data: bytes | bytearray | memoryview) -> LabelMapHeader:
     """Parse and check a record's 32-byte header (sizes and fields only; no CRC, no payload).
 
     Raises:
         LabelMapError: truncated, wrong magic, unknown version or codec, fields out of range.
     """
-    buf = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    buf = _bytes_view(data)
     if len(buf) < HEADER_SIZE:
         raise LabelMapError(
             f"bad label-map record: truncated, {len(buf)} bytes, the header alone needs {HEADER_SIZE}"
@@ -478,7 +486,7 @@ def decode_label_map(data: bytes | bytearray | memoryview) -> LabelMap:
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise LabelMapError(f"bad label-map record: expected bytes, got {type(data).__name__}")
-    buf = memoryview(data).cast("B")
+    buf = _bytes_view(data)
     hd = read_header(buf)
     crc = struct.unpack_from("<I", buf, 28)[0]
     if zlib.crc32(buf[HEADER_SIZE:], zlib.crc32(buf[:28])) != crc:

@@ -134,6 +134,17 @@ def test_round_trip(case, encoding):
         assert np.abs(lm.values - ref).max() <= step / 2 + 1e-6 * max(1.0, np.abs(ref).max())
 
 
+def test_decode_accepts_bytearray_and_memoryviews():
+    rng = np.random.default_rng(5)
+    values, indices = _random_map(rng, 3, 4, 5, 100)
+    rec = encode_label_map(values, indices, 100, encoding="lossless")
+    strided = memoryview(bytes(b for c in rec for b in (c, 0)))[::2]  # non-contiguous view of the same bytes
+    for data in (bytearray(rec), memoryview(rec), strided):
+        lm = decode_label_map(data)
+        np.testing.assert_array_equal(lm.values, values)
+        np.testing.assert_array_equal(lm.indices, indices)
+
+
 def test_many_classes_use_raw_indices_and_int32():
     rng = np.random.default_rng(0)
     k, h, w, c = 4, 130, 130, 2**31 - 1  # 67,600 distinct classes: more than a palette holds

@@ -120,3 +120,30 @@ def test_command_line_runs(data, tmp_path, capsys):
                     "--workers", "0", "--no-amp", "--cutmix", "1.0"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n"] == 20 and "top1" in res
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun_two_cpu_ranks(data, tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(_TRAIN_PY), "--train", str(data / "train"), "--val", str(data / "val"), "--model",
+           "test_efficientnet", "--out", str(tmp_path), "--epochs", "1", "--batch-size", "8", "--image-size",
+           "32", "--workers", "1", "--no-amp"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a hang is killed whole
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    lines = [json.loads(x) for x in out.strip().splitlines()]
+    assert len(lines) == 1 and lines[0]["n"] == 20  # rank 0 reports; every val sample counted once
+    # 64 samples over 2 ranks, batch 8: 4 steps on each rank
+    for rank in (0, 1):
+        ck = torch.load(tmp_path / f"last-rank{rank}.pt", weights_only=True)
+        assert ck["step"] == 4 and ck["loader"]["rank"] == rank and ck["loader"]["world_size"] == 2

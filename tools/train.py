@@ -303,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     history = train(parse_args(argv))
-    if history["val"]:
+    if history["val"] and (not dist.is_initialized() or dist.get_rank() == 0):
         print(json.dumps(history["val"][-1]))
     if dist.is_initialized():
         dist.destroy_process_group()

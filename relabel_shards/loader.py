@@ -212,7 +212,10 @@ class ReLabelDataset(IterableDataset):
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Samples (or shards, for ``truncated_tar``) skipped so far this epoch on this rank, by reason."""
+        """Samples (or shards, for ``truncated_tar``) skipped so far this epoch on this rank, by reason.
+
+        Each bad sample counts once per epoch, also when its reader goes round its shards again.
+        """
         total: Counter = Counter()
         for p in self._progress.values():
             total.update(p["skipped"])
@@ -283,8 +286,9 @@ class ReLabelDataset(IterableDataset):
             except ShardError as e:
                 if self.on_error == "raise" or isinstance(e, SampleError):
                     raise
-                skipped["truncated_tar"] += 1
-                log.warning("skipping the rest of a shard: %s", e)
+                if pas == 0:  # a later pass meets the same damage again; count each once per epoch
+                    skipped["truncated_tar"] += 1
+                    log.warning("skipping the rest of a shard: %s", e)
         if got == 0:
             raise ShardError(f"no readable sample in shards {[self.shards[i][0] for i in shard_ids]}")
 
@@ -333,9 +337,10 @@ class ReLabelDataset(IterableDataset):
             except SampleError as e:
                 if self.on_error == "raise":
                     raise
-                skipped[e.reason] += 1
                 fails += 1
-                log.warning("skipping: %s", e)
+                if pas == 0:  # a sample read again to fill the quota is not counted twice
+                    skipped[e.reason] += 1
+                    log.warning("skipping: %s", e)
                 if fails > max(1000, 2 * quota):
                     raise ShardError(f"gave up after {fails} bad samples in a row; last: {e}") from e
                 continue

@@ -237,3 +237,38 @@ def test_center_crop_for_evaluation(data):
         assert not s["flip"]
     with pytest.raises(ValueError, match=r"center_crop must be in \(0, 1\] or None, got 1.5"):
         ReLabelDataset(data, center_crop=1.5)
+
+
+def _other_geometry(i, members):
+    from relabel_shards.labelmap import encode_label_map
+
+    if i != 3:
+        return members
+    record = encode_label_map(np.ones((3, 3, 4), np.float32), np.zeros((3, 3, 4), np.int64), NUM_CLASSES)
+    return [(n, record if n.endswith(".rlm") else d) for n, d in members]
+
+
+def test_label_map_geometry_must_match_the_dataset(tmp_path):
+    make_shards(tmp_path, [4, 4], transform=_other_geometry)
+    with pytest.raises(ValueError, match=r"train-000000\.tar: sample 's00003': label map has k=3, 3x4, "
+                                         r"num_classes=7; the dataset's maps have k=2, 3x4, num_classes=7"):
+        list(make_loader(str(tmp_path), batch_size=4, num_workers=0, image_size=16))
+    loader = make_loader(str(tmp_path), batch_size=4, num_workers=0, image_size=16, on_error="skip")
+    assert "s00003" not in _keys(loader) and loader.skipped == {"labelmap_mismatch": 1}
+
+
+def test_resume_with_skipped_samples(tmp_path):
+    make_shards(tmp_path, [5, 5, 5, 5], transform=_corrupt_jpeg)
+    opts = dict(batch_size=2, num_workers=2, image_size=16, seed=3, on_error="skip", shuffle_buffer=3)
+    full = _keys(make_loader(str(tmp_path), **opts))
+    first = make_loader(str(tmp_path), **opts)
+    head = []
+    for i, batch in enumerate(first):
+        head += batch["keys"]
+        if i == 5:
+            break
+    second = make_loader(str(tmp_path), **opts)
+    second.load_state_dict(first.state_dict())
+    tail = _keys(second)
+    assert sorted(head + tail) == sorted(full) and len(full) == 20
+    assert second.skipped == {"corrupt_image": 1}  # counted once, whether before or after the break

@@ -259,9 +259,6 @@ class ReLabelDataset(IterableDataset):
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
     def _read_shard(self, url: str, expected: int, pas: int) -> Iterator[tuple[str, str, dict, int]]:
         reader = RetryingReader(fsspec_opener(url, self.storage_options), url, retries=self.retries)
         n = 0

@@ -83,15 +83,17 @@ def _sort(x, N: tl.constexpr, LOG_N: tl.constexpr):
             desc = (pos >> s) & 1  # alternate directions so that the next stage sees bitonic runs
         else:
             desc = tl.zeros(shape, tl.int32)
-        for jj in tl.static_range(s):
-            j: tl.constexpr = s - 1 - jj  # compare elements whose positions differ in bit j
-            partner = tl.sum(h, axis=LOG_N - 1 - j, keep_dims=True) - h
-            is_right = (pos >> j) & 1
+        for jj in tl.static_range(s):  # compare elements whose positions differ in bit j = s - 1 - jj
+            partner = tl.sum(h, axis=LOG_N - s + jj, keep_dims=True) - h  # axis LOG_N - 1 - j
+            is_right = (pos >> (s - 1 - jj)) & 1
             h = tl.where(is_right == desc, tl.minimum(h, partner), tl.maximum(h, partner))
     return tl.reshape(h, [N])
 
 
-@triton.jit(do_not_specialize=["K", "H", "W", "C"])  # they may be 1: keep them tensors
+# No specialization on the integer arguments: shapes may be 1 (Triton would turn them into constants), and
+# strides divisible by 16 or not would each compile another variant; the loads here are gathers anyway.
+@triton.jit(do_not_specialize=["v_sb", "v_sk", "v_sh", "v_sw", "i_sb", "i_sk", "i_sh", "i_sw",
+                               "box_sb", "box_sc", "out_sb", "K", "H", "W", "C"])
 def _label_pooling_kernel(values_ptr, indices_ptr, boxes_ptr, out_ptr,
                           v_sb, v_sk, v_sh, v_sw, i_sb, i_sk, i_sh, i_sw, box_sb, box_sc, out_sb,
                           K, H, W, C,
@@ -163,8 +165,27 @@ def _label_pooling_kernel(values_ptr, indices_ptr, boxes_ptr, out_ptr,
 _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
+def launch_config(k: int, h: int, w: int, num_classes: int, swap_xy: bool,
+                  num_warps: int | None = None) -> tuple[dict, int]:
+    """The kernel's compile-time constants and warp count for a ``[k, h, w]`` map and C classes.
+
+    Every axis is padded to a power of two (at least 2); the sort works on ``N = K_BLOCK * H_BLOCK * W_BLOCK``
+    keys (2048 for 5x15x15). Warps by default: 4 up to N = 2048, 8 up to 8192, else 16 (a guess, not yet
+    tuned on a GPU; ``bench_pooling.py --device cuda --sweep-warps`` times the alternatives).
+    """
+    k_block, h_block, w_block = (max(2, triton.next_power_of_2(x)) for x in (k, h, w))
+    n = k_block * h_block * w_block
+    if num_warps is None:
+        num_warps = 4 if n <= 2048 else (8 if n <= 8192 else 16)
+    constants = dict(SWAP_XY=bool(swap_xy), K_BLOCK=k_block, H_BLOCK=h_block, W_BLOCK=w_block,
+                     LOG_N=n.bit_length() - 1, S_H=triton.next_power_of_2(2 * h + 6),
+                     S_W=triton.next_power_of_2(2 * w + 6),
+                     C_BLOCK=min(1024, triton.next_power_of_2(num_classes)))
+    return constants, num_warps
+
+
 def label_pooling_triton(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, num_classes: int,
-                         swap_xy: bool = False) -> torch.Tensor:
+                         swap_xy: bool = False, num_warps: int | None = None) -> torch.Tensor:
     """Launch the fused kernel; inputs are assumed checked (``_checks.check_inputs``).
 
     Args:
@@ -173,6 +194,7 @@ def label_pooling_triton(values: torch.Tensor, indices: torch.Tensor, boxes: tor
         boxes: Tensor[B, 4] floating, normalized (x1, y1, x2, y2).
         num_classes: C.
         swap_xy: the official box order.
+        num_warps: override the default of :func:`launch_config` (for tuning).
 
     Returns:
         Tensor[B, C] float32 probabilities on the inputs' device.
@@ -187,18 +209,43 @@ def label_pooling_triton(values: torch.Tensor, indices: torch.Tensor, boxes: tor
         indices = indices.to(torch.int64)
     if boxes.dtype != torch.float32:
         boxes = boxes.to(torch.float32)
-    k_block = max(2, triton.next_power_of_2(k))
-    h_block = max(2, triton.next_power_of_2(h))
-    w_block = max(2, triton.next_power_of_2(w))
-    n = k_block * h_block * w_block
-    num_warps = 4 if n <= 2048 else (8 if n <= 8192 else 16)
+    constants, warps = launch_config(k, h, w, num_classes, swap_xy, num_warps)
     _label_pooling_kernel[(batch,)](
         values, indices, boxes, out,
         *values.stride(), *indices.stride(), *boxes.stride(), out.stride(0),
         k, h, w, num_classes,
-        SWAP_XY=bool(swap_xy), K_BLOCK=k_block, H_BLOCK=h_block, W_BLOCK=w_block, LOG_N=n.bit_length() - 1,
-        S_H=triton.next_power_of_2(2 * h + 6), S_W=triton.next_power_of_2(2 * w + 6),
-        C_BLOCK=min(1024, triton.next_power_of_2(num_classes)),
-        num_warps=num_warps, enable_fp_fusion=False,
+        **constants, num_warps=warps, enable_fp_fusion=False,
     )
     return out
+
+
+_TRITON_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int8: "*i8",
+                 torch.uint8: "*u8", torch.int16: "*i16", torch.int32: "*i32", torch.int64: "*i64"}
+
+
+def compile_for_gpu(value_dtype: torch.dtype, index_dtype: torch.dtype, k: int, h: int, w: int,
+                    num_classes: int, swap_xy: bool = False, arch: int = 90) -> dict:
+    """Compile the kernel ahead of time for an NVIDIA GPU (no GPU or driver needed) and describe the result.
+
+    Catches what the interpreter can not: Triton front-end rules, MLIR/LLVM lowering and ptxas errors. Needs
+    ``TRITON_INTERPRET`` unset when this module is imported (the interpreter replaces the kernel object).
+
+    Returns:
+        ``{"ptx_bytes", "cubin_bytes", "shared_bytes", "num_warps"}``.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = _label_pooling_kernel
+    names = kernel.arg_names
+    constants, warps = launch_config(k, h, w, num_classes, swap_xy)
+    signature = {"values_ptr": _TRITON_TYPES[value_dtype], "indices_ptr": _TRITON_TYPES[index_dtype],
+                 "boxes_ptr": "*fp32", "out_ptr": "*fp32"}
+    signature.update({name: "i32" for name in names[4:] if name not in constants})
+    signature.update({name: "constexpr" for name in constants})
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(names.index(name),): value for name, value in constants.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps, "enable_fp_fusion": False})
+    return {"ptx_bytes": len(compiled.asm["ptx"]), "cubin_bytes": len(compiled.asm["cubin"]),
+            "shared_bytes": compiled.metadata.shared, "num_warps": warps}

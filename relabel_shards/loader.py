@@ -455,7 +455,8 @@ def make_loader(urls: str | Sequence[str], batch_size: int, num_workers: int = 4
 
     Returns:
         A :class:`ReLabelLoader`: iterate it for batch dicts; ``set_epoch``, ``state_dict``,
-        ``load_state_dict``, ``len``, ``skipped``.
+        ``load_state_dict``, ``len``, ``skipped``. Workers start afresh each epoch (they take the epoch
+        and the resume position with them), so there is no ``persistent_workers``.
 
     Raises:
         ValueError: bad options, or fewer shards than ranks x workers (the message gives the number needed).

@@ -15,7 +15,7 @@ DataLoader workers, batch size and output size, in one run:
 
 Images/s is the steady rate of one full pass after its first batch (worker start-up and the shuffle-buffer
 fill excluded; the pass time with them is shown too), median over repeats; the configurations run
-interleaved (a, b, b', c, s3, a, b, ...) so drifting machine load hits all alike. Goals (issue 4): (b) >=
+interleaved, in an order rotated every round, so drifting machine load hits all alike. Goals (issue 4): (b) >=
 97 % of (a); (b) >= 1.3x (c). Also a per-image decode micro-benchmark of draft mode on larger JPEGs.
 
     python benchmarks/bench_loader.py                        # about 2 minutes on 2 busy cores
@@ -344,9 +344,11 @@ def main(argv: list[str] | None = None) -> None:
                                                                             storage_options=s3_opts)
         runs: dict[str, list[dict]] = {k: [] for k in configs}
         try:
+            names = list(configs)
             for rep in range(args.repeats + 1):  # the first round warms caches and is not counted
-                for name, fn in configs.items():
-                    m = measure(fn())
+                # rotate the order every round, so no pipeline always runs right after the same other one
+                for name in names[rep % len(names):] + names[:rep % len(names)]:
+                    m = measure(configs[name]())
                     if rep:
                         runs[name].append(m)
         finally:

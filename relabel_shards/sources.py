@@ -332,19 +332,22 @@ def image_member(members: Sequence[tuple[str, bytes]]) -> tuple[str, bytes] | No
 
 
 def decode_image(data: bytes):
-    """Decode image bytes fully into an RGB ``PIL.Image`` (a truncated or non-image file raises here).
+    """Decode image bytes fully into an upright RGB ``PIL.Image`` (a truncated or non-image file raises here).
+
+    The EXIF orientation is applied (label maps describe the upright image, DESIGN.md), so ``.size`` is the
+    upright width and height that the sample's ``.json`` records.
 
     Raises:
         ValueError: the bytes are empty or not a decodable image; the message says why.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise ValueError("empty file")
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return im.convert("RGB")
+            return ImageOps.exif_transpose(im).convert("RGB")
     except UnidentifiedImageError:
         raise ValueError("not a decodable image (PIL cannot identify it)") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as e:

@@ -142,6 +142,19 @@ def test_iter_shard_samples_groups_members_and_rejects_split_keys(tmp_path):
         list(iter_shard_samples(str(tmp_path / "trunc.tar")))
 
 
+def test_decode_image_applies_exif_orientation():
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: the upright image is this one turned 90 degrees clockwise
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", exif=exif.tobytes())
+    img = decode_image(buf.getvalue())
+    assert img.size == (20, 40)  # upright width x height
+    up = np.asarray(img)
+    assert up[:15].mean() > 200 and up[25:].mean() < 50  # the white half is now on top
+
+
 def test_decode_image_reasons():
     img = decode_image(_jpeg(1, size=(5, 7)))
     assert img.mode == "RGB" and img.size == (7, 5)

@@ -465,13 +465,14 @@ def _run(
             shard.commit(extra={"map_shapes": sorted(list(s) for s in shapes.pop(index))})
             del open_shards[index]
 
+    chunks = iter(loader)  # forks the workers before the writer thread exists (no lock held across a fork)
     writer = SerialExecutor(maxsize=8)
     done = 0
     ok = False
     try:
         if progress is not None:
             progress(0, total)
-        for chunk in loader:
+        for chunk in chunks:
             failed = [e for e in chunk["entries"] if "reason" in e]
             if failed:
                 fatal = [e for e in failed if e.get("fatal")]

@@ -17,6 +17,11 @@ two shards, so the batches the model sees (and so its outputs) do not depend on 
 With ``keep_aspect`` images differ in size: a chunk holds one stacked tensor per distinct size, in order of
 first appearance, and the annotator runs once per size (images of the same size still share a batch).
 
+Byte-identical resumes need deterministic inference for the same batch: true on the CPU; on CUDA cuDNN's
+forward convolutions are deterministic with ``torch.backends.cudnn.benchmark`` off (the default), and
+``torch.use_deterministic_algorithms(True)`` is the caller's switch for the rest. Batches do not depend on
+workers, ranks or resumes, but do on ``batch_size``: keep it when resuming for identical bytes.
+
 Input shards map one to one onto output shards (``shard_size`` does not apply): every member passes through
 unchanged and ``key.rlm`` is appended. A sample that already holds an ``.rlm`` member gets the new one
 instead.

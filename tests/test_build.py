@@ -284,7 +284,7 @@ def test_cli_errors_are_one_line_nonzero(folder, tmp_path):
         assert "Traceback" not in res.output
 
 
-def test_two_ranks_give_the_same_shards_as_one(folder, tmp_path):
+def test_two_ranks_give_the_same_shards_as_one(folder, tmp_path, monkeypatch):
     one = tmp_path / "one" / "ds"
     build_shards(str(folder), str(one), **SMALL, shard_size=2, batch_size=2, num_workers=0)
     two = tmp_path / "two" / "ds"
@@ -292,9 +292,11 @@ def test_two_ranks_give_the_same_shards_as_one(folder, tmp_path):
         str(folder), str(two), **SMALL, shard_size=2, batch_size=2, num_workers=0, rank=0, world_size=2
     )
     assert s0.written == [0, 2] and s0.info is None and not (two / "_info.json").exists()
-    s1 = build_shards(
-        str(folder), str(two), **SMALL, shard_size=2, batch_size=2, num_workers=0, rank=1, world_size=2
-    )
+    monkeypatch.setenv("RANK", "1")  # rank 1 from torchrun's environment variables
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    s1 = build_shards(str(folder), str(two), **SMALL, shard_size=2, batch_size=2, num_workers=0)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
     assert s1.written == [1] and s1.info is not None
     assert _tree(two) == _tree(one)
     # a rerun finds every shard complete and rewrites nothing but the identical _info.json

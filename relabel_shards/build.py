@@ -464,7 +464,12 @@ def _run(
             values, indices = outputs[e["group"]]
             v, i = values[e["row"]].numpy(), indices[e["row"]].numpy()  # (k, h, w)
             shapes[index].add(tuple(v.shape[1:]))
-            record = encode_label_map(v, i, num_classes, encoding=encoding)
+            try:
+                record = encode_label_map(v, i, num_classes, encoding=encoding)
+            except ValueError as err:  # e.g. non-finite logits from a broken checkpoint: name the sample
+                raise ValueError(
+                    f"{job.filename(index)} key {e['key']}: cannot encode its label map: {err}"
+                ) from err
             shard.add(e["key"], [*e["members"], (f"{e['key']}.{LABELMAP_EXT}", record)])
         if chunk["end"]:
             shard.commit(extra={"map_shapes": sorted(list(s) for s in shapes.pop(index))})

@@ -621,3 +621,18 @@ def test_imagefolder_and_list_on_s3_equal_local(folder, tmp_path, s3_bucket):
     samples = _read_samples(tmp_path / "fromlist", split)
     assert [(s["__key__"], int(s["cls"])) for s in samples] == [("cat_0", 1), ("dog_1", 0)]
     assert samples[0]["jpg"] == (folder / "cat" / "cat_0.JPEG").read_bytes()
+
+
+def test_unencodable_map_names_shard_and_key_and_leaves_no_partial_shard(folder, tmp_path, monkeypatch):
+    from relabel_shards.annotator import Annotator
+
+    real_call = Annotator.__call__
+
+    def nan_call(self, images):  # a broken checkpoint: non-finite logits
+        values, indices = real_call(self, images)
+        return torch.full_like(values, float("nan")), indices
+
+    monkeypatch.setattr(Annotator, "__call__", nan_call)
+    with pytest.raises(ValueError, match=r"train-000000\.tar key cat_0: cannot encode its label map"):
+        build_shards(str(folder), str(tmp_path / "ds"), **SMALL, shard_size=4, num_workers=0)
+    assert os.listdir(tmp_path / "ds") == []

@@ -140,7 +140,7 @@ class PlainShards(IterableDataset):
     """(a): shards split over workers, streamed, decoded and cropped as the loader does; labels only."""
 
     def __init__(self, root: str, image_size: int, seed: int):
-        from relabel_shards.loader import resolve_shards
+        from relabel_shards.shardlist import resolve_shards
 
         self.shards = [u for u, _ in resolve_shards(root)[0]]
         self.crop = CropConfig(image_size=image_size)

@@ -31,78 +31,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from relabel_shards.crops import check_scale_ratio
-from relabel_shards.decode import CropConfig, Geometry, SampleError, decode_sample
+from relabel_shards.decode import CropConfig, SampleError, decode_sample
 from relabel_shards.order import assign_shards, derive_seed, resolve_world, samples_per_slot, shuffle_buffer
-from relabel_shards.shards import INFO_NAME, ShardError, expand_urls, get_split, join, read_info
+from relabel_shards.shardlist import resolve_shards
+from relabel_shards.shards import ShardError
 from relabel_shards.tarstream import RetryingReader, fsspec_opener, iter_tar_samples
 
-__all__ = ["ReLabelDataset", "ReLabelLoader", "make_loader", "collate", "resolve_shards"]
+__all__ = ["ReLabelDataset", "ReLabelLoader", "make_loader", "collate"]
 
 log = logging.getLogger(__name__)
 _STATE_VERSION = 1
-
-
-# ------------------------------------------------------------------------------------------------ URLs
-
-
-def _is_root(url: str) -> bool:
-    return not url.rstrip("/").endswith(".tar") and "{" not in url and "::" not in url
-
-
-def resolve_shards(urls: str | Sequence[str], split: str | None = None,
-                   storage_options: dict | None = None) -> tuple[list[tuple[str, int]], Geometry | None]:
-    """The shard URLs with their sample counts, and the label-map geometry, from ``_info.json``.
-
-    Args:
-        urls: a directory or URL prefix holding ``_info.json``; or shard URLs (brace patterns, lists,
-            ``::``-joined), each listed in the ``_info.json`` of its own directory.
-        split: which split of ``_info.json``; may be omitted when it holds only one.
-
-    Returns:
-        ``([(url, num_samples), ...], geometry)``; geometry is None where ``_info.json`` does not give
-        k, height, width and num_classes.
-
-    Raises:
-        FileNotFoundError: no ``_info.json`` where one is needed.
-        ShardError: a shard is not listed in its ``_info.json``, or the lists disagree.
-    """
-    items = [urls] if isinstance(urls, str) else list(urls)
-    if not items:
-        raise ValueError("urls must name at least one dataset directory or shard, got an empty list")
-    shards: list[tuple[str, int]] = []
-    sections: list[dict] = []
-    infos: dict[str, dict] = {}
-    for item in items:
-        if _is_root(item):
-            sp = get_split(read_info(item, storage_options), split, join(item, INFO_NAME))
-            names, lengths = sp.get("filenames", []), sp.get("shard_lengths", [])
-            if len(names) != len(lengths):
-                raise ShardError(f"{join(item, INFO_NAME)}: {len(names)} filenames but "
-                                 f"{len(lengths)} shard_lengths")
-            shards += [(join(item, n), int(m)) for n, m in zip(names, lengths, strict=True)]
-            sections.append(sp.get("relabel_shards", {}))
-            continue
-        for url in expand_urls(item):
-            base, _, name = url.rstrip("/").rpartition("/")
-            if base not in infos:
-                infos[base] = read_info(base or ".", storage_options)
-            splits = infos[base].get("splits", {}).values() if split is None else \
-                [get_split(infos[base], split, join(base, INFO_NAME))]
-            for sp in splits:
-                if name in sp.get("filenames", []):
-                    shards.append((url, int(sp["shard_lengths"][sp["filenames"].index(name)])))
-                    sections.append(sp.get("relabel_shards", {}))
-                    break
-            else:
-                raise ShardError(f"{url} is not listed in {join(base, INFO_NAME)}; the loader needs every "
-                                 "shard's length from _info.json to give each rank the same number of "
-                                 "batches")
-    geos = {Geometry(int(s["k"]), int(s["height"]), int(s["width"]), int(s["num_classes"]))
-            for s in sections if all(f in s for f in ("k", "height", "width", "num_classes"))}
-    if len(geos) > 1:
-        raise ShardError(f"the shards' _info.json sections give different label-map geometries: "
-                         f"{sorted(geos)}")
-    return shards, (geos.pop() if geos else None)
 
 
 # --------------------------------------------------------------------------------------------- dataset

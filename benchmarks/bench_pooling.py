@@ -237,6 +237,8 @@ def bench_cuda(args) -> dict:
                          "us_graph": us_graph, "GB/s_read": read_bytes / (best * 1e-6) / 1e9,
                          "speedup_vs_official": base_us / best,
                          "gpu_peak_MiB": peak, "max_abs_diff": diff})
+            print(f"# {rows[-1]}", flush=True)  # partial results survive a timeout
+    sweep = _sweep_warps(vdt, idt) if args.sweep_warps else []
     print_table(rows, ["path", "B", "us_wall", "us_loop", "us_graph", "GB/s_read", "speedup_vs_official",
                        "gpu_peak_MiB", "max_abs_diff"])
     print(f"# values {args.value_dtype}, indices {args.index_dtype}; us_wall: one call + sync (median); "
@@ -249,7 +251,33 @@ def bench_cuda(args) -> dict:
         if r["path"] == "auto (op dispatch)":
             print(f"# goal B={r['B']}: label_pooling (auto) {r['speedup_vs_official']:.0f}x faster than the "
                   "official path end to end (>= 100)")
-    return {"rows": rows, "value_dtype": args.value_dtype, "index_dtype": args.index_dtype}
+    if sweep:
+        print("# Triton kernel alone at B=1024 by num_warps (CUDA graph replay):")
+        print_table(sweep, ["num_warps", "us_graph", "GB/s_read"])
+    return {"rows": rows, "warps_sweep": sweep, "value_dtype": args.value_dtype,
+            "index_dtype": args.index_dtype}
+
+
+def _sweep_warps(vdt: torch.dtype, idt: torch.dtype, batch: int = 1024) -> list[dict]:
+    """Time the kernel alone with each num_warps (one compile each), to tune launch_config's default."""
+    from relabel_shards.pooling.triton_impl import label_pooling_triton
+
+    values, indices, boxes = make_batch(batch)
+    v, i, b = values.cuda().to(vdt), indices.cuda().to(idt), boxes.cuda()
+    read_bytes = sum(t.numel() * t.element_size() for t in (v, i, b))
+    rows = []
+    for warps in (2, 4, 8, 16):
+        try:
+            def run(warps=warps):
+                return label_pooling_triton(v, i, b, C, True, num_warps=warps)
+
+            us = _graph_us(run, 20, 5)
+        except Exception as e:  # a variant that does not compile or run is reported, not fatal
+            print(f"# num_warps={warps}: {type(e).__name__}: {e}")
+            us = None
+        rows.append({"num_warps": warps, "us_graph": us,
+                     "GB/s_read": read_bytes / (us * 1e-6) / 1e9 if us else None})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -262,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="values as stored (cuda only)")
     p.add_argument("--index-dtype", default="int16", choices=["int16", "int32", "int64"],
                    help="indices as stored (cuda only)")
+    p.add_argument("--sweep-warps", action="store_true",
+                   help="cuda only: also time the Triton kernel at B=1024 with num_warps 2, 4, 8, 16")
     p.add_argument("--out", help="JSON path (default benchmarks/results/bench_pooling_<device>.json)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -48,7 +48,7 @@ rc=${PIPESTATUS[0]}
 grep -q "needs a CUDA device" "$out/tests.log" && { echo "gpu_check: CUDA tests were skipped"; status=1; }
 
 echo "== 2/2 bench_pooling --device cuda (limit $((290 - ($(date +%s) - start))) s)"
-timeout $((290 - ($(date +%s) - start))) "$py" benchmarks/bench_pooling.py --device cuda \
+timeout $((290 - ($(date +%s) - start))) "$py" benchmarks/bench_pooling.py --device cuda --sweep-warps \
   --out "$out/bench_pooling_cuda.json" 2>&1 | tee "$out/bench_pooling_cuda.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] || { echo "gpu_check: benchmark failed or timed out (exit $rc)"; status=1; }

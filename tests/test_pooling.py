@@ -289,7 +289,7 @@ def test_cuda_backends_match_oracle_large_batch(value_dtype, index_dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("shape", [(64, 5, 15, 15, 21841), (256, 10, 30, 30, 1000), (512, 3, 7, 14, 1000),
+@pytest.mark.parametrize("shape", [(64, 5, 15, 15, 21841), (256, 4, 15, 20, 1000), (512, 3, 7, 14, 1000),
                                    (8, 1, 1, 1, 3)])
 def test_cuda_triton_shapes_and_many_classes(shape):
     batch, k, h, w, c = shape

@@ -636,3 +636,22 @@ def test_unencodable_map_names_shard_and_key_and_leaves_no_partial_shard(folder,
     with pytest.raises(ValueError, match=r"train-000000\.tar key cat_0: cannot encode its label map"):
         build_shards(str(folder), str(tmp_path / "ds"), **SMALL, shard_size=4, num_workers=0)
     assert os.listdir(tmp_path / "ds") == []
+
+
+def test_rebuilding_labelled_shards_replaces_the_label_map(folder, tmp_path):
+    import tarfile
+
+    from relabel_shards.labelmap import decode_label_map
+
+    first = tmp_path / "first"
+    build_shards(str(folder), str(first), **SMALL, shard_size=6, num_workers=0)
+    again = tmp_path / "again"
+    build_shards(str(first / "train-000000.tar"), str(again), **SMALL, topk=3, num_workers=0)
+    with tarfile.open(first / "train-000000.tar") as a, tarfile.open(again / "train-000000.tar") as b:
+        assert a.getnames() == b.getnames()  # same members, same order: one .rlm per sample, still last
+        for name in a.getnames():
+            if name.endswith(".rlm"):
+                assert decode_label_map(a.extractfile(name).read()).values.shape[0] == 5
+                assert decode_label_map(b.extractfile(name).read()).values.shape[0] == 3
+            else:
+                assert a.extractfile(name).read() == b.extractfile(name).read()

@@ -17,6 +17,10 @@ two shards, so the batches the model sees (and so its outputs) do not depend on 
 With ``keep_aspect`` images differ in size: a chunk holds one stacked tensor per distinct size, in order of
 first appearance, and the annotator runs once per size (images of the same size still share a batch).
 
+Throughput limit of the writer side: one thread encodes every label map; ``encode_label_map`` took about
+0.7 ms per 5x15x15 record on this project's loaded 2-core CPU (so roughly 1,400 records/s per rank). That is
+far above the paper's annotator on one GPU; a much faster annotator is writer-bound per rank (use more ranks).
+
 Byte-identical resumes need deterministic inference for the same batch: true on the CPU; on CUDA cuDNN's
 forward convolutions are deterministic with ``torch.backends.cudnn.benchmark`` off (the default), and
 ``torch.use_deterministic_algorithms(True)`` is the caller's switch for the rest. Batches do not depend on

@@ -278,18 +278,24 @@ def start_s3(root: str) -> tuple[subprocess.Popen, str, dict]:
 
 
 def draft_micro(args) -> list[dict]:
-    """Per-image decode + crop time with and without draft mode, on larger JPEGs (median over images)."""
+    """Per-image decode + crop CPU time with and without draft mode (best of 5 per image, median over images).
+
+    At a 384 px short side a 224 px crop is never downscaled 2x, so draft mode cannot engage there: that row
+    shows the noise floor of the measurement.
+    """
     rows = []
     for short in (384, 768):
         imgs = make_images(24, args.seed + short, (short, short))
         for draft in (False, True):
             cfg = CropConfig(image_size=args.image_size, draft=draft)
             times = []
-            for rep in range(3):
-                for key, _, jpeg in imgs:
-                    t0 = time.process_time()  # CPU time: steady on a shared machine
-                    decode_image(jpeg, cfg, random.Random(derive_seed("crop", rep, key)))
-                    times.append(time.process_time() - t0)
+            for key, _, jpeg in imgs:
+                best = float("inf")
+                for _ in range(5):  # the same crop 5 times; the fastest is the least disturbed by neighbours
+                    t0 = time.process_time()  # CPU time: steadier on a shared machine
+                    decode_image(jpeg, cfg, random.Random(derive_seed("crop", key)))
+                    best = min(best, time.process_time() - t0)
+                times.append(best)
             rows.append({"short_side": short, "draft": draft, "ms_per_image": 1e3 * float(np.median(times))})
     for r in rows:
         base = next(x for x in rows if x["short_side"] == r["short_side"] and not x["draft"])
@@ -387,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
           f"label-map shard overhead "
           f"{(sizes['shard_relabel'] - sizes['shard_plain']) / args.images:.0f}")
     micro = draft_micro(args)
-    print("# draft mode, per-image decode + crop to the output size (median):")
+    print("# draft mode, per-image decode + crop CPU time (best of 5, median over 24 images; at 384 px draft "
+          "cannot engage):")
     print_table(micro, ["short_side", "draft", "ms_per_image", "speedup"])
     write_json(args.out, {"machine": info, "args": vars(args), "rows": rows, "goals": goals, "sizes": sizes,
                           "draft_micro": micro})

@@ -8,14 +8,17 @@
 # tests.xml (JUnit), bench_pooling_cuda.log, bench_pooling_cuda.json. Both steps always run; the exit status is
 # non-zero if either failed or timed out.
 #
-# Usage (from anywhere):  [PYTHON=python3] [OUT=/some/dir] benchmarks/gpu_check.sh
+# Usage (from anywhere):  [PYTHON=python] [OUT=/some/dir] benchmarks/gpu_check.sh
 # Needs: a Python with torch (CUDA build), torchvision, triton, click and pytest; the package is used from this
 # checkout (PYTHONPATH), no install needed.
 set -uo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
-py="${PYTHON:-python3}"
+py="${PYTHON:-}"
+if [ -z "$py" ]; then  # the CI's venv if there is one, else python3
+  if [ -x "$repo/.venv/bin/python" ]; then py="$repo/.venv/bin/python"; else py=python3; fi
+fi
 out="${OUT:-$repo/benchmarks/results/gpu_check}"
 mkdir -p "$out"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relabel_shards.pooling import LabelPooling, label_pooling, official, reference_label_pooling
 
@@ -89,6 +91,20 @@ def test_many_random_boxes_and_map_shapes():
             got = label_pooling(values, indices, boxes, 40, swap_xy=swap_xy)
             want = reference_label_pooling(values, indices, boxes, 40, swap_xy=swap_xy)
             torch.testing.assert_close(got, want, atol=TOL, rtol=0, msg=f"map {h}x{w} swap_xy={swap_xy}")
+
+
+@settings(max_examples=60, deadline=None)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), k=st.integers(1, 3), c=st.integers(3, 12),
+       coords=st.lists(st.floats(-1.5, 2.5, width=32) | st.sampled_from([0.0, 0.5, 1.0, 1 / 3, 2 / 3, -0.25]),
+                       min_size=4, max_size=4),
+       swap_xy=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_any_box_any_map(h, w, k, c, coords, swap_xy, seed):
+    # Boxes anywhere (inverted, degenerate, on cell edges, beyond the map) on any small map.
+    values, indices, _ = make_inputs(1, k, h, w, c, seed=seed)
+    boxes = torch.tensor([coords], dtype=torch.float32)
+    got = label_pooling(values * 4, indices, boxes, c, swap_xy=swap_xy)
+    want = reference_label_pooling(values * 4, indices, boxes, c, swap_xy=swap_xy)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
 
 
 def test_non_contiguous_inputs():

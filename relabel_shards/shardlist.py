@@ -66,8 +66,15 @@ def resolve_shards(urls: str | Sequence[str], split: str | None = None,
                 raise ShardError(f"{url} is not listed in {join(base, INFO_NAME)}; the loader needs every "
                                  "shard's length from _info.json to give each rank the same number of "
                                  "batches")
+    for s in sections:
+        if s.get("map_shapes"):
+            raise ShardError(
+                f"the label maps of this dataset come in {len(s['map_shapes'])} shapes (h, w) "
+                f"{[tuple(x) for x in s['map_shapes']]}: it was built with --keep-aspect, which keeps each "
+                "image's own map shape for inspection (show, verify); training batches need one shape, so "
+                "build without --keep-aspect")
     geos = {Geometry(int(s["k"]), int(s["height"]), int(s["width"]), int(s["num_classes"]))
-            for s in sections if all(f in s for f in ("k", "height", "width", "num_classes"))}
+            for s in sections if all(s.get(f) is not None for f in ("k", "height", "width", "num_classes"))}
     if len(geos) > 1:
         raise ShardError(f"the shards' _info.json sections give different label-map geometries: "
                          f"{sorted(geos)}")

@@ -257,6 +257,19 @@ def test_label_map_geometry_must_match_the_dataset(tmp_path):
     assert "s00003" not in _keys(loader) and loader.skipped == {"labelmap_mismatch": 1}
 
 
+def test_keep_aspect_dataset_is_refused_with_the_reason(tmp_path):
+    """A --keep-aspect build has one map shape per image aspect: the loader says so instead of failing later."""
+    make_shards(tmp_path, [2])
+    info_path = tmp_path / "_info.json"
+    info = json.loads(info_path.read_text())
+    section = info["splits"]["train"]["relabel_shards"]
+    section.update(height=None, width=None, map_shapes=[[10, 15], [15, 10]])
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(ValueError, match=r"2 shapes \(h, w\) \[\(10, 15\), \(15, 10\)\]: it was built with "
+                                         r"--keep-aspect"):
+        make_loader(str(tmp_path), batch_size=2, num_workers=0, image_size=16)
+
+
 def test_resume_with_skipped_samples(tmp_path):
     make_shards(tmp_path, [5, 5, 5, 5], transform=_corrupt_jpeg)
     opts = dict(batch_size=2, num_workers=2, image_size=16, seed=3, on_error="skip", shuffle_buffer=3)

@@ -54,12 +54,14 @@ def _label_pooling_cuda(values: torch.Tensor, indices: torch.Tensor, boxes: torc
     if validate:
         check_data(indices, boxes, num_classes)  # one host-device sync
     try:
-        from relabel_shards.pooling.triton_impl import label_pooling_triton
+        from relabel_shards.pooling.triton_impl import label_pooling_triton, supports
     except ImportError as e:
         if not _triton_missing_logged:
             log.warning("triton unavailable (%s): label_pooling uses the PyTorch path on CUDA", e)
             _triton_missing_logged = True
         return label_pooling_torch(values, indices, boxes, num_classes, swap_xy)
+    if not supports(*values.shape[1:], num_classes):  # more classes than the kernel's keys hold
+        return label_pooling_torch(values, indices, boxes, num_classes, swap_xy, indices_checked=validate)
     return label_pooling_triton(values, indices, boxes, num_classes, swap_xy)
 
 

@@ -6,8 +6,9 @@ Per image b, the program:
    same float32 operations in the same order as ``torch_impl.axis_weights`` (so as torchvision's roi_align);
 2. loads the ``[k, h, w]`` values and class indices as stored (any strides; values f16/bf16/f32, indices
    int8..int64) and forms ``contrib = value * (Wy[r] * Wx[q])``;
-3. accumulates the contributions by class index without a dense map: it packs ``class << 32 | bits(contrib)``
-   into int64 keys and sorts them (a bitonic sort, :func:`_sort`), so each class is one run; run starts come
+3. accumulates the contributions by class index without a dense map: it sorts int32 keys
+   ``class * N + position`` (a bitonic sort, :func:`_sort`) and gathers the contributions back in key order,
+   so each class is one run; run starts come
    from a neighbour compare (``tl.gather``), run ends from a binary search by ``tl.gather`` (log2 N steps),
    and each class's total is the difference of a float64 prefix sum (``tl.cumsum``) across its run: fixed
    order, no atomics;
@@ -68,12 +69,12 @@ def _axis_weights(start, end, size, S: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _sort(x, N: tl.constexpr, LOG_N: tl.constexpr):
-    """Ascending bitonic sort of an int64 tensor [N] (N = 2**LOG_N), viewed as a [2] * LOG_N hypercube.
+    """Ascending bitonic sort of an integer tensor [N] (N = 2**LOG_N), viewed as a [2] * LOG_N hypercube.
 
     Hypercube axis ``LOG_N - 1 - j`` holds bit j of the flat position; an element's partner across that axis
-    is ``sum over the axis - itself`` (exact in wrapping int64 arithmetic). Written with ``tl.sum`` rather
-    than the XOR reduction of ``tl.sort`` because Triton's interpreter runs ``tl.sum`` in numpy and a custom
-    reduction one element at a time (20 s against 0.2 s per image here).
+    is ``sum over the axis - itself`` (exact: the keys stay below 2**30, so the pair sum fits an int32).
+    Written with ``tl.sum`` rather than the XOR reduction of ``tl.sort`` because Triton's interpreter runs
+    ``tl.sum`` in numpy and a custom reduction one element at a time (20 s against 0.2 s per image here).
     """
     shape: tl.constexpr = [2] * LOG_N
     h = tl.reshape(x, shape)
@@ -125,14 +126,15 @@ def _label_pooling_kernel(values_ptr, indices_ptr, boxes_ptr, out_ptr,
     wmap = wy[None, :, None] * wx[None, None, :]
     contrib = val.to(tl.float32) * wmap
     ok = inside & (idx >= 0) & (idx < C)
-    low_bits = contrib.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-    sentinel = C.to(tl.int64) << 32  # sorts after every real class
-    keys = tl.where(ok, (idx << 32) | low_bits, sentinel)
     N: tl.constexpr = K_BLOCK * H_BLOCK * W_BLOCK
+    # int32 keys ``class * N + position``: unique, ascending by class, and the position finds the contribution
+    # again after the sort; ignored entries get class C. The launcher checks (C + 1) * N <= 2**30.
+    flat = kk * (H_BLOCK * W_BLOCK) + rr * W_BLOCK + qq  # row-major position, as tl.reshape orders it
+    keys = tl.where(ok, idx.to(tl.int32) * N, C * N) + flat
     keys = _sort(tl.reshape(keys, [N]), N, LOG_N)
 
-    cls = keys >> 32  # [N] ascending; C marks padding and ignored indices
-    part = (keys & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    cls = keys >> LOG_N  # [N] ascending; C marks padding and ignored indices
+    part = tl.gather(tl.reshape(contrib, [N]), keys & (N - 1), 0)
     pos = tl.arange(0, N)
     prev = tl.gather(cls, tl.maximum(pos - 1, 0), 0)
     is_start = (pos == 0) | (cls != prev)  # first element of each class run
@@ -170,18 +172,29 @@ def launch_config(k: int, h: int, w: int, num_classes: int, swap_xy: bool,
     """The kernel's compile-time constants and warp count for a ``[k, h, w]`` map and C classes.
 
     Every axis is padded to a power of two (at least 2); the sort works on ``N = K_BLOCK * H_BLOCK * W_BLOCK``
-    keys (2048 for 5x15x15). Warps by default: 4 up to N = 2048, 8 up to 8192, else 16 (a guess, not yet
-    tuned on a GPU; ``bench_pooling.py --device cuda --sweep-warps`` times the alternatives).
+    keys (2048 for 5x15x15). Warps by default: 4 up to N = 512, 8 up to 8192, else 16. Not yet tuned on a GPU
+    (``bench_pooling.py --device cuda --sweep-warps`` times the alternatives); what ptxas says for sm_90 and
+    5x15x15: 174 registers per thread at 4 warps (2 blocks, 8 warps per SM), 80 at 8 warps (3 blocks, 24
+    warps per SM), no spills.
     """
     k_block, h_block, w_block = (max(2, triton.next_power_of_2(x)) for x in (k, h, w))
     n = k_block * h_block * w_block
     if num_warps is None:
-        num_warps = 4 if n <= 2048 else (8 if n <= 8192 else 16)
+        num_warps = 4 if n <= 512 else (8 if n <= 8192 else 16)
     constants = dict(SWAP_XY=bool(swap_xy), K_BLOCK=k_block, H_BLOCK=h_block, W_BLOCK=w_block,
                      LOG_N=n.bit_length() - 1, S_H=triton.next_power_of_2(2 * h + 6),
                      S_W=triton.next_power_of_2(2 * w + 6),
                      C_BLOCK=min(1024, triton.next_power_of_2(num_classes)))
     return constants, num_warps
+
+
+def supports(k: int, h: int, w: int, num_classes: int) -> bool:
+    """Whether the kernel's int32 sort keys hold ``class * N + position``: ``(C + 1) * N <= 2**30``.
+
+    For 5x15x15 maps (N = 2048) that is C <= 524,287; the PyTorch path has no such limit.
+    """
+    constants, _ = launch_config(k, h, w, num_classes, False)
+    return (num_classes + 1) << constants["LOG_N"] <= 2**30
 
 
 def label_pooling_triton(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, num_classes: int,
@@ -198,8 +211,15 @@ def label_pooling_triton(values: torch.Tensor, indices: torch.Tensor, boxes: tor
 
     Returns:
         Tensor[B, C] float32 probabilities on the inputs' device.
+
+    Raises:
+        ValueError: the map and class count are too large for the kernel's keys (see :func:`supports`).
     """
     batch, k, h, w = values.shape
+    if not supports(k, h, w, num_classes):
+        raise ValueError(f"the Triton kernel needs (num_classes + 1) * N <= 2**30 with N = k * h * w padded "
+                         f"to powers of two; got num_classes={num_classes} for a [{k}, {h}, {w}] map: "
+                         "use backend='torch'")
     out = torch.empty(batch, num_classes, dtype=torch.float32, device=values.device)
     if batch == 0:
         return out

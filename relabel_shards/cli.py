@@ -42,13 +42,8 @@ def user_errors(fn: Callable) -> Callable:
 def cli(verbose: int) -> None:
     """ReLabel-style localized soft targets, stored beside the JPEGs in WebDataset shards.
 
-    \b
-    build    annotate images with a timm classifier and write label-map shards
-    convert  import the official ReLabel release (one .pt file per image)
-    info     what a dataset's _info.json says
-    verify   read every shard and check it against _info.json
-    show     draw an image with heatmaps of its top classes
-    demo     build shards from bundled real photos on the CPU and draw them
+    New here? `relabel-shards demo out/` builds shards from real photos on the CPU and draws their label
+    maps. Every command's options: `relabel-shards COMMAND --help`, or docs/CLI.md.
     """
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
@@ -315,8 +310,9 @@ def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) 
 @click.option("--size", default=15, help="The label map is size x size cells.")
 @click.option("--swap-xy", is_flag=True,
               help="The official code's box order (the crop mirrored across the diagonal).")
-@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto",
+              help="LabelPooling implementation: auto takes Triton for CUDA tensors, the PyTorch path otherwise.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Where the pooling runs.")
 @click.option("--seed", default=0, help="Seeds the synthetic maps and the random boxes.")
 @click.option("--top", default=3, help="Classes printed per box.")
 @user_errors

@@ -18,7 +18,8 @@ OUT = ROOT / "docs" / "CLI.md"
 def render() -> str:
     from relabel_shards.cli import cli
 
-    ctx = click.Context(cli, info_name="relabel-shards", terminal_width=100, max_content_width=100)
+    ctx = click.Context(cli, info_name="relabel-shards", terminal_width=100, max_content_width=100,
+                        show_default=True)
     parts = [
         "# relabel-shards command line",
         "",
@@ -30,7 +31,8 @@ def render() -> str:
     ]
     for name in cli.list_commands(ctx):
         cmd = cli.get_command(ctx, name)
-        sub = click.Context(cmd, info_name=name, parent=ctx, terminal_width=100, max_content_width=100)
+        sub = click.Context(cmd, info_name=name, parent=ctx, terminal_width=100, max_content_width=100,
+                        show_default=True)
         parts += ["", f"## `relabel-shards {name}`", "", "```text", cmd.get_help(sub).rstrip(), "```"]
     return "\n".join(parts) + "\n"
 

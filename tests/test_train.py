@@ -117,7 +117,7 @@ def test_command_line_runs(data, tmp_path, capsys):
     train_mod.main(["--train", str(data / "train"), "--val", str(data / "val"),
                     "--model", "test_efficientnet",
                     "--out", str(tmp_path), "--epochs", "1", "--batch-size", "32", "--image-size", "32",
-                    "--workers", "0", "--no-amp", "--cutmix", "1.0"])
+                    "--workers", "0", "--no-amp", "--cutmix", "1.0", "--swap-xy"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n"] == 20 and "top1" in res
 

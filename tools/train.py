@@ -53,6 +53,7 @@ class TrainConfig:
     workers: int = 8
     cutmix: float = 0.0  # probability per batch (official recipe: 1.0)
     cutmix_beta: float = 1.0
+    swap_xy: bool = False  # True: the official code's box order (shards from `convert --layout hw`)
     amp: bool | None = None  # bf16 autocast; default on for CUDA
     seed: int = 0
     max_steps: int | None = None  # stop early (tests, smoke runs)
@@ -249,7 +250,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             with torch.no_grad():
                 target = label_pooling(batch["values"].to(device, non_blocking=True),
                                        batch["indices"].to(device, non_blocking=True),
-                                       batch["boxes"].to(device, non_blocking=True), num_classes)
+                                       batch["boxes"].to(device, non_blocking=True), num_classes,
+                                       swap_xy=cfg.swap_xy)
             if cfg.cutmix > 0 and gen.random() < cfg.cutmix:
                 images, target, _ = cutmix(images, target, cfg.cutmix_beta, gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.amp)):

@@ -21,6 +21,7 @@ the zstd frame's declared content size), verifies the CRC-32, and never unpickle
 
 from __future__ import annotations
 
+import math
 import struct
 import threading
 import zlib
@@ -112,11 +113,12 @@ def _compressor(level: int):
 
 
 def _decompressor():
-    import zstandard
+    d = _local.__dict__.get("d")
+    if d is None:
+        import zstandard
 
-    if not hasattr(_local, "d"):
-        _local.d = zstandard.ZstdDecompressor()
-    return _local.d
+        d = _local.d = zstandard.ZstdDecompressor()
+    return d
 
 
 def _planes(a: np.ndarray, width: int) -> bytes:
@@ -125,11 +127,46 @@ def _planes(a: np.ndarray, width: int) -> bytes:
     return le.view(np.uint8).reshape(-1, width).T.tobytes()
 
 
-def _unplanes(buf: memoryview, n: int, width: int) -> np.ndarray:
+_UINT = {1: np.dtype(np.uint8), 2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_FLOAT = {1: np.dtype("<f4"), 2: np.dtype("<f2")}  # value codec -> stored float type
+
+
+def _unplanes(p: np.ndarray, off: int, n: int, width: int) -> np.ndarray:
+    """``n`` unsigned ints [n] (uint8, <u2 or <u4) from the ``width``-byte planes at ``p[off:]`` (p: uint8).
+
+    One byte (a read-only view into ``p``) or one copy (wider).
+    """
+    b = p[off : off + n * width]
     if width == 1:
-        return np.frombuffer(buf, dtype=np.uint8, count=n)
-    b = np.frombuffer(buf, dtype=np.uint8, count=n * width).reshape(width, n)
-    return np.ascontiguousarray(b.T).view(f"<u{width}").reshape(n)
+        return b
+    out = np.empty((n, width), np.uint8)  # plane by plane: twice as fast as copying the transpose
+    for i in range(width):
+        out[:, i] = b[i * n : (i + 1) * n]
+    return out.view(_UINT[width]).reshape(n)
+
+
+_I8 = np.dtype("<i8")  # the decoder's integer arrays: little-endian, so _unplanes_into can write their bytes
+
+
+def _unplanes_into(out: np.ndarray, p: np.ndarray, off: int, width: int) -> None:
+    """Fill ``out`` (C-contiguous <i8, any shape) with the ``out.size`` unsigned ints of the ``width``-byte
+    planes at ``p[off:]``: each plane goes straight into its byte of the int64s, no intermediate array."""
+    n = out.size
+    if width == 1:
+        out[...] = p[off : off + n].reshape(out.shape)
+        return
+    ob = out.reshape(n).view(np.uint8).reshape(n, 8)
+    for i in range(width):
+        ob[:, i] = p[off + i * n : off + (i + 1) * n]
+    ob[:, width:] = 0
+
+
+def _unzigzag_into(z: np.ndarray) -> None:
+    """Zigzag codes -> signed values, in place (``z`` int64): ``(z >> 1) ^ -(z & 1)``."""
+    sign = z & 1
+    np.negative(sign, out=sign)
+    z >>= 1
+    z ^= sign
 
 
 def _width_code(max_value: int) -> int:
@@ -142,7 +179,11 @@ def _zigzag(x: np.ndarray) -> np.ndarray:
 
 def _unzigzag(z: np.ndarray) -> np.ndarray:
     z = z.astype(np.int64)
-    return np.where(z & 1, -((z + 1) >> 1), z >> 1)
+    return (z >> 1) ^ -(z & 1)
+
+
+_UNZIGZAG_U8 = _unzigzag(np.arange(256)).astype("<i8")  # zigzag byte -> value: one gather
+_MAX_R = {1: 128, 2: 1 << 15, 4: 1 << 31}  # largest |residual| a zigzagged field of this width holds
 
 
 def _pred2d(t: np.ndarray) -> np.ndarray:
@@ -191,26 +232,68 @@ def _neighbour_refs(pos: np.ndarray) -> np.ndarray:
     return np.where(found, j_prime, k + pos.reshape(-1)).reshape(k, h, w)
 
 
-def _resolve_refs(sym: np.ndarray, m: int) -> np.ndarray:
-    """Reference symbols (k, h, w) -> palette positions, by pointer jumping (no loop over cells)."""
-    k, h, w = sym.shape
-    esc = sym >= k
-    if not esc[:, 0, 0].all():
-        raise LabelMapError("bad label-map record: cell (0, 0) refers to a previous cell, but it has none")
-    if int(sym.max()) >= k + m:
-        raise LabelMapError(
-            f"bad label-map record: palette position {int(sym.max()) - k} >= palette size {m}"
-        )
+_CACHE_MAX_N = 1 << 16  # tables for larger maps are built per record rather than kept
+_PREV_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
+_IOTA = np.arange(256, dtype=np.intp)
+
+
+def _iota(n: int) -> np.ndarray:
+    """``arange(n)`` intp, a read-only-by-convention view of a shared array for n <= _CACHE_MAX_N."""
+    global _IOTA
+    if n > _CACHE_MAX_N:
+        return np.arange(n, dtype=np.intp)
+    if n > _IOTA.size:
+        _IOTA = np.arange(max(n, min(2 * _IOTA.size, _CACHE_MAX_N)), dtype=np.intp)
+    return _IOTA[:n]
+
+
+def _prev_cells(k: int, h: int, w: int) -> np.ndarray:
+    """intp [k*h*w]: each element's previous cell as a flat h*w index (cell 0: 0). Cached per shape: a
+    dataset has one, so each loader worker builds it once."""
+    key = (k, h, w)
+    prev = _PREV_CACHE.get(key)
+    if prev is None:
+        hw = h * w
+        cells = np.arange(-1, hw - 1, dtype=np.intp).reshape(h, w)  # the left neighbour ...
+        cells[:, 0] -= w - 1  # ... in column 0 the cell above
+        cells[0, 0] = 0  # cell (0, 0) has none; its references are rejected before use
+        prev = np.tile(cells.reshape(-1), k)
+        if k * hw <= _CACHE_MAX_N:
+            if len(_PREV_CACHE) >= 8:
+                _PREV_CACHE.clear()
+            _PREV_CACHE[key] = prev
+    return prev
+
+
+def _ref_pointers(s: np.ndarray, k: int, h: int, w: int, m: int) -> np.ndarray:
+    """Reference symbols [k*h*w] (flat order, any unsigned dtype) -> intp [k*h*w]: for every element, the
+    flat index of the written-out symbol (``>= k``) its reference chain ends at.
+
+    Pointer jumping (``ptr = ptr[ptr]``) with no loop over cells: parents come earlier in raster order and
+    chains are shorter than h + w cells, so ``bit_length(h + w)`` doublings resolve every chain.
+    """
+    # Small arrays: each numpy call costs about a microsecond whatever its size, so this uses few, and
+    # ndarray methods and ufuncs rather than the slower np.* wrappers and dtype= casts.
     hw = h * w
-    prev = np.arange(hw).reshape(h, w) - 1  # the previous cell: the left neighbour, in column 0 the one above
-    prev[:, 0] -= w - 1
-    flat = sym.reshape(k, hw)
-    ptr = np.where(esc.reshape(k, hw), np.arange(k * hw).reshape(k, hw), flat * hw + prev.reshape(1, hw))
-    ptr = ptr.reshape(-1)  # escapes point to themselves
-    # Parents come earlier in raster order and chains are shorter than h + w: doubling resolves them all.
+    if min(s[::hw].tolist()) < k:  # ranks 0..k-1 of cell (0, 0)
+        raise LabelMapError("bad label-map record: cell (0, 0) refers to a previous cell, but it has none")
+    top = int(s.max())
+    if top >= k + m:
+        raise LabelMapError(f"bad label-map record: palette position {top - k} >= palette size {m}")
+    ptr = s.astype(np.intp)
+    ptr *= hw  # a reference s < k: rank s of the previous cell ...
+    ptr += _prev_cells(k, h, w)
+    np.putmask(ptr, s >= k, _iota(k * hw))  # ... a written-out symbol points to itself
     for _ in range((h + w).bit_length()):
-        ptr = ptr[ptr]
-    return (sym.reshape(-1) - k)[ptr]
+        ptr = ptr.take(ptr, mode="clip")  # every pointer is in range by construction; clip skips the check
+    return ptr
+
+
+def _resolve_refs(sym: np.ndarray, m: int) -> np.ndarray:
+    """Reference symbols [k, h, w] -> palette positions int64 [k*h*w] (docs/FORMAT.md "Index section")."""
+    k, h, w = sym.shape
+    s = sym.reshape(-1)
+    return (s.astype(np.int64) - k)[_ref_pointers(s, k, h, w, m)]
 
 
 def _sizes(
@@ -418,13 +501,9 @@ def _bytes_view(data: bytes | bytearray | memoryview) -> memoryview:
     return memoryview(view.tobytes())
 
 
-def read_header(data: bytes | bytearray | memoryview) -> LabelMapHeader:
-    """Parse and check a record's 32-byte header (sizes and fields only; no CRC, no payload).
-
-    Raises:
-        LabelMapError: truncated, wrong magic, unknown version or codec, fields out of range.
-    """
-    buf = _bytes_view(data)
+def _parse_header(buf: memoryview) -> tuple[int, int, int, int, int, int, int, int, float, int]:
+    """Check a header (docs/FORMAT.md "Reading a record", steps 1-2): (vc, ic, flags, k, h, w, m, C, step,
+    payload_size), codecs as their numbers."""
     if len(buf) < HEADER_SIZE:
         raise LabelMapError(
             f"bad label-map record: truncated, {len(buf)} bytes, the header alone needs {HEADER_SIZE}"
@@ -454,7 +533,7 @@ def read_header(data: bytes | bytearray | memoryview) -> LabelMapHeader:
     if vc == 3:
         if flags >> 5 or (flags & 3) == 3 or (flags >> 2 & 3) == 3:
             raise LabelMapError(f"bad label-map record: invalid flags 0x{flags:02x}")
-        if not (np.isfinite(step) and step > 0):
+        if not (math.isfinite(step) and step > 0):
             raise LabelMapError(f"bad label-map record: quantization step {step} is not finite and > 0")
     elif flags or step != 0.0:
         raise LabelMapError(
@@ -466,20 +545,33 @@ def read_header(data: bytes | bytearray | memoryview) -> LabelMapHeader:
         raise LabelMapError(
             f"bad label-map record: header says the payload is {size} bytes, its fields imply {expect}"
         )
+    return vc, ic, flags, k, h, w, m, num_classes, step, size
+
+
+def read_header(data: bytes | bytearray | memoryview) -> LabelMapHeader:
+    """Parse and check a record's 32-byte header (sizes and fields only; no CRC, no payload).
+
+    Raises:
+        LabelMapError: truncated, wrong magic, unknown version or codec, fields out of range.
+    """
+    vc, ic, flags, k, h, w, m, num_classes, step, size = _parse_header(_bytes_view(data))
     return LabelMapHeader(
-        version, VALUE_CODECS[vc], INDEX_CODECS[ic], k, h, w, num_classes, m, float(step), size, flags
+        VERSION, VALUE_CODECS[vc], INDEX_CODECS[ic], k, h, w, num_classes, m, float(step), size, flags
     )
 
 
 def decode_label_map(data: bytes | bytearray | memoryview) -> LabelMap:
     """Decode a record made by :func:`encode_label_map`.
 
+    About 20 us for a 5x15x15 ``compact`` record on one core (``benchmarks/bench_labelmap.py``), every check
+    of docs/FORMAT.md included.
+
     Args:
         data: the record's bytes (a whole ``.rlm`` member).
 
     Returns:
         :class:`LabelMap` with ``values`` [k, h, w] (float32; float16 for the float16 encoding) and
-        ``indices`` [k, h, w] (int16 when num_classes <= 32767, else int32).
+        ``indices`` [k, h, w] (int16 when num_classes <= 32767, else int32), both fresh writable arrays.
 
     Raises:
         LabelMapError: anything wrong with the record; the message says what.
@@ -487,9 +579,10 @@ def decode_label_map(data: bytes | bytearray | memoryview) -> LabelMap:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise LabelMapError(f"bad label-map record: expected bytes, got {type(data).__name__}")
     buf = _bytes_view(data)
-    hd = read_header(buf)
+    vc, ic, flags, k, h, w, m, c, step, size = _parse_header(buf)
     crc = struct.unpack_from("<I", buf, 28)[0]
-    if zlib.crc32(buf[HEADER_SIZE:], zlib.crc32(buf[:28])) != crc:
+    frame = buf[HEADER_SIZE:]
+    if zlib.crc32(frame, zlib.crc32(buf[:28])) != crc:
         raise LabelMapError(f"bad label-map record: CRC-32 mismatch ({len(buf)} bytes; corrupt or truncated)")
     end = _zstd_frame_end(buf, HEADER_SIZE)
     if end != len(buf):
@@ -497,67 +590,93 @@ def decode_label_map(data: bytes | bytearray | memoryview) -> LabelMap:
     import zstandard
 
     try:
-        declared = zstandard.frame_content_size(buf[HEADER_SIZE:])
+        declared = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as e:
         raise LabelMapError(f"bad label-map record: unreadable zstd frame header ({e})") from None
-    if declared != hd.payload_size:
-        raise LabelMapError(
-            f"bad label-map record: the zstd frame declares {declared} bytes, the header {hd.payload_size}"
-        )
-    try:  # the content size is declared and checked: the output is bounded by the header's size
-        payload = _decompressor().decompress(buf[HEADER_SIZE:], max_output_size=hd.payload_size)
+    if declared != size:
+        raise LabelMapError(f"bad label-map record: the zstd frame declares {declared} bytes, the header {size}")
+    try:  # the content size is declared and checked: one call, output bounded by the header's size
+        payload = _decompressor().decompress(frame, max_output_size=size)
     except zstandard.ZstdError as e:
         raise LabelMapError(f"bad label-map record: corrupt zstd payload ({e})") from None
-    if len(payload) != hd.payload_size:
-        raise LabelMapError(
-            f"bad label-map record: payload is {len(payload)} bytes, the header says {hd.payload_size}"
-        )
-    return _decode_payload(memoryview(payload), hd)
-
-
-def _decode_payload(p: memoryview, hd: LabelMapHeader) -> LabelMap:
-    k, h, w, c = hd.k, hd.height, hd.width, hd.num_classes
-    n, cw = k * h * w, 2 if c <= 65536 else 4
-    off = 0
-    if hd.index_codec == "raw":
-        ix = _unplanes(p[off:], n, cw).astype(np.int64)
-        off += n * cw
+    if len(payload) != size:
+        raise LabelMapError(f"bad label-map record: payload is {len(payload)} bytes, the header says {size}")
+    p = np.frombuffer(payload, np.uint8)  # read-only; every array returned is a fresh copy
+    n = k * h * w
+    indices, off = _decode_indices(p, ic, k, h, w, m, c)
+    if vc == 3:
+        values = _decode_quantized(p, off, k, h, w, flags, step)
     else:
-        m = hd.palette_size
-        palette = np.cumsum(_unplanes(p[off:], m, cw).astype(np.int64) + 1) - 1
-        off += m * cw
-        rw = _ref_width(k, m)
-        sym = _unplanes(p[off:], n, rw).astype(np.int64).reshape(k, h, w)
-        off += n * rw
-        if int(palette[-1]) >= c:
-            raise LabelMapError(f"bad label-map record: palette class {int(palette[-1])} >= num_classes={c}")
-        ix = palette[_resolve_refs(sym, m)]
-    if hd.index_codec == "raw" and int(ix.max()) >= c:
-        raise LabelMapError(f"bad label-map record: class index {int(ix.max())} >= num_classes={c}")
-    indices = ix.astype(np.int16 if c <= 32767 else np.int32).reshape(k, h, w)
-
-    if hd.value_codec == "float32":
-        values = _unplanes(p[off:], n, 4).view("<f4").astype(np.float32)
-    elif hd.value_codec == "float16":
-        values = _unplanes(p[off:], n, 2).view("<f2").astype(np.float16)
-    else:
-        flags = hd.flags
-        tw, gw, signed = _WIDTH_CODES[flags & 3], _WIDTH_CODES[flags >> 2 & 3], bool(flags >> 4 & 1)
-        top = _unzigzag(_unplanes(p[off:], h * w, tw)).reshape(h, w)
-        off += h * w * tw
-        gaps = _unplanes(p[off:], (k - 1) * h * w, gw).astype(np.int64).reshape(k - 1, h, w)
-        if signed:
-            gaps = _unzigzag(gaps)
-        # residuals the encoder can make are bounded, which also keeps the sums below from overflowing
-        if int(np.abs(top).max()) > 4 * MAX_ABS_Q or (gaps.size and int(np.abs(gaps).max()) > 2 * MAX_ABS_Q):
-            raise LabelMapError("bad label-map record: quantized residuals exceed their bound")
-        q = np.empty((k, h, w), np.int64)
-        q[0] = top.cumsum(0).cumsum(1)  # inverse of the 2-D predictor
-        q[1:] = q[0] - gaps.cumsum(0)
-        if int(np.abs(q).max()) > MAX_ABS_Q:
-            raise LabelMapError(f"bad label-map record: quantized values exceed +-{MAX_ABS_Q}")
-        values = (q.astype(np.float64) * np.float64(np.float32(hd.step))).astype(np.float32)
-    values = values.reshape(k, h, w)
-    if hd.value_codec != "quantized" and not np.isfinite(values).all():
-        raise LabelMapError("bad label-map record: NaN or infinite values")
+        values = _unplanes(p, off, n, 4 if vc == 1 else 2).view(_FLOAT[vc]).reshape(k, h, w)
+        if not np.isfinite(values).all():
+            raise LabelMapError("bad label-map record: NaN or infinite values")
     return LabelMap(values=values, indices=indices, num_classes=c)
+
+
+def _decode_indices(p: np.ndarray, ic: int, k: int, h: int, w: int, m: int, c: int) -> tuple[np.ndarray, int]:
+    """The index section at ``p[0:]`` -> (indices [k, h, w] int16/int32, offset of the value section)."""
+    n, cw = k * h * w, 2 if c <= 65536 else 4
+    dtype = np.int16 if c <= 32767 else np.int32
+    if ic == 1:  # raw
+        ix = _unplanes(p, 0, n, cw)
+        top = int(ix.max())
+        if top >= c:
+            raise LabelMapError(f"bad label-map record: class index {top} >= num_classes={c}")
+        return ix.astype(dtype).reshape(k, h, w), n * cw
+    # palette: P_i = (g_0 + ... + g_i) + i, exact in int64 (m * (2^32 - 1) < 2^63); lut maps a symbol to
+    # its class (symbols < k are references, whose entries are never read: ptr resolves them)
+    lut = np.empty(k + m, _I8)
+    palette = lut[k:]
+    _unplanes_into(palette, p, 0, cw)
+    np.add.accumulate(palette, out=palette)
+    palette += _iota(m)
+    last = int(palette[-1])  # gaps are >= 0, so the last class is the largest
+    rw = _ref_width(k, m)
+    sym = _unplanes(p, m * cw, n, rw)
+    if last >= c:
+        raise LabelMapError(f"bad label-map record: palette class {last} >= num_classes={c}")
+    ptr = _ref_pointers(sym, k, h, w, m)
+    lut = lut.astype(dtype)  # every class is < c, so it fits
+    return lut.take(sym, mode="clip").take(ptr, mode="clip").reshape(k, h, w), m * cw + n * rw
+
+
+def _decode_quantized(p: np.ndarray, off: int, k: int, h: int, w: int, flags: int, step: float) -> np.ndarray:
+    """The quantized value section at ``p[off:]`` -> values float32 [k, h, w] (docs/FORMAT.md "Value section").
+
+    One int64 array ``q`` receives R in q[0] and G[j-1] in q[j], then is summed in place: the 2-D cumulative
+    sum of q[0] gives T = q[0], then q[j] = q[j-1] - G[j-1].
+    """
+    hw = h * w
+    tw, gw, signed = _WIDTH_CODES[flags & 3], _WIDTH_CODES[flags >> 2 & 3], bool(flags >> 4 & 1)
+    q = np.empty((k, h, w), _I8)
+    top, gaps = q[0], q[1:]
+    if tw == 1:
+        _UNZIGZAG_U8.take(p[off : off + hw].reshape(h, w), out=top, mode="clip")  # every index is < 256
+    else:
+        _unplanes_into(top, p, off, tw)
+        _unzigzag_into(top)
+        # residuals the encoder can make are bounded, which also keeps the sums below from overflowing;
+        # 1- and 2-byte fields cannot exceed the bounds, so only 4-byte fields are scanned
+        if tw == 4 and int(np.abs(top).max()) > 4 * MAX_ABS_Q:
+            raise LabelMapError("bad label-map record: quantized residuals exceed their bound")
+    if k > 1:
+        _unplanes_into(gaps, p, off + hw * tw, gw)
+        if signed:
+            _unzigzag_into(gaps)
+        if gw == 4 and int(np.abs(gaps).max()) > 2 * MAX_ABS_Q:
+            raise LabelMapError("bad label-map record: quantized residuals exceed their bound")
+    np.add.accumulate(top, axis=0, out=top)  # inverse of the 2-D predictor
+    np.add.accumulate(top, axis=1, out=top)
+    if k <= 16:  # whole-plane subtractions beat a strided accumulate over k (benchmarks/bench_labelmap.py)
+        for j in range(1, k):
+            np.subtract(q[j - 1], q[j], out=q[j])
+    else:
+        np.add.accumulate(gaps, axis=0, out=gaps)
+        np.subtract(top, gaps, out=gaps)
+    # |q| <= max|R| * h * w + max|G| * (k - 1): scan only when the field widths allow more than MAX_ABS_Q
+    if _MAX_R[tw] * hw + 2 * _MAX_R[gw] * (k - 1) > MAX_ABS_Q and int(np.abs(q).max()) > MAX_ABS_Q:
+        raise LabelMapError(f"bad label-map record: quantized values exceed +-{MAX_ABS_Q}")
+    values = np.empty((k, h, w), np.float32)
+    # float64(q) * float64(step), rounded once to float32, as docs/FORMAT.md says
+    np.multiply(q, float(np.float32(step)), out=values, dtype=np.float64, casting="unsafe")
+    return values

@@ -300,6 +300,95 @@ def test_worked_example_in_format_md_decodes():
     np.testing.assert_array_equal(lm.values, np.array([[[2.5, 1.0]], [[0.5, -0.25]]], np.float32))
 
 
+# ------------------------------------------------------------- decoder against docs/FORMAT.md, read literally
+
+
+def _planes_le(a, width):
+    """docs/FORMAT.md "Byte planes", written out: byte b of element i at offset b * n + i."""
+    a = np.asarray(a, dtype=np.int64).reshape(-1)
+    return b"".join(bytes(((a >> (8 * b)) & 255).astype(np.uint8)) for b in range(width))
+
+
+def _oracle_indices(sym, palette, k, h, w):
+    """The index section's rule applied cell by cell in raster order, as the spec states it."""
+    pos = np.empty((k, h, w), np.int64)
+    for r in range(h):
+        for c in range(w):
+            pr, pc = (r, c - 1) if c > 0 else (r - 1, 0)
+            for j in range(k):
+                s = int(sym[j, r, c])
+                pos[j, r, c] = pos[s, pr, pc] if s < k else s - k
+    return np.asarray(palette)[pos]
+
+
+def _oracle_values(top_res, gaps, step):
+    """The quantized value rule, as the spec states it: 2-D cumulative sums, then down the ranks."""
+    q = [np.cumsum(np.cumsum(np.asarray(top_res, np.int64), 0), 1)]
+    for g in gaps:
+        q.append(q[-1] - g)
+    return np.stack(q), (np.stack(q).astype(np.float64) * np.float64(np.float32(step))).astype(np.float32)
+
+
+@st.composite
+def _symbol_streams(draw):
+    """Any valid palette + symbol stream, including ones the encoder never writes: references to a later
+    rank than the smallest match, repeated classes in a cell, unused palette entries, wide symbols."""
+    k, h, w = draw(st.integers(1, 5)), draw(st.integers(1, 8)), draw(st.integers(1, 8))
+    n = k * h * w
+    m = draw(st.integers(1, n) | st.just(min(n, 300)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    gaps = rng.integers(0, draw(st.sampled_from([1, 3, 70000])), size=m)
+    palette = np.cumsum(gaps) + np.arange(m)
+    num_classes = max(k, int(palette[-1]) + 1 + draw(st.integers(0, 5)))
+    sym = k + rng.integers(0, m, size=(k, h, w))
+    refs = rng.random((k, h, w)) < draw(st.sampled_from([0.0, 0.5, 0.9, 1.0]))
+    refs[:, 0, 0] = False  # cell (0, 0) has no previous cell
+    sym[refs] = rng.integers(0, k, size=int(refs.sum()))
+    return k, h, w, m, gaps, palette, num_classes, sym, rng
+
+
+@settings(max_examples=120, deadline=None)
+@given(_symbol_streams(), st.sampled_from(["lossless", "float16", "quantized"]), st.data())
+def test_decoder_matches_the_spec_read_literally(case, codec, data):
+    k, h, w, m, gaps, palette, num_classes, sym, rng = case
+    cw = 2 if num_classes <= 65536 else 4
+    rw = 1 if k + m <= 256 else 2 if k + m <= 65536 else 4
+    payload = _planes_le(gaps, cw) + _planes_le(sym, rw)
+    fields = {"k": k, "h": h, "w": w, "m": m, "num_classes": num_classes}
+    if codec == "lossless":
+        values = rng.normal(0, 10, size=(k, h, w)).astype(np.float32)
+        payload += _planes_le(values.view(np.uint32), 4)
+    elif codec == "float16":
+        values = rng.normal(0, 10, size=(k, h, w)).astype(np.float16)
+        payload += _planes_le(values.view(np.uint16), 2)
+        fields |= {"vc": 2}
+    else:  # any widths, signed or not, residuals as large as each width holds
+        tw, gw = data.draw(st.sampled_from([0, 1, 2])), data.draw(st.sampled_from([0, 1, 2]))
+        signed = data.draw(st.booleans())
+        z = rng.integers(0, [256, 65536, 2**32][tw], size=(h, w), dtype=np.int64)
+        if data.draw(st.booleans()):  # mostly small, so that the sums stay in range
+            z = z % 64
+        g = rng.integers(0, [256, 65536, 2**32][gw], size=(k - 1, h, w), dtype=np.int64) % data.draw(
+            st.sampled_from([2, 256, 2**32])
+        )
+        top_res = np.where(z & 1, -((z + 1) >> 1), z >> 1)
+        gap_val = np.where(g & 1, -((g + 1) >> 1), g >> 1) if signed else g
+        step = data.draw(st.sampled_from([0.01, 0.25, 3.0]))
+        payload += _planes_le(z, [1, 2, 4][tw]) + _planes_le(g, [1, 2, 4][gw])
+        fields |= {"vc": 3, "flags": tw | gw << 2 | int(signed) << 4, "step": step}
+        q, values = _oracle_values(top_res, gap_val, step)
+        too_big = np.abs(top_res).max() > 2**30 or (gap_val.size and np.abs(gap_val).max() > 2**29)
+        if too_big or np.abs(q).max() > 2**28:
+            with pytest.raises(LabelMapError, match="quantized (residuals exceed|values exceed)"):
+                decode_label_map(_craft(fields, payload))
+            return
+    lm = decode_label_map(_craft(fields, payload))
+    np.testing.assert_array_equal(lm.indices, _oracle_indices(sym, palette, k, h, w))
+    assert lm.indices.dtype == (np.int16 if num_classes <= 32767 else np.int32)
+    np.testing.assert_array_equal(lm.values, values)
+    assert lm.values.dtype == values.dtype and lm.values.flags.writeable and lm.indices.flags.writeable
+
+
 # ------------------------------------------------------------------------------------------ corruption
 
 

@@ -145,30 +145,6 @@ def _unplanes(p: np.ndarray, off: int, n: int, width: int) -> np.ndarray:
     return out.view(_UINT[width]).reshape(n)
 
 
-_I8 = np.dtype("<i8")  # the decoder's integer arrays: little-endian, so _unplanes_into can write their bytes
-
-
-def _unplanes_into(out: np.ndarray, p: np.ndarray, off: int, width: int) -> None:
-    """Fill ``out`` (C-contiguous <i8, any shape) with the ``out.size`` unsigned ints of the ``width``-byte
-    planes at ``p[off:]``: each plane goes straight into its byte of the int64s, no intermediate array."""
-    n = out.size
-    if width == 1:
-        out[...] = p[off : off + n].reshape(out.shape)
-        return
-    ob = out.reshape(n).view(np.uint8).reshape(n, 8)
-    for i in range(width):
-        ob[:, i] = p[off + i * n : off + (i + 1) * n]
-    ob[:, width:] = 0
-
-
-def _unzigzag_into(z: np.ndarray) -> None:
-    """Zigzag codes -> signed values, in place (``z`` int64): ``(z >> 1) ^ -(z & 1)``."""
-    sign = z & 1
-    np.negative(sign, out=sign)
-    z >>= 1
-    z ^= sign
-
-
 def _width_code(max_value: int) -> int:
     return 0 if max_value < 1 << 8 else 1 if max_value < 1 << 16 else 2
 
@@ -182,8 +158,36 @@ def _unzigzag(z: np.ndarray) -> np.ndarray:
     return (z >> 1) ^ -(z & 1)
 
 
-_UNZIGZAG_U8 = _unzigzag(np.arange(256)).astype("<i8")  # zigzag byte -> value: one gather
 _MAX_R = {1: 128, 2: 1 << 15, 4: 1 << 31}  # largest |residual| a zigzagged field of this width holds
+_UNZIGZAG: dict[int, np.ndarray] = {}
+_RANK_MATRICES: dict[int, np.ndarray] = {}
+_FLOAT_EXACT = 1 << 53  # float64 sums of integers are exact below this
+# k*k*h*w up to which q is one matrix product: OpenBLAS runs gemm on one thread while M*N*K <=
+# SMP_THRESHOLD_MIN * GEMM_MULTITHREAD_THRESHOLD (interface/gemm.c; 65536 * 4 by default), so a loader
+# worker stays one thread
+_BLAS_MAX = 1 << 18
+
+
+def _unzigzag_table(width: int) -> np.ndarray:
+    """float64 [256 ** width]: zigzag code -> value, for 1- and 2-byte fields (one gather instead of four
+    arithmetic passes; the 2-byte table, 512 KiB, is built on first use: real maps need 2-byte residuals)."""
+    table = _UNZIGZAG.get(width)
+    if table is None:
+        table = _UNZIGZAG[width] = _unzigzag(np.arange(1 << (8 * width))).astype(np.float64)
+    return table
+
+
+def _rank_matrix(k: int) -> np.ndarray:
+    """float64 [k, k]: row j sums T - G[0] - ... - G[j-1] from the rows (T, G[0], ..., G[k-2])."""
+    a = _RANK_MATRICES.get(k)
+    if a is None:
+        a = np.tril(np.full((k, k), -1.0))
+        a[:, 0] = 1.0
+        a[0, 1:] = 0.0
+        if len(_RANK_MATRICES) >= 8:
+            _RANK_MATRICES.clear()
+        _RANK_MATRICES[k] = a
+    return a
 
 
 def _pred2d(t: np.ndarray) -> np.ndarray:
@@ -232,37 +236,50 @@ def _neighbour_refs(pos: np.ndarray) -> np.ndarray:
     return np.where(found, j_prime, k + pos.reshape(-1)).reshape(k, h, w)
 
 
-_CACHE_MAX_N = 1 << 16  # tables for larger maps are built per record rather than kept
-_PREV_CACHE: dict[tuple[int, int, int], np.ndarray] = {}
-_IOTA = np.arange(256, dtype=np.intp)
+_TABLE_MAX = 1 << 18  # entries of a per-shape table worth keeping (2 MiB); larger maps compute per record
+_TABLES: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
+_IOTA = np.arange(1 << 10, dtype=np.intp)
 
 
 def _iota(n: int) -> np.ndarray:
-    """``arange(n)`` intp, a read-only-by-convention view of a shared array for n <= _CACHE_MAX_N."""
+    """``arange(n)`` intp: a view of one shared array (never written to) up to _TABLE_MAX."""
     global _IOTA
-    if n > _CACHE_MAX_N:
-        return np.arange(n, dtype=np.intp)
     if n > _IOTA.size:
-        _IOTA = np.arange(max(n, min(2 * _IOTA.size, _CACHE_MAX_N)), dtype=np.intp)
+        if n > _TABLE_MAX:
+            return np.arange(n, dtype=np.intp)
+        _IOTA = np.arange(max(n, min(2 * _IOTA.size, _TABLE_MAX)), dtype=np.intp)
     return _IOTA[:n]
 
 
-def _prev_cells(k: int, h: int, w: int) -> np.ndarray:
-    """intp [k*h*w]: each element's previous cell as a flat h*w index (cell 0: 0). Cached per shape: a
-    dataset has one, so each loader worker builds it once."""
-    key = (k, h, w)
-    prev = _PREV_CACHE.get(key)
-    if prev is None:
-        hw = h * w
-        cells = np.arange(-1, hw - 1, dtype=np.intp).reshape(h, w)  # the left neighbour ...
-        cells[:, 0] -= w - 1  # ... in column 0 the cell above
-        cells[0, 0] = 0  # cell (0, 0) has none; its references are rejected before use
-        prev = np.tile(cells.reshape(-1), k)
-        if k * hw <= _CACHE_MAX_N:
-            if len(_PREV_CACHE) >= 8:
-                _PREV_CACHE.clear()
-            _PREV_CACHE[key] = prev
-    return prev
+def _prev_cells(h: int, w: int) -> np.ndarray:
+    """intp [h*w]: each cell's previous cell, flat: the left neighbour, in column 0 the cell above. Cell
+    (0, 0) has none (0 here): its references are rejected before use."""
+    prev = np.arange(-1, h * w - 1, dtype=np.intp).reshape(h, w)
+    prev[:, 0] -= w - 1
+    prev[0, 0] = 0
+    return prev.reshape(-1)
+
+
+def _pointer_tables(k: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where each element of a [k, h, w] map first points, by its symbol; None above _TABLE_MAX entries.
+
+    Returns:
+        ``(first, byte_rows)``. ``first`` intp [(k + 1) * N], N = k*h*w: at ``min(s, k) * N + n``, where
+        element n with symbol s points: for s < k rank s of its previous cell (``s * h * w + prev``), for
+        s >= k (written out) n itself. ``byte_rows`` intp [256]: ``min(s, k) * N`` for a one-byte s.
+        Cached per shape: a dataset has one, so each loader worker builds them once.
+    """
+    tables = _TABLES.get((k, h, w))
+    if tables is None:
+        hw, n = h * w, k * h * w
+        if (k + 1) * n > _TABLE_MAX:
+            return None
+        refs = np.arange(k, dtype=np.intp).reshape(k, 1, 1) * hw + _prev_cells(h, w).reshape(1, 1, hw)
+        first = np.concatenate([np.broadcast_to(refs, (k, k, hw)).reshape(-1), np.arange(n)])  # (s, j, cell)
+        if len(_TABLES) >= 8:
+            _TABLES.clear()
+        tables = _TABLES[(k, h, w)] = (first, np.minimum(np.arange(256, dtype=np.intp), k) * n)
+    return tables
 
 
 def _ref_pointers(s: np.ndarray, k: int, h: int, w: int, m: int) -> np.ndarray:
@@ -270,22 +287,29 @@ def _ref_pointers(s: np.ndarray, k: int, h: int, w: int, m: int) -> np.ndarray:
     flat index of the written-out symbol (``>= k``) its reference chain ends at.
 
     Pointer jumping (``ptr = ptr[ptr]``) with no loop over cells: parents come earlier in raster order and
-    chains are shorter than h + w cells, so ``bit_length(h + w)`` doublings resolve every chain.
+    chains are shorter than h + w cells, so ``bit_length(h + w)`` doublings resolve every chain. The arrays
+    are small, so each numpy call costs about a microsecond whatever its size: this makes few, through
+    per-shape tables, and prefers ndarray methods to np.* wrappers and dtype= casts.
     """
-    # Small arrays: each numpy call costs about a microsecond whatever its size, so this uses few, and
-    # ndarray methods and ufuncs rather than the slower np.* wrappers and dtype= casts.
-    hw = h * w
+    hw, n = h * w, k * h * w
     if min(s[::hw].tolist()) < k:  # ranks 0..k-1 of cell (0, 0)
         raise LabelMapError("bad label-map record: cell (0, 0) refers to a previous cell, but it has none")
     top = int(s.max())
     if top >= k + m:
         raise LabelMapError(f"bad label-map record: palette position {top - k} >= palette size {m}")
-    ptr = s.astype(np.intp)
-    ptr *= hw  # a reference s < k: rank s of the previous cell ...
-    ptr += _prev_cells(k, h, w)
-    np.putmask(ptr, s >= k, _iota(k * hw))  # ... a written-out symbol points to itself
+    tables = _pointer_tables(k, h, w)
+    if tables is None:  # a large map: compute what the table would hold
+        ptr = s.astype(np.intp)
+        ptr *= hw
+        ptr += np.tile(_prev_cells(h, w), k)
+        np.putmask(ptr, s >= k, _iota(n))
+    else:
+        first, byte_rows = tables
+        at = byte_rows.take(s) if s.dtype == np.uint8 else np.minimum(s, k).astype(np.intp) * n
+        at += _iota(n)
+        ptr = first.take(at, mode="clip")  # every index is in range by construction; clip skips the check
     for _ in range((h + w).bit_length()):
-        ptr = ptr.take(ptr, mode="clip")  # every pointer is in range by construction; clip skips the check
+        ptr = ptr.take(ptr, mode="clip")
     return ptr
 
 
@@ -625,9 +649,9 @@ def _decode_indices(p: np.ndarray, ic: int, k: int, h: int, w: int, m: int, c: i
         return ix.astype(dtype).reshape(k, h, w), n * cw
     # palette: P_i = (g_0 + ... + g_i) + i, exact in int64 (m * (2^32 - 1) < 2^63); lut maps a symbol to
     # its class (symbols < k are references, whose entries are never read: ptr resolves them)
-    lut = np.empty(k + m, _I8)
+    lut = np.empty(k + m, np.int64)
     palette = lut[k:]
-    _unplanes_into(palette, p, 0, cw)
+    palette[...] = _unplanes(p, 0, m, cw)
     np.add.accumulate(palette, out=palette)
     palette += _iota(m)
     last = int(palette[-1])  # gaps are >= 0, so the last class is the largest
@@ -643,40 +667,45 @@ def _decode_indices(p: np.ndarray, ic: int, k: int, h: int, w: int, m: int, c: i
 def _decode_quantized(p: np.ndarray, off: int, k: int, h: int, w: int, flags: int, step: float) -> np.ndarray:
     """The quantized value section at ``p[off:]`` -> values float32 [k, h, w] (docs/FORMAT.md "Value section").
 
-    One int64 array ``q`` receives R in q[0] and G[j-1] in q[j], then is summed in place: the 2-D cumulative
-    sum of q[0] gives T = q[0], then q[j] = q[j-1] - G[j-1].
+    ``q`` [k, h*w] receives R in q[0] and G[j-1] in q[j]; the 2-D cumulative sum of q[0] gives T, then one
+    small matrix product gives q[j] = T - G[0] - ... - G[j-1]. The sums run in float64, exact whenever no
+    partial sum can reach 2**53: always with 1- or 2-byte top residuals, below 2**22 cells with 4-byte ones;
+    larger maps with 4-byte residuals sum in int64.
     """
     hw = h * w
     tw, gw, signed = _WIDTH_CODES[flags & 3], _WIDTH_CODES[flags >> 2 & 3], bool(flags >> 4 & 1)
-    q = np.empty((k, h, w), _I8)
-    top, gaps = q[0], q[1:]
-    if tw == 1:
-        _UNZIGZAG_U8.take(p[off : off + hw].reshape(h, w), out=top, mode="clip")  # every index is < 256
-    else:
-        _unplanes_into(top, p, off, tw)
-        _unzigzag_into(top)
+    z = _unplanes(p, off, hw, tw)
+    if tw == 4:
+        r = _unzigzag(z)
         # residuals the encoder can make are bounded, which also keeps the sums below from overflowing;
         # 1- and 2-byte fields cannot exceed the bounds, so only 4-byte fields are scanned
-        if tw == 4 and int(np.abs(top).max()) > 4 * MAX_ABS_Q:
+        if int(np.abs(r).max()) > 4 * MAX_ABS_Q:
             raise LabelMapError("bad label-map record: quantized residuals exceed their bound")
+    max_r, max_g = min(_MAX_R[tw], 4 * MAX_ABS_Q), min(_MAX_R[gw] * (1 if signed else 2), 2 * MAX_ABS_Q)
+    bound = max_r * hw + max_g * (k - 1)  # of |q| and of every partial sum below
+    q = np.empty((k, hw), np.float64 if bound < _FLOAT_EXACT else np.int64)
+    if tw == 4:
+        q[0] = r
+    else:
+        _unzigzag_table(tw).take(z, out=q[0], mode="clip")  # every index is < the table's size
     if k > 1:
-        _unplanes_into(gaps, p, off + hw * tw, gw)
+        g = _unplanes(p, off + hw * tw, (k - 1) * hw, gw)
         if signed:
-            _unzigzag_into(gaps)
-        if gw == 4 and int(np.abs(gaps).max()) > 2 * MAX_ABS_Q:
+            g = _unzigzag(g)
+        if gw == 4 and int(np.abs(g).max()) > 2 * MAX_ABS_Q:
             raise LabelMapError("bad label-map record: quantized residuals exceed their bound")
+        q[1:] = g.reshape(k - 1, hw)
+    top = q[0].reshape(h, w)
     np.add.accumulate(top, axis=0, out=top)  # inverse of the 2-D predictor
     np.add.accumulate(top, axis=1, out=top)
-    if k <= 16:  # whole-plane subtractions beat a strided accumulate over k (benchmarks/bench_labelmap.py)
-        for j in range(1, k):
-            np.subtract(q[j - 1], q[j], out=q[j])
-    else:
-        np.add.accumulate(gaps, axis=0, out=gaps)
-        np.subtract(top, gaps, out=gaps)
-    # |q| <= max|R| * h * w + max|G| * (k - 1): scan only when the field widths allow more than MAX_ABS_Q
-    if _MAX_R[tw] * hw + 2 * _MAX_R[gw] * (k - 1) > MAX_ABS_Q and int(np.abs(q).max()) > MAX_ABS_Q:
+    if k > 1:
+        if q.dtype == np.float64 and k * k * hw <= _BLAS_MAX:  # one BLAS call; exact on these integers
+            q = _rank_matrix(k) @ q
+        else:
+            gaps = q[1:]
+            np.add.accumulate(gaps, axis=0, out=gaps)
+            np.subtract(q[0], gaps, out=gaps)
+    if bound > MAX_ABS_Q and float(np.abs(q).max()) > MAX_ABS_Q:
         raise LabelMapError(f"bad label-map record: quantized values exceed +-{MAX_ABS_Q}")
-    values = np.empty((k, h, w), np.float32)
     # float64(q) * float64(step), rounded once to float32, as docs/FORMAT.md says
-    np.multiply(q, float(np.float32(step)), out=values, dtype=np.float64, casting="unsafe")
-    return values
+    return (q * float(np.float32(step))).astype(np.float32).reshape(k, h, w)

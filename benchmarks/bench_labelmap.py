@@ -11,15 +11,28 @@ The baseline, measured in the same run: the official release's ``torch.save`` of
 ``[2, 5, 15, 15]`` tensor (values and indices stacked), legacy and zip serialization, decoded with
 ``torch.load(weights_only=True)``.
 
+Decode speed against an earlier decoder, in the same run: ``decode_label_map`` as it was at git revision
+``--baseline-rev`` (loaded from ``git show``; the format is unchanged, so both decode the same records to the
+same bytes, which is checked), timed interleaved with the current one over the same records: median and
+minimum microseconds per record over the repeats.
+
     python benchmarks/bench_labelmap.py [--photos chelsea coffee ...] [--boxes 256] [--out FILE]
+    python benchmarks/bench_labelmap.py --decode-only [--baseline-rev REV]   # the decode comparison alone
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,12 +116,73 @@ def _ours(**kw) -> tuple[Callable, Callable]:
     return enc, dec
 
 
+# The decoder before the vectorized reference resolution (commit a1e58ca): the "before" of its measurements.
+BASELINE_REV = "061dff3"
+
+
+def _decoder_at(rev: str) -> Callable | None:
+    """``decode_label_map`` of relabel_shards/labelmap.py at git revision ``rev``, or None without git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        src = subprocess.run(["git", "show", f"{rev}:relabel_shards/labelmap.py"], cwd=root, check=True,
+                             capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        print(f"# no baseline decoder at {rev}: {e}")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"labelmap_{rev}.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location(f"labelmap_{rev}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+    return module.decode_label_map
+
+
+def decode_speed(V: np.ndarray, IX: np.ndarray, c: int, rev: str, rounds: int) -> list[dict]:
+    """Microseconds per record decoding every map, current decoder against the one at ``rev``, per encoding.
+
+    Rounds alternate the two decoders (in alternating order), each round decoding every record 5 times.
+    """
+    old = _decoder_at(rev)
+    decoders = {"current": decode_label_map} | ({f"at {rev}": old} if old else {})
+    rows = []
+    for encoding in ("compact", "float16", "lossless"):
+        recs = [encode_label_map(V[j], IX[j], c, encoding=encoding) for j in range(len(V))]
+        for r in recs:  # the same bytes decode to the same arrays
+            outs = [dec(r) for dec in decoders.values()]
+            for o in outs[1:]:
+                if o.values.tobytes() != outs[0].values.tobytes() or o.indices.tobytes() != outs[0].indices.tobytes():
+                    raise AssertionError(f"{encoding}: the decoders disagree")
+        times: dict[str, list[float]] = {name: [] for name in decoders}
+        for rnd in range(rounds + 1):  # round 0 warms up
+            for name in list(decoders)[:: 1 if rnd % 2 else -1]:
+                dec = decoders[name]
+                t0 = time.perf_counter()
+                for _ in range(5):
+                    for r in recs:
+                        dec(r)
+                if rnd:
+                    times[name].append((time.perf_counter() - t0) / (5 * len(recs)) * 1e6)
+        row = {"encoding": encoding, "bytes_mean": float(np.mean([len(r) for r in recs]))}
+        for name, ts in times.items():
+            row[f"{name} median_us"] = statistics.median(ts)
+            row[f"{name} min_us"] = min(ts)
+        if old:
+            row["speedup_median"] = row[f"at {rev} median_us"] / row["current median_us"]
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--photos", nargs="+", default=list(PHOTOS), help="scikit-image photo names")
     ap.add_argument("--boxes", type=int, default=256, help="random boxes per map for the pooled error")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/bench_labelmap.json")
+    ap.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the baseline decoder")
+    ap.add_argument("--decode-rounds", type=int, default=20, help="rounds of the decode-speed comparison")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode-speed comparison")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -117,6 +191,14 @@ def main() -> None:
     values, indices = real_label_maps(tuple(args.photos))
     V, IX = values.numpy(), indices.numpy()  # (N, 5, 15, 15) float32 / int64
     n, c = len(V), 1000
+    speed = decode_speed(V, IX, c, args.baseline_rev, args.decode_rounds)
+    print(f"# decode microseconds per record, {n} real maps {list(V.shape[1:])}, current decoder against the one "
+          f"at {args.baseline_rev}, {args.decode_rounds} interleaved rounds of 5 passes:")
+    print_table(speed, list(speed[0]))
+    if args.decode_only:
+        write_json(args.out, {"machine": info, "maps": n, "map_shape": list(V.shape[1:]), "decode_speed": speed,
+                              "baseline_rev": args.baseline_rev})
+        return
     boxes = _boxes(args.boxes)
     refs = [_pool(values[j], indices[j], boxes, c) for j in range(n)]
     print(
@@ -190,6 +272,8 @@ def main() -> None:
             "photos": args.photos,
             "boxes_per_map": args.boxes,
             "rows": rows,
+            "decode_speed": speed,
+            "baseline_rev": args.baseline_rev,
         },
     )
 

@@ -124,8 +124,13 @@ def _decoder_at(rev: str) -> Callable | None:
     """``decode_label_map`` of relabel_shards/labelmap.py at git revision ``rev``, or None without git."""
     root = Path(__file__).resolve().parents[1]
     try:
-        src = subprocess.run(["git", "show", f"{rev}:relabel_shards/labelmap.py"], cwd=root, check=True,
-                             capture_output=True, text=True).stdout
+        src = subprocess.run(
+            ["git", "show", f"{rev}:relabel_shards/labelmap.py"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as e:
         print(f"# no baseline decoder at {rev}: {e}")
         return None
@@ -152,7 +157,10 @@ def decode_speed(V: np.ndarray, IX: np.ndarray, c: int, rev: str, rounds: int) -
         for r in recs:  # the same bytes decode to the same arrays
             outs = [dec(r) for dec in decoders.values()]
             for o in outs[1:]:
-                if o.values.tobytes() != outs[0].values.tobytes() or o.indices.tobytes() != outs[0].indices.tobytes():
+                if (
+                    o.values.tobytes() != outs[0].values.tobytes()
+                    or o.indices.tobytes() != outs[0].indices.tobytes()
+                ):
                     raise AssertionError(f"{encoding}: the decoders disagree")
         times: dict[str, list[float]] = {name: [] for name in decoders}
         for rnd in range(rounds + 1):  # round 0 warms up
@@ -192,12 +200,22 @@ def main() -> None:
     V, IX = values.numpy(), indices.numpy()  # (N, 5, 15, 15) float32 / int64
     n, c = len(V), 1000
     speed = decode_speed(V, IX, c, args.baseline_rev, args.decode_rounds)
-    print(f"# decode microseconds per record, {n} real maps {list(V.shape[1:])}, current decoder against the one "
-          f"at {args.baseline_rev}, {args.decode_rounds} interleaved rounds of 5 passes:")
+    print(
+        f"# decode microseconds per record, {n} real maps {list(V.shape[1:])}, current decoder against the "
+        f"one at {args.baseline_rev}, {args.decode_rounds} interleaved rounds of 5 passes:"
+    )
     print_table(speed, list(speed[0]))
     if args.decode_only:
-        write_json(args.out, {"machine": info, "maps": n, "map_shape": list(V.shape[1:]), "decode_speed": speed,
-                              "baseline_rev": args.baseline_rev})
+        write_json(
+            args.out,
+            {
+                "machine": info,
+                "maps": n,
+                "map_shape": list(V.shape[1:]),
+                "decode_speed": speed,
+                "baseline_rev": args.baseline_rev,
+            },
+        )
         return
     boxes = _boxes(args.boxes)
     refs = [_pool(values[j], indices[j], boxes, c) for j in range(n)]

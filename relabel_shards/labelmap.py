@@ -158,6 +158,12 @@ def _unzigzag(z: np.ndarray) -> np.ndarray:
     return (z >> 1) ^ -(z & 1)
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """``a``, read-only: the decoder's cached tables are shared by every call and thread."""
+    a.flags.writeable = False
+    return a
+
+
 _MAX_R = {1: 128, 2: 1 << 15, 4: 1 << 31}  # largest |residual| a zigzagged field of this width holds
 _UNZIGZAG: dict[int, np.ndarray] = {}
 _RANK_MATRICES: dict[int, np.ndarray] = {}
@@ -173,7 +179,7 @@ def _unzigzag_table(width: int) -> np.ndarray:
     arithmetic passes; the 2-byte table, 512 KiB, is built on first use: real maps need 2-byte residuals)."""
     table = _UNZIGZAG.get(width)
     if table is None:
-        table = _UNZIGZAG[width] = _unzigzag(np.arange(1 << (8 * width))).astype(np.float64)
+        table = _UNZIGZAG[width] = _frozen(_unzigzag(np.arange(1 << (8 * width))).astype(np.float64))
     return table
 
 
@@ -186,7 +192,7 @@ def _rank_matrix(k: int) -> np.ndarray:
         a[0, 1:] = 0.0
         if len(_RANK_MATRICES) >= 8:
             _RANK_MATRICES.clear()
-        _RANK_MATRICES[k] = a
+        _RANK_MATRICES[k] = _frozen(a)
     return a
 
 
@@ -238,7 +244,7 @@ def _neighbour_refs(pos: np.ndarray) -> np.ndarray:
 
 _TABLE_MAX = 1 << 18  # entries of a per-shape table worth keeping (2 MiB); larger maps compute per record
 _TABLES: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
-_IOTA = np.arange(1 << 10, dtype=np.intp)
+_IOTA = _frozen(np.arange(1 << 10, dtype=np.intp))
 
 
 def _iota(n: int) -> np.ndarray:
@@ -247,7 +253,7 @@ def _iota(n: int) -> np.ndarray:
     if n > _IOTA.size:
         if n > _TABLE_MAX:
             return np.arange(n, dtype=np.intp)
-        _IOTA = np.arange(max(n, min(2 * _IOTA.size, _TABLE_MAX)), dtype=np.intp)
+        _IOTA = _frozen(np.arange(max(n, min(2 * _IOTA.size, _TABLE_MAX)), dtype=np.intp))
     return _IOTA[:n]
 
 
@@ -278,7 +284,8 @@ def _pointer_tables(k: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray] | N
         first = np.concatenate([np.broadcast_to(refs, (k, k, hw)).reshape(-1), np.arange(n)])  # (s, j, cell)
         if len(_TABLES) >= 8:
             _TABLES.clear()
-        tables = _TABLES[(k, h, w)] = (first, np.minimum(np.arange(256, dtype=np.intp), k) * n)
+        byte_rows = np.minimum(np.arange(256, dtype=np.intp), k) * n
+        tables = _TABLES[(k, h, w)] = (_frozen(first), _frozen(byte_rows))
     return tables
 
 
@@ -587,8 +594,8 @@ def read_header(data: bytes | bytearray | memoryview) -> LabelMapHeader:
 def decode_label_map(data: bytes | bytearray | memoryview) -> LabelMap:
     """Decode a record made by :func:`encode_label_map`.
 
-    About 20 us for a 5x15x15 ``compact`` record on one core (``benchmarks/bench_labelmap.py``), every check
-    of docs/FORMAT.md included.
+    About 50 us for a real 5x15x15 ``compact`` record on the 2-core test machine, every check of
+    docs/FORMAT.md included; half the time of the decoder before it (``benchmarks/bench_labelmap.py``).
 
     Args:
         data: the record's bytes (a whole ``.rlm`` member).
@@ -618,7 +625,9 @@ def decode_label_map(data: bytes | bytearray | memoryview) -> LabelMap:
     except zstandard.ZstdError as e:
         raise LabelMapError(f"bad label-map record: unreadable zstd frame header ({e})") from None
     if declared != size:
-        raise LabelMapError(f"bad label-map record: the zstd frame declares {declared} bytes, the header {size}")
+        raise LabelMapError(
+            f"bad label-map record: the zstd frame declares {declared} bytes, the header {size}"
+        )
     try:  # the content size is declared and checked: one call, output bounded by the header's size
         payload = _decompressor().decompress(frame, max_output_size=size)
     except zstandard.ZstdError as e:
@@ -665,7 +674,7 @@ def _decode_indices(p: np.ndarray, ic: int, k: int, h: int, w: int, m: int, c: i
 
 
 def _decode_quantized(p: np.ndarray, off: int, k: int, h: int, w: int, flags: int, step: float) -> np.ndarray:
-    """The quantized value section at ``p[off:]`` -> values float32 [k, h, w] (docs/FORMAT.md "Value section").
+    """The quantized value section at ``p[off:]`` -> values float32 [k, h, w] (FORMAT.md "Value section").
 
     ``q`` [k, h*w] receives R in q[0] and G[j-1] in q[j]; the 2-D cumulative sum of q[0] gives T, then one
     small matrix product gives q[j] = T - G[0] - ... - G[j-1]. The sums run in float64, exact whenever no

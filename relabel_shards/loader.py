@@ -300,21 +300,46 @@ class ReLabelDataset(IterableDataset):
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack decoded samples into the batch DESIGN.md "Loader output" describes.
 
+    Every tensor is a view of one buffer, each written once; in a DataLoader worker the buffer is in shared
+    memory (as torch's default_collate does), so handing the batch to the main process copies nothing and
+    passes one shared-memory segment instead of six (each cost about 1 ms per batch of 32 here).
+
     Returns:
         ``images`` uint8 ``[B, 3, S, S]``, ``labels`` int64 ``[B]``, ``boxes`` float32 ``[B, 4]``
         (normalized x1, y1, x2, y2), ``values`` / ``indices`` ``[B, k, h, w]`` in their stored dtypes,
         ``flips`` bool ``[B]`` (whether the image was mirrored; the box is not), ``keys`` list[str].
     """
-    images = torch.from_numpy(np.stack([s["image"] for s in samples]))  # (B, S, S, 3)
-    batch = {
-        "images": images.permute(0, 3, 1, 2).contiguous(),  # (B, 3, S, S)
-        "labels": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
-        "boxes": torch.from_numpy(np.stack([s["box"] for s in samples])),
-        "values": torch.from_numpy(np.stack([s["values"] for s in samples])),
-        "indices": torch.from_numpy(np.stack([s["indices"] for s in samples])),
-        "flips": torch.tensor([s["flip"] for s in samples], dtype=torch.bool),
-        "keys": [s["key"] for s in samples],
+    n, first = len(samples), samples[0]
+    parts = {  # name -> (dtype, shape, the samples' arrays or scalars)
+        "images": (torch.uint8, (n, 3, *first["image"].shape[:2]), [s["image"] for s in samples]),
+        "labels": (torch.int64, (n,), [s["label"] for s in samples]),
+        "boxes": (torch.float32, (n, 4), [s["box"] for s in samples]),
+        "values": (torch.from_numpy(first["values"]).dtype, (n, *first["values"].shape),
+                   [s["values"] for s in samples]),
+        "indices": (torch.from_numpy(first["indices"]).dtype, (n, *first["indices"].shape),
+                    [s["indices"] for s in samples]),
+        "flips": (torch.bool, (n,), [s["flip"] for s in samples]),
     }
+    sizes = {k: -(-int(np.prod(shape)) * dt.itemsize // 64) * 64 for k, (dt, shape, _) in parts.items()}
+    total = sum(sizes.values())
+    if get_worker_info() is not None:
+        proto = torch.empty(0, dtype=torch.uint8)
+        buf = proto.new(proto._typed_storage()._new_shared(total, device=proto.device))
+    else:
+        buf = torch.empty(total, dtype=torch.uint8)
+    batch, off = {}, 0
+    for name, (dt, shape, items) in parts.items():
+        t = buf[off:off + int(np.prod(shape)) * dt.itemsize].view(dt).view(shape)
+        off += sizes[name]
+        out = t.numpy()
+        if name == "images":  # (B, S, S, 3) samples into (B, 3, S, S)
+            np.stack(items, out=out.transpose(0, 2, 3, 1))
+        elif out.ndim > 1:
+            np.stack(items, out=out)
+        else:
+            out[:] = items
+        batch[name] = t
+    batch["keys"] = [s["key"] for s in samples]
     if "_state" in samples[-1]:
         batch["_state"] = samples[-1]["_state"]  # the worker's position after this batch
     return batch

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, print_header, print_table, write_json  # noqa: E402
@@ -158,8 +158,9 @@ class PlainShards(IterableDataset):
 
 
 def _plain_collate(items):
-    images = torch.from_numpy(np.stack([i for i, _ in items])).permute(0, 3, 1, 2).contiguous()
-    return images, torch.tensor([y for _, y in items])
+    # torch's default_collate: in a worker it stacks straight into shared memory, one copy per batch, as the
+    # loader's own collate does; a baseline with avoidable copies would flatter (b).
+    return default_collate([(torch.from_numpy(img).permute(2, 0, 1), y) for img, y in items])
 
 
 class OfficialFolder:

@@ -69,7 +69,8 @@ def print_header(title: str, info: dict[str, Any]) -> None:
     print("# " + ", ".join(f"{k} {v}" for k, v in info["versions"].items() if v))
 
 
-def timeit(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, sync_cuda: bool = False) -> dict[str, float]:
+def timeit(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2,
+           sync_cuda: bool = False) -> dict[str, float]:
     """Median, min and max seconds of ``fn()`` over ``repeats`` calls after ``warmup`` uncounted calls."""
     sync = (lambda: __import__("torch").cuda.synchronize()) if sync_cuda else (lambda: None)
     for _ in range(warmup):
@@ -82,7 +83,8 @@ def timeit(fn: Callable[[], Any], *, repeats: int = 10, warmup: int = 2, sync_cu
         fn()
         sync()
         times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "repeats": repeats}
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:

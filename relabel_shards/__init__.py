@@ -43,7 +43,25 @@ _EXPORTS: dict[str, str] = {
     "convert_official": "relabel_shards.convert",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "LabelMap",
+    "LabelMapError",
+    "encode_label_map",
+    "decode_label_map",
+    "label_pooling",
+    "LabelPooling",
+    "reference_label_pooling",
+    "create_annotator",
+    "build_shards",
+    "ShardError",
+    "read_info",
+    "random_resized_crop_params",
+    "ReLabelDataset",
+    "make_loader",
+    "convert_official",
+]
+assert set(__all__) == {"__version__", *_EXPORTS}, "__all__ and _EXPORTS must name the same API"
 
 
 def __getattr__(name: str) -> Any:

@@ -50,6 +50,47 @@ def cli(verbose: int) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
+class _ProgressBar:
+    """A tqdm bar (images/s, ETA) fed by a library ``progress(done, total)`` callback; closed on exit.
+
+    The bar closes as soon as ``done`` reaches ``total``, so its rate is that of the images, not of the
+    ``_info.json`` written after them. ``callback`` is None when the bar is off (``--no-progress``).
+    """
+
+    def __init__(self, desc: str, enabled: bool):
+        self.desc, self.bar = desc, None
+        self.callback = self._update if enabled else None
+
+    def _update(self, done: int, total: int | None) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", desc=self.desc, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+        if total is not None and done >= total:
+            self.bar.close()
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _echo_summary(summary, out: str) -> None:
+    """What a build or convert rank did, and what ``_info.json`` now says (if this rank wrote it)."""
+    click.echo(f"rank {summary.rank}/{summary.world_size}: wrote {len(summary.written)} shards "
+               f"({summary.images} images, {len(summary.failures)} skipped), kept {len(summary.skipped)} "
+               "complete shards")
+    if summary.info is not None:
+        info = summary.info
+        click.echo(f"{out}: {len(info['filenames'])} shards, {info['num_samples']} samples, "
+                   f"{info['relabel_shards']['num_failures']} failures listed in _info.json")
+    else:
+        click.echo("_info.json is left to the rank that finishes last")
+
+
 # ---- build / demo (issue 3) -------------------------------------------------------------------------
 
 
@@ -58,10 +99,12 @@ def cli(verbose: int) -> None:
 @click.argument("out")
 @click.option("--model", default=None, help="timm model name [default: the embedded EfficientNet-Lite0].")
 @click.option("--pretrained", is_flag=True, help="Load timm's pretrained weights for --model (hub or cache).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="State-dict file for --model.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="State-dict file for --model.")
 @click.option("--topk", type=int, default=5, help="Classes kept per map position (k).")
 @click.option("--input-size", type=int, default=None, help="Input pixels [default: the model's own].")
-@click.option("--keep-aspect", is_flag=True, help="Keep each image's aspect ratio (short side to --input-size).")
+@click.option("--keep-aspect", is_flag=True,
+              help="Keep each image's aspect ratio (short side to --input-size).")
 @click.option("--encoding", type=click.Choice(["compact", "lossless"]), default="compact",
               help="Label-map record encoding.")
 @click.option("--shard-size", type=int, default=1000, help="Samples per shard (input shards keep theirs).")
@@ -72,7 +115,8 @@ def cli(verbose: int) -> None:
 @click.option("--device", default=None, help="cuda, cuda:1, cpu [default: cuda:$LOCAL_RANK, cuda, else cpu].")
 @click.option("--rank", type=int, default=None, help="This rank [default: $RANK, else 0].")
 @click.option("--world-size", type=int, default=None, help="Number of ranks [default: $WORLD_SIZE, else 1].")
-@click.option("--strict", is_flag=True, help="Stop at the first bad input instead of skipping and listing it.")
+@click.option("--strict", is_flag=True,
+              help="Stop at the first bad input instead of skipping and listing it.")
 @click.option("--seed", type=int, default=0, help="Seed for random-weight models (tests).")
 @click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
 @click.option("--resume-check", type=click.Choice(["sha256", "size"]), default="sha256",
@@ -92,30 +136,9 @@ def build(source: tuple[str, ...], out: str, progress: bool, **kwargs) -> None:
         click.echo(f"warning: --model {kwargs['model']} without --pretrained or --checkpoint has random "
                    "weights: its label maps mean nothing (tests only)", err=True)
     src: str | list[str] = source[0] if len(source) == 1 else list(source)
-    bar = None
-
-    def show(done: int, total: int | None) -> None:
-        nonlocal bar
-        if bar is None:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="img", desc="build", dynamic_ncols=True)
-        bar.update(done - bar.n)
-
-    try:
-        summary = build_shards(src, out, progress=show if progress else None, **kwargs)
-    finally:
-        if bar is not None:
-            bar.close()
-    n_fail = len(summary.failures)
-    click.echo(f"rank {summary.rank}/{summary.world_size}: wrote {len(summary.written)} shards "
-               f"({summary.images} images, {n_fail} skipped), kept {len(summary.skipped)} complete shards")
-    if summary.info is not None:
-        info = summary.info
-        click.echo(f"{out}: {len(info['filenames'])} shards, {info['num_samples']} samples, "
-                   f"{info['relabel_shards']['num_failures']} failures listed in _info.json")
-    else:
-        click.echo("_info.json is left to the rank that finishes last")
+    with _ProgressBar("build", progress) as bar:
+        summary = build_shards(src, out, progress=bar.callback, **kwargs)
+    _echo_summary(summary, out)
 
 
 @cli.command("demo")
@@ -147,7 +170,8 @@ def demo_command(out: str, input_size: int, topk: int, device: str) -> None:
         top = ", ".join(f"{name} {prob:.1%}" for _, name, prob in p.classes[:3])
         click.echo(f"  {p.path:{width}s}  {top}")
     collage = r.pictures[0].path
-    click.echo(f"\nLook at {collage} first: one image, two photos. The soft targets LabelPooling gives a crop")
+    click.echo(f"\nLook at {collage} first: one image, two photos. The soft targets LabelPooling "
+               "gives a crop")
     click.echo("of each half (what a training crop there would learn), instead of one label for the whole:")
     for which, box, top in r.collage_crops:
         click.echo(f"  {which:15s} box ({', '.join(f'{v:.2f}' for v in box)}): "
@@ -186,7 +210,8 @@ def info_command(url: str, split: str | None, max_shards: int, as_json: bool) ->
 @cli.command("verify")
 @click.argument("url")
 @click.option("--split", default=None, help="The split to check (default: the only one).")
-@click.option("--max-problems", default=50, type=click.IntRange(min=1), help="Problems listed (all are counted).")
+@click.option("--max-problems", default=50, type=click.IntRange(min=1),
+              help="Problems listed (all are counted).")
 @click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
 @user_errors
 def verify_command(url: str, split: str | None, max_problems: int, progress: bool) -> None:
@@ -269,32 +294,9 @@ def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) 
     """
     from relabel_shards.convert import convert_official
 
-    bar = None
-
-    def show(done: int, total: int | None) -> None:
-        nonlocal bar
-        if bar is None:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="img", desc="convert", dynamic_ncols=True)
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()  # the rate stays that of the images, not of writing _info.json after them
-
-    try:
-        summary = convert_official(images, relabel_root, out, progress=show if progress else None, **kwargs)
-    finally:
-        if bar is not None:
-            bar.close()
-    click.echo(f"rank {summary.rank}/{summary.world_size}: wrote {len(summary.written)} shards "
-               f"({summary.images} images, {len(summary.failures)} skipped), kept {len(summary.skipped)} "
-               "complete shards")
-    if summary.info is not None:
-        info = summary.info
-        click.echo(f"{out}: {len(info['filenames'])} shards, {info['num_samples']} samples, "
-                   f"{info['relabel_shards']['num_failures']} failures listed in _info.json")
-    else:
-        click.echo("_info.json is left to the rank that finishes last")
+    with _ProgressBar("convert", progress) as bar:
+        summary = convert_official(images, relabel_root, out, progress=bar.callback, **kwargs)
+    _echo_summary(summary, out)
     layout = kwargs["layout"]
     click.echo(f"layout {layout}: label_pooling(..., swap_xy={layout == 'hw'}) reproduces the official "
                "targets")
@@ -311,7 +313,8 @@ def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) 
 @click.option("--swap-xy", is_flag=True,
               help="The official code's box order (the crop mirrored across the diagonal).")
 @click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto",
-              help="LabelPooling implementation: auto takes Triton for CUDA tensors, the PyTorch path otherwise.")
+              help="LabelPooling implementation: auto takes Triton for CUDA tensors, the PyTorch "
+                   "path otherwise.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="Where the pooling runs.")
 @click.option("--seed", default=0, help="Seeds the synthetic maps and the random boxes.")
 @click.option("--top", default=3, help="Classes printed per box.")

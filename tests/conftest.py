@@ -191,7 +191,7 @@ def gcs_endpoint():
 
 @pytest.fixture(scope="session")
 def real_photos():
-    """scikit-image's bundled real photos as RGB uint8 arrays: chelsea, coffee, astronaut, rocket, motorcycle."""
+    """scikit-image's bundled real photos, RGB uint8: chelsea, coffee, astronaut, rocket, motorcycle."""
     data = pytest.importorskip("skimage.data")
     photos = {
         "chelsea": data.chelsea(),

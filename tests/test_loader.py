@@ -258,7 +258,7 @@ def test_label_map_geometry_must_match_the_dataset(tmp_path):
 
 
 def test_keep_aspect_dataset_is_refused_with_the_reason(tmp_path):
-    """A --keep-aspect build has one map shape per image aspect: the loader says so instead of failing later."""
+    """A --keep-aspect build has one map shape per image aspect: the loader says so up front."""
     make_shards(tmp_path, [2])
     info_path = tmp_path / "_info.json"
     info = json.loads(info_path.read_text())

@@ -1,7 +1,7 @@
 """Write docs/CLI.md from the click commands' own help, so the reference never drifts from the code.
 
     python tools/gen_cli_docs.py            # rewrite docs/CLI.md
-    python tools/gen_cli_docs.py --check    # exit 1 if docs/CLI.md is stale (tests/test_cli_docs.py runs this)
+    python tools/gen_cli_docs.py --check    # exit 1 if docs/CLI.md is stale (tests/test_cli_docs.py)
 """
 
 from __future__ import annotations

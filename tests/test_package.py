@@ -1,0 +1,43 @@
+"""The package's surface: a light import, an explicit public API, lint-clean sources."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import relabel_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_is_light():
+    """`import relabel_shards` loads no torch; `relabel_shards.loader` loads neither timm nor triton."""
+    code = ("import sys, relabel_shards; assert 'torch' not in sys.modules, 'torch'; "
+            "import relabel_shards.loader; bad = [m for m in ('timm', 'triton') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", [n for n in relabel_shards.__all__ if n != "__version__"])
+def test_every_public_name_resolves_and_is_documented(name):
+    obj = getattr(relabel_shards, name)
+    assert obj.__doc__ and obj.__doc__.strip(), f"relabel_shards.{name} has no docstring"
+    assert name in dir(relabel_shards)
+
+
+def test_unknown_name_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        relabel_shards.nope  # noqa: B018
+
+
+def test_sources_are_lint_clean():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+    if not Path(ruff).exists():
+        pytest.skip("ruff is not installed (pip install -e '.[dev]')")
+    proc = subprocess.run([ruff, "check", "--output-format", "concise", "."], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

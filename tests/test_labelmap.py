@@ -176,7 +176,7 @@ def test_widest_reference_symbols():
 
 
 def test_reference_symbols_large_k_sorting_path_agrees():
-    from relabel_shards import labelmap
+    from relabel_shards.labelmap import _codec as labelmap
 
     rng = np.random.default_rng(3)
     for k, h, w, c in [(12, 5, 7, 40), (9, 1, 9, 9), (20, 3, 3, 25), (5, 6, 6, 12)]:
@@ -363,7 +363,7 @@ _OTHER_PATHS = {
 
 @pytest.mark.parametrize("patch", list(_OTHER_PATHS))
 def test_decoder_paths_for_large_maps_match_the_spec(patch):
-    from relabel_shards import labelmap
+    from relabel_shards.labelmap import _codec as labelmap
 
     @settings(max_examples=40, deadline=None)
     @given(_symbol_streams(), st.sampled_from(["lossless", "quantized"]), st.data())

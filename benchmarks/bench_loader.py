@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,10 @@ class PlainShards(IterableDataset):
                 rng = random.Random(derive_seed("crop", self.seed, key))
                 img, _, _, _ = decode_image(members["jpg"], self.crop, rng)
                 yield img, int(members["cls"])
+
+
+# PIL hands decode_image read-only arrays; default_collate only reads them (stacks into a new batch).
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
 def _plain_collate(items):

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from relabel_shards.crops import crop_box, random_resized_crop_params
+from relabel_shards.labelmap import decode_label_map  # at import: each epoch's fresh workers inherit it
 from relabel_shards.shards import IMAGE_EXTS, LABELMAP_EXT, ShardError
 
 _EXIF_ORIENTATION = 0x0112
@@ -117,8 +118,6 @@ def decode_sample(key: str, members: dict[str, bytes], url: str, cfg: CropConfig
     Raises:
         SampleError: a member is missing, or the image, class or label map is corrupt or inconsistent.
     """
-    from relabel_shards.labelmap import decode_label_map
-
     img_ext = next((e for e in members if e.lower() in IMAGE_EXTS), None)
     missing = [e for e in ("cls", LABELMAP_EXT) if e not in members]
     if img_ext is None:

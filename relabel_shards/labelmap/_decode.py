@@ -7,6 +7,7 @@ import threading
 import zlib
 
 import numpy as np
+import zstandard  # at import, so forked DataLoader workers inherit it instead of importing it each epoch
 
 from relabel_shards.labelmap._codec import _decode_indices, _decode_quantized, _unplanes
 from relabel_shards.labelmap._header import HEADER_SIZE, LabelMap, LabelMapError, _bytes_view, _parse_header
@@ -17,8 +18,6 @@ _local = threading.local()  # zstd contexts are not thread-safe: one per thread
 def _decompressor():
     d = _local.__dict__.get("d")
     if d is None:
-        import zstandard
-
         d = _local.d = zstandard.ZstdDecompressor()
     return d
 
@@ -79,8 +78,6 @@ def decode_label_map(data: bytes | bytearray | memoryview) -> LabelMap:
     end = _zstd_frame_end(buf, HEADER_SIZE)
     if end != len(buf):
         raise LabelMapError(f"bad label-map record: the zstd frame ends at byte {end} of {len(buf)}")
-    import zstandard
-
     try:
         declared = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as e:

@@ -62,7 +62,7 @@ from relabel_shards.sources import (
     open_source,
     read_bytes,
 )
-from relabel_shards.writer import SerialExecutor, ShardJob, ShardStats
+from relabel_shards.writer import ChunkSink, ShardJob, ShardStats, take_failures
 
 log = logging.getLogger(__name__)
 
@@ -452,22 +452,17 @@ def _run(
         multiprocessing_context="fork" if num_workers > 0 and os.name == "posix" else None,
     )
     num_classes = ann.num_classes
-    open_shards: dict = {}
     shapes: dict[int, set] = {}
 
-    def write(chunk: dict, outputs: list) -> None:  # runs in the writer thread, chunks in order
+    def fill(shard, chunk: dict, outputs: list) -> None:  # runs in the writer thread, chunks in order
         index = chunk["task"]
-        shard = open_shards.get(index)
-        if shard is None:
-            shard = open_shards[index] = job.open(index)
-            shapes[index] = set()
         for e in chunk["entries"]:
             if "reason" in e:
                 shard.fail(_failure(e["key"], e["source"], e["reason"]))
                 continue
             values, indices = outputs[e["group"]]
             v, i = values[e["row"]].numpy(), indices[e["row"]].numpy()  # (k, h, w)
-            shapes[index].add(tuple(v.shape[1:]))
+            shapes.setdefault(index, set()).add(tuple(v.shape[1:]))
             try:
                 record = encode_label_map(v, i, num_classes, encoding=encoding)
             except ValueError as err:  # e.g. non-finite logits from a broken checkpoint: name the sample
@@ -475,43 +470,24 @@ def _run(
                     f"{job.filename(index)} key {e['key']}: cannot encode its label map: {err}"
                 ) from err
             shard.add(e["key"], [*e["members"], (f"{e['key']}.{LABELMAP_EXT}", record)])
-        if chunk["end"]:
-            shard.commit(extra={"map_shapes": sorted(list(s) for s in shapes.pop(index))})
-            del open_shards[index]
+
+    def extra(index: int) -> dict:
+        return {"map_shapes": sorted(list(s) for s in shapes.pop(index, ()))}
 
     chunks = iter(loader)  # forks the workers before the writer thread exists (no lock held across a fork)
-    writer = SerialExecutor(maxsize=8)
     done = 0
-    ok = False
-    try:
+    with ChunkSink(job, fill, extra) as sink:
         if progress is not None:
             progress(0, total)
         for chunk in chunks:
-            failed = [e for e in chunk["entries"] if "reason" in e]
-            if failed:
-                fatal = [e for e in failed if e.get("fatal")]
-                if fatal:
-                    raise ValueError(fatal[0]["reason"])
-                if strict:
-                    f = failed[0]
-                    raise ValueError(f"{f['source']}: {f['reason']} (strict: a bad input stops the build)")
-                for f in failed:
-                    log.warning("skipping %s: %s", f["source"], f["reason"])
-                summary.failures.extend(_failure(f["key"], f["source"], f["reason"]) for f in failed)
+            failed = take_failures(chunk, strict=strict, job_name="build")
+            summary.failures.extend(_failure(f["key"], f["source"], f["reason"]) for f in failed)
             outputs = [ann(images) for images in chunk["images"]]
-            writer.submit(lambda c=chunk, o=outputs: write(c, o))
-            n = sum(len(g) for g in chunk["images"])
+            sink.submit(chunk, outputs)
             done += len(chunk["entries"])  # images and failures: the total counts both
-            summary.images += n
+            summary.images += sum(len(g) for g in chunk["images"])
             if progress is not None:
                 progress(done, total)
-        writer.close()
-        ok = True
-    finally:
-        if not ok:
-            writer.close(raise_errors=False)
-            for shard in open_shards.values():
-                shard.abort()
 
 
 def _project(

@@ -51,7 +51,7 @@ from relabel_shards.shards import (
     url_to_fs,
 )
 from relabel_shards.sources import FileItem, Source, open_source, read_bytes
-from relabel_shards.writer import SerialExecutor, ShardJob, ShardStats
+from relabel_shards.writer import ChunkSink, ShardJob, ShardStats, take_failures
 
 log = logging.getLogger(__name__)
 
@@ -355,50 +355,27 @@ def _run(job: ShardJob, stream: _ConvertStream, num_workers: int, strict: bool, 
     loader = DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=num_workers,
                         prefetch_factor=4 if num_workers > 0 else None,
                         multiprocessing_context="fork" if num_workers > 0 and os.name == "posix" else None)
-    open_shards: dict = {}
 
-    def write(chunk: dict) -> None:  # runs in the writer thread, chunks in order
-        index = chunk["task"]
-        shard = open_shards.get(index)
-        if shard is None:
-            shard = open_shards[index] = job.open(index)
+    def fill(shard, chunk: dict) -> None:  # runs in the writer thread, chunks in order
         for e in chunk["entries"]:
             if "reason" in e:
                 shard.fail(e)
             else:
                 shard.add(e["key"], e["members"])
-        if chunk["end"]:
-            shard.commit(extra={"map_shapes": [list(OFFICIAL_SHAPE[2:])]})
-            del open_shards[index]
 
-    writer = SerialExecutor(maxsize=8)
+    chunks = iter(loader)  # forks the workers before the writer thread exists (no lock held across a fork)
     done = 0
-    ok = False
-    try:
+    with ChunkSink(job, fill, lambda index: {"map_shapes": [list(OFFICIAL_SHAPE[2:])]}) as sink:
         if progress is not None:
             progress(0, total)
-        for chunk in loader:
-            failed = [e for e in chunk["entries"] if "reason" in e]
-            if failed:
-                if strict:
-                    f = failed[0]
-                    raise ValueError(f"{f['source']}: {f['reason']} "
-                                     "(strict: a bad input stops the conversion)")
-                for f in failed:
-                    log.warning("skipping %s: %s", f["source"], f["reason"])
-                summary.failures.extend(failed)
-            writer.submit(lambda c=chunk: write(c))
+        for chunk in chunks:
+            failed = take_failures(chunk, strict=strict, job_name="conversion")
+            summary.failures.extend(failed)
+            sink.submit(chunk)
             summary.images += len(chunk["entries"]) - len(failed)
             done += chunk["items"]  # images of the plan; maps without an image are not counted in the total
             if progress is not None:
                 progress(done, total)
-        writer.close()
-        ok = True
-    finally:
-        if not ok:
-            writer.close(raise_errors=False)
-            for shard in open_shards.values():
-                shard.abort()
 
 
 def _project(stats: list[ShardStats], src: Source, relabel_root: str, layout: str, encoding: str,

@@ -440,3 +440,69 @@ class SerialExecutor:
         self._thread.join()
         if raise_errors:
             self._raise()
+
+
+class ChunkSink:
+    """Write a stream of chunks into this rank's shards from one background thread (build and convert).
+
+    A chunk is a dict with ``task`` (its shard index), ``end`` (the shard's last chunk) and ``entries``;
+    chunks of one shard arrive in order and shards one after another. ``fill(shard, chunk, *args)`` runs in
+    the writer thread and adds the chunk's samples and failures to the open :class:`ShardOutput`;
+    ``extra(index)`` gives the sidecar's extra fields when the shard is committed. As a context manager: a
+    clean exit waits for every write and raises a writer error; an exception aborts the open shards (their
+    temporary files go).
+
+    Create the chunk iterator (which may fork DataLoader workers) before entering: no thread may hold a lock
+    across a fork.
+    """
+
+    def __init__(self, job: ShardJob, fill: Callable[..., None],
+                 extra: Callable[[int], dict | None] | None = None, maxsize: int = 8):
+        self.job, self._fill, self._extra = job, fill, extra
+        self._open: dict[int, ShardOutput] = {}
+        self._writer = SerialExecutor(maxsize=maxsize)
+
+    def submit(self, chunk: dict, *args: Any) -> None:
+        """Queue ``chunk`` and ``args`` for ``fill`` in the writer thread; waits while the queue is full."""
+        self._writer.submit(lambda: self._write(chunk, *args))
+
+    def _write(self, chunk: dict, *args: Any) -> None:
+        index = chunk["task"]
+        shard = self._open.get(index)
+        if shard is None:
+            shard = self._open[index] = self.job.open(index)
+        self._fill(shard, chunk, *args)
+        if chunk["end"]:
+            shard.commit(extra=self._extra(index) if self._extra is not None else None)
+            del self._open[index]
+
+    def __enter__(self) -> ChunkSink:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self._writer.close()
+            return
+        self._writer.close(raise_errors=False)
+        for shard in self._open.values():
+            shard.abort()
+
+
+def take_failures(chunk: dict, *, strict: bool, job_name: str) -> list[dict]:
+    """The failed entries of a chunk (those with a ``reason``), each logged as skipped.
+
+    Raises:
+        ValueError: an entry marked ``fatal``, or any failure when ``strict`` (naming the file and reason).
+    """
+    failed = [e for e in chunk["entries"] if "reason" in e]
+    if not failed:
+        return failed
+    fatal = [e for e in failed if e.get("fatal")]
+    if fatal:
+        raise ValueError(fatal[0]["reason"])
+    if strict:
+        f = failed[0]
+        raise ValueError(f"{f['source']}: {f['reason']} (strict: a bad input stops the {job_name})")
+    for f in failed:
+        log.warning("skipping %s: %s", f["source"], f["reason"])
+    return failed

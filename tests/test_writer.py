@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from relabel_shards.shards import read_info
-from relabel_shards.writer import SerialExecutor, ShardJob, resolve_rank
+from relabel_shards.writer import ChunkSink, SerialExecutor, ShardJob, resolve_rank, take_failures
 
 
 def _samples(index: int, n: int = 2):
@@ -171,3 +171,49 @@ def test_resume_check_size_trusts_same_size_sha256_reads(tmp_path):
     assert ShardJob(str(tmp_path), prefix="p", num_shards=2, fingerprint="f").pending() == [0, 1]
     with pytest.raises(ValueError, match=r"resume_check must be one of \['sha256', 'size'\], got 'md5'"):
         ShardJob(str(tmp_path), prefix="p", num_shards=2, fingerprint="f", resume_check="md5")
+
+
+def _chunk(task: int, end: bool, entries: list[dict]) -> dict:
+    return {"task": task, "end": end, "entries": entries}
+
+
+def _fill(shard, chunk):
+    for e in chunk["entries"]:
+        if "reason" in e:
+            shard.fail(e)
+        else:
+            shard.add(e["key"], [(f"{e['key']}.txt", e["key"].encode())])
+
+
+def test_chunk_sink_writes_shards_from_chunks_and_commits_at_end(tmp_path):
+    job = ShardJob(str(tmp_path), prefix="p", num_shards=2, fingerprint="f")
+    with ChunkSink(job, _fill, extra=lambda i: {"i": i}) as sink:
+        sink.submit(_chunk(0, False, [{"key": "a"}]))
+        sink.submit(_chunk(0, True, [{"key": "b"}, {"key": "x", "source": "x.jpg", "reason": "bad"}]))
+        sink.submit(_chunk(1, True, [{"key": "c"}]))
+    s0, s1 = job.read_stats(0), job.read_stats(1)
+    assert (s0.keys, s0.extra, s0.record.num_samples) == (("a", "b"), {"i": 0}, 2)
+    assert [f["key"] for f in s0.failures] == ["x"] and s1.keys == ("c",)
+    assert job.pending() == []
+
+
+def test_chunk_sink_aborts_open_shards_on_error(tmp_path):
+    job = ShardJob(str(tmp_path), prefix="p", num_shards=1, fingerprint="f")
+    with pytest.raises(RuntimeError, match="producer failed"):
+        with ChunkSink(job, _fill) as sink:
+            sink.submit(_chunk(0, False, [{"key": "a"}]))
+            raise RuntimeError("producer failed")
+    assert os.listdir(tmp_path) == []  # no shard, no sidecar, no temporary file
+    assert job.pending() == [0]
+
+
+def test_take_failures_logs_or_raises(caplog):
+    chunk = _chunk(0, False, [{"key": "a"}, {"key": "b", "source": "dir/b.jpg", "reason": "not an image"}])
+    with caplog.at_level("WARNING"):
+        assert [f["key"] for f in take_failures(chunk, strict=False, job_name="build")] == ["b"]
+    assert "skipping dir/b.jpg: not an image" in caplog.text
+    with pytest.raises(ValueError, match=r"^dir/b\.jpg: not an image \(strict: a bad input stops the build"):
+        take_failures(chunk, strict=True, job_name="build")
+    fatal = _chunk(0, False, [{"key": "c", "source": "s", "reason": "shard s is truncated", "fatal": True}])
+    with pytest.raises(ValueError, match="^shard s is truncated$"):
+        take_failures(fatal, strict=False, job_name="build")

@@ -41,3 +41,15 @@ def test_sources_are_lint_clean():
     proc = subprocess.run([ruff, "check", "--output-format", "concise", "."], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """The README's test command and the one .ci/run executes are the same line, so neither drifts."""
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:]]
+    test_cmds = [b for b in blocks if "pytest" in b and "\n" not in b]
+    assert len(test_cmds) == 1, test_cmds
+    assert test_cmds[0] in ci.splitlines(), f"{test_cmds[0]!r} is not a line of .ci/run"
+    demo = [b for b in blocks if b.endswith("relabel-shards demo out/")]
+    assert len(demo) == 1 and "\n" not in demo[0]

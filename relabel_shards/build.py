@@ -192,9 +192,11 @@ class _ChunkStream(IterableDataset):
                 source = f"{url}#{key}"
                 kept = [(n, d) for n, d in members if split_member_name(n)[1] != LABELMAP_EXT]
                 img = image_member(kept)
-                if img is None:
+                exts = {split_member_name(n)[1] for n, _ in kept}
+                if img is None or "cls" not in exts:  # the loader needs both: fail here, not mid-training
                     names = ", ".join(n for n, _ in members)
-                    yield _failure(key, source, f"no image member (members: {names})")
+                    what = "no image member" if img is None else "no .cls member (the class index)"
+                    yield _failure(key, source, f"{what} (members: {names})")
                     continue
                 dec = self._decoded(key, source, img[1])
                 if isinstance(dec, dict):

@@ -18,7 +18,7 @@ import numpy as np
 
 from relabel_shards.crops import crop_box, random_resized_crop_params
 from relabel_shards.labelmap import decode_label_map  # at import: each epoch's fresh workers inherit it
-from relabel_shards.shards import IMAGE_EXTS, LABELMAP_EXT, ShardError
+from relabel_shards.shards import IMAGE_EXTS, LABELMAP_EXT, ShardError, image_ext
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -118,7 +118,7 @@ def decode_sample(key: str, members: dict[str, bytes], url: str, cfg: CropConfig
     Raises:
         SampleError: a member is missing, or the image, class or label map is corrupt or inconsistent.
     """
-    img_ext = next((e for e in members if e.lower() in IMAGE_EXTS), None)
+    img_ext = image_ext(members)
     missing = [e for e in ("cls", LABELMAP_EXT) if e not in members]
     if img_ext is None:
         missing.insert(0, "image (" + "/".join(IMAGE_EXTS[:3]) + "/...)")

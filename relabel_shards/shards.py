@@ -56,6 +56,15 @@ def key_from_path(relpath: str) -> str:
     return key
 
 
+def image_ext(exts: Iterable[str]) -> str | None:
+    """The sample's image member: the first extension that is exactly an image extension (case-insensitive).
+
+    Every reader and writer picks the image with this one rule, so the label map built for a sample is
+    the one its image is trained with: ``seg.png`` or ``mask.png`` members are never the image.
+    """
+    return next((e for e in exts if e.lower() in IMAGE_EXTS), None)
+
+
 def shard_name(prefix: str, index: int) -> str:
     """``{prefix}-{index:06d}.tar``."""
     return f"{prefix}-{index:06d}.tar"
@@ -325,6 +334,30 @@ def get_split(info: dict[str, Any], split: str | None, where: str = INFO_NAME) -
     if split not in splits:
         raise ShardError(f"{where} has no split {split!r}; it holds {sorted(splits)}")
     return splits[split]
+
+
+# ------------------------------------------------------------------------------------------------ read
+
+
+class StrictTarInfo(tarfile.TarInfo):
+    """Read tars with ``tarfile.open(..., tarinfo=StrictTarInfo)``: only a zero block ends the archive.
+
+    Plain ``tarfile`` stops iterating quietly at the end of data or at a damaged header after the first
+    member, so a shard cut at a member boundary, or with a flipped header byte, reads as a shorter shard and
+    its lost samples vanish without a word. With this class those raise ``tarfile.ReadError`` instead.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:  # a zero block: the end-of-archive marker
+            raise
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            raise tarfile.ReadError(f"truncated: data ends at byte {tarfile_.offset} without the "
+                                    "end-of-archive marker") from None
+        except tarfile.InvalidHeaderError as e:
+            raise tarfile.ReadError(f"damaged tar header at byte {tarfile_.offset} ({e})") from None
 
 
 # ----------------------------------------------------------------------------------------------- URLs

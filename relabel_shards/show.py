@@ -27,7 +27,6 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from relabel_shards.shards import (
-    IMAGE_EXTS,
     INFO_NAME,
     LABELMAP_EXT,
     ShardError,
@@ -37,6 +36,7 @@ from relabel_shards.shards import (
     split_member_name,
     url_to_fs,
 )
+from relabel_shards.shards import image_ext as find_image_ext
 
 logger = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ def show_sample(url: str, key: str, out: str | os.PathLike, *, topk: int = 5, sp
 
     shard_name, members, section = find_sample(url, key, split=split, storage_options=storage_options,
                                                shard=shard)
-    image_ext = next((e for e in members if e.lower() in IMAGE_EXTS), None)
+    image_ext = find_image_ext(members)
     if image_ext is None or LABELMAP_EXT not in members:
         raise ValueError(f"{shard_name}: key {key!r} has members {sorted(members)}; show needs an image "
                          f"and .{LABELMAP_EXT}")

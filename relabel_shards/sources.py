@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from relabel_shards.shards import (
     IMAGE_EXTS,
     ShardError,
+    StrictTarInfo,
     expand_urls,
+    image_ext,
     key_from_path,
     split_member_name,
     url_to_fs,
@@ -297,17 +299,21 @@ def iter_shard_samples(
     seen: set[str] = set()
     key: str | None = None
     members: list[tuple[str, bytes]] = []
+    last_done: str | None = None
     try:
-        with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*", tarinfo=StrictTarInfo) as tar:
             for ti in tar:
                 if not ti.isreg():
                     continue
                 k, _ext = split_member_name(ti.name)
                 f = tar.extractfile(ti)
                 data = f.read() if f is not None else b""
+                if len(data) != ti.size:
+                    raise tarfile.ReadError(f"member {ti.name!r} holds {len(data)} of {ti.size} bytes")
                 if k != key:
                     if key is not None:
                         yield key, members
+                        last_done = key
                     if k in seen:
                         raise DuplicateKeyError(
                             f"{url}: key {k!r} appears twice (its members are not adjacent, "
@@ -317,18 +323,18 @@ def iter_shard_samples(
                     key, members = k, []
                 members.append((ti.name, data))
     except (tarfile.TarError, EOFError) as e:
-        raise ShardError(f"{url}: not a readable tar file ({e})") from None
+        where = f" after key {last_done!r}" if last_done is not None else " before its first whole sample"
+        pending = f" (key {key!r} incomplete)" if key is not None else ""
+        raise ShardError(f"{url}: truncated or corrupt tar{where}{pending} ({e})") from None
     if key is not None:
         yield key, members
 
 
 def image_member(members: Sequence[tuple[str, bytes]]) -> tuple[str, bytes] | None:
     """The first member whose extension is an image extension (``jpg``, ``png``, ...), or None."""
-    for name, data in members:
-        ext = split_member_name(name)[1].lower()
-        if ext in IMAGE_EXTS or ext.rsplit(".", 1)[-1] in IMAGE_EXTS:
-            return name, data
-    return None
+    by_ext = {split_member_name(name)[1]: (name, data) for name, data in reversed(members)}
+    ext = image_ext(split_member_name(name)[1] for name, _ in members)
+    return None if ext is None else by_ext[ext]
 
 
 def decode_image(data: bytes):

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from relabel_shards.shards import ShardError, split_member_name, url_to_fs
+from relabel_shards.shards import ShardError, StrictTarInfo, split_member_name, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def iter_tar_samples(stream: BinaryIO, url: str) -> Iterator[tuple[str, dict[str
     seen: set[str] = set()
     last_done: str | None = None
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
+        with tarfile.open(fileobj=stream, mode="r|", tarinfo=StrictTarInfo) as tar:
             for info in tar:
                 if not info.isfile():
                     continue

@@ -28,6 +28,7 @@ from typing import Any
 from relabel_shards.shards import (
     IMAGE_EXTS,
     LABELMAP_EXT,
+    StrictTarInfo,
     get_split,
     join,
     read_info,
@@ -196,7 +197,7 @@ class _SplitChecker:
             self.check_sample(shard, current, members)
 
         try:
-            with tarfile.open(fileobj=fileobj, mode="r|") as tar:  # type: ignore[call-overload]
+            with tarfile.open(fileobj=fileobj, mode="r|", tarinfo=StrictTarInfo) as tar:  # type: ignore[call-overload]
                 for info in tar:
                     if not info.isfile():
                         if not info.isdir():

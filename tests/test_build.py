@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from relabel_shards.build import build_shards
+from relabel_shards.labelmap import decode_label_map
 from relabel_shards.shards import read_info, write_shard
 
 MODEL = "test_efficientnet"
@@ -372,6 +373,7 @@ _GLOO_RANK = """
 import json, sys
 import torch.distributed as dist
 from relabel_shards.build import build_shards
+from relabel_shards.labelmap import decode_label_map
 rank, port, src, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 s = build_shards(src, out, model="test_efficientnet", input_size=64, shard_size=2, batch_size=2,
@@ -505,11 +507,12 @@ def test_input_shards_over_http_with_their_info_for_progress(tmp_path, http_dir)
 
 def test_duplicate_key_in_input_shard_is_fatal_even_without_strict(tmp_path):
     jpg = _encode(_image(1), "JPEG")
-    write_shard(str(tmp_path / "in"), "in-000000.tar", [[("a.jpg", jpg)], [("b.jpg", jpg)], [("a.jpg", jpg)]])
+    write_shard(str(tmp_path / "in"), "in-000000.tar",
+                [[("a.jpg", jpg), ("a.cls", b"0")], [("b.jpg", jpg), ("b.cls", b"0")], [("a.jpg", jpg)]])
     with pytest.raises(ValueError, match=r"in-000000\.tar: key 'a' appears twice"):
         build_shards(str(tmp_path / "in" / "in-000000.tar"), str(tmp_path / "ds"), **SMALL, num_workers=0)
-    write_shard(str(tmp_path / "in2"), "x-000000.tar", [[("a.jpg", jpg)]])
-    write_shard(str(tmp_path / "in2"), "x-000001.tar", [[("a.png", jpg)]])
+    write_shard(str(tmp_path / "in2"), "x-000000.tar", [[("a.jpg", jpg), ("a.cls", b"0")]])
+    write_shard(str(tmp_path / "in2"), "x-000001.tar", [[("a.png", jpg), ("a.cls", b"0")]])
     with pytest.raises(ValueError, match=r"duplicate sample key 'a': in x-000000\.tar and in x-000001\.tar"):
         build_shards(
             str(tmp_path / "in2" / "x-{000000..000001}.tar"),
@@ -655,3 +658,35 @@ def test_rebuilding_labelled_shards_replaces_the_label_map(folder, tmp_path):
                 assert decode_label_map(b.extractfile(name).read()).values.shape[0] == 3
             else:
                 assert a.extractfile(name).read() == b.extractfile(name).read()
+
+
+def test_damaged_input_shards_and_samples_are_listed_not_lost(tmp_path):
+    """A truncated input tar, a sample without .cls and a mask member: each is listed, none goes silently."""
+    import tarfile
+
+    src = tmp_path / "in"
+    jpg = _encode(_image(5), "JPEG")
+    write_shard(str(src), "in-000000.tar", [
+        [("a.jpg", jpg), ("a.cls", b"1")],
+        [("nocls.jpg", jpg), ("nocls.json", b"{}")],
+        [("m.seg.png", _encode(_image(6), "PNG")), ("m.jpg", jpg), ("m.cls", b"0")],
+    ])
+    write_shard(str(src), "in-000001.tar", [[(f"b{i}.jpg", jpg), (f"b{i}.cls", b"0")] for i in range(3)])
+    cut = tarfile.open(src / "in-000001.tar").getmembers()[4].offset  # at the header of b2.jpg
+    (src / "in-000001.tar").write_bytes((src / "in-000001.tar").read_bytes()[:cut])
+    out = tmp_path / "ds"
+    build_shards(str(src / "in-{000000..000001}.tar"), str(out), model=MODEL, batch_size=4, num_workers=0,
+                 encoding="lossless")
+    split = read_info(str(out))["splits"]["train"]
+    assert split["shard_lengths"] == [2, 1]  # b1's members after the cut are unknown: b1 is not written
+    reasons = {f["source"].rsplit("/", 1)[-1]: f["reason"] for f in split["relabel_shards"]["failures"]}
+    assert reasons["in-000000.tar#nocls"].startswith("no .cls member (the class index)")
+    assert reasons["in-000001.tar"].startswith("input shard unreadable from here on:")
+    assert "after key 'b0' (key 'b1' incomplete) (truncated: data ends at byte" in reasons["in-000001.tar"]
+    with tarfile.open(out / "train-000000.tar") as tar:  # the mask passes through; the map is the photo's
+        assert tar.getnames()[3:] == ["m.seg.png", "m.jpg", "m.cls", "m.rlm"]
+    ann = _annotator()
+    with tarfile.open(out / "train-000000.tar") as tar:
+        rec = decode_label_map(tar.extractfile("m.rlm").read())
+    values, indices = ann(ann.preprocess(Image.open(io.BytesIO(jpg))).unsqueeze(0))
+    assert np.array_equal(rec.values, values[0].numpy()) and np.array_equal(rec.indices, indices[0].numpy())

@@ -219,9 +219,15 @@ def test_truncated_tar_raise_or_skip(tmp_path, caplog):
     assert any("skipped" in r.getMessage() and "truncated_tar" in r.getMessage() for r in caplog.records)
 
 
-def test_tar_cut_between_samples_is_caught_by_the_shard_length(tmp_path):
+def test_tar_cut_at_a_header_or_short_of_its_length_is_an_error(tmp_path):
     make_shards(tmp_path, [5, 5])
     truncate_tar(tmp_path / "train-000001.tar", keep_samples=3, cut_into_member=-512)  # cut at a header
+    with pytest.raises(ValueError, match=r"train-000001\.tar: truncated or corrupt tar after key 's00006' "
+                                         r"\(key 's00007' incomplete\): truncated: data ends at byte"):
+        list(make_loader(str(tmp_path), batch_size=4, num_workers=0, image_size=16))
+    # a whole tar, end-of-archive marker included, with fewer samples than _info.json lists
+    make_shards(tmp_path / "short", [5, 3])
+    (tmp_path / "train-000001.tar").write_bytes((tmp_path / "short" / "train-000001.tar").read_bytes())
     with pytest.raises(ValueError, match=r"train-000001\.tar: _info.json says 5 samples, the shard holds 3"):
         list(make_loader(str(tmp_path), batch_size=4, num_workers=0, image_size=16))
 

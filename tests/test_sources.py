@@ -138,8 +138,40 @@ def test_iter_shard_samples_groups_members_and_rejects_split_keys(tmp_path):
         list(iter_shard_samples(str(tmp_path / "bad.tar")))
     data = (tmp_path / "good.tar").read_bytes()
     (tmp_path / "trunc.tar").write_bytes(data[:700])
-    with pytest.raises(ShardError, match=r"trunc\.tar: not a readable tar file"):
+    with pytest.raises(ShardError, match=r"trunc\.tar: truncated or corrupt tar before its first whole "
+                                         r"sample \(key 'a' incomplete\)"):
         list(iter_shard_samples(str(tmp_path / "trunc.tar")))
+
+
+def test_iter_shard_samples_never_stops_quietly(tmp_path):
+    """tarfile alone reads a tar cut at a member boundary, or with a damaged header, as a shorter shard."""
+    samples = [[(f"k{i}.jpg", bytes(700)), (f"k{i}.cls", b"1")] for i in range(4)]
+    write_shard(str(tmp_path), "a.tar", samples)
+    data = (tmp_path / "a.tar").read_bytes()
+    boundary = 2 * (512 + 1024 + 512 + 512)  # two samples: header + padded data for .jpg and .cls each
+    (tmp_path / "cut.tar").write_bytes(data[:boundary])
+    flipped = bytearray(data)
+    flipped[boundary + 100] ^= 0xFF  # inside k2.jpg's header
+    (tmp_path / "flip.tar").write_bytes(bytes(flipped))
+    assert [k for k, _ in iter_shard_samples(str(tmp_path / "a.tar"))] == ["k0", "k1", "k2", "k3"]
+    with pytest.raises(ShardError, match=r"cut\.tar: truncated or corrupt tar after key 'k0' \(key 'k1' "
+                                         r"incomplete\) \(truncated: data ends at byte 5120 without the "
+                                         r"end-of-archive marker\)"):
+        list(iter_shard_samples(str(tmp_path / "cut.tar")))
+    with pytest.raises(ShardError, match=r"flip\.tar: .* after key 'k0' \(key 'k1' incomplete\) \(damaged "
+                                         r"tar header at byte 5120"):
+        list(iter_shard_samples(str(tmp_path / "flip.tar")))
+
+
+def test_image_member_is_the_exact_image_extension_every_reader_uses():
+    """A mask or segmentation member (k.seg.png) is never taken for the image the label map describes."""
+    from relabel_shards.decode import CropConfig, decode_sample  # noqa: F401 - same rule: shards.image_ext
+    from relabel_shards.shards import image_ext
+
+    members = [("k.seg.png", b"mask"), ("k.jpg", b"photo"), ("k.cls", b"3")]
+    assert image_member(members) == ("k.jpg", b"photo")
+    assert image_ext(["seg.png", "jpg", "cls"]) == "jpg"
+    assert image_ext(["cls", "JPEG"]) == "JPEG" and image_ext(["cls", "json"]) is None
 
 
 def test_decode_image_applies_exif_orientation():

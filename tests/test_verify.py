@@ -93,7 +93,8 @@ def test_truncated_tar(dataset):
     starts = [m.offset for m in members]
     # cut inside a member's data, and exactly at a member boundary (where tarfile itself stops quietly)
     for cut, fault in [(members[7].offset_data + 100, "unreadable tar after key 'img001'"),
-                       (starts[5], "no end-of-archive marker after key 'img001'")]:
+                       (starts[5], f"unreadable tar after key 'img001' (ReadError: truncated: data ends at "
+                                   f"byte {starts[5]} without the end-of-archive marker)")]:
         path.write_bytes(data[:cut])
         report = verify_shards(str(dataset))
         text = "\n".join(report.problems)

@@ -85,12 +85,13 @@ def test_loss_falls_and_validation_reports_top1_and_real(data, tmp_path):
 
 
 def test_resume_continues_where_the_checkpoint_left(data, tmp_path):
-    full = train_mod.train(_cfg(data, tmp_path / "a", epochs=2, ckpt_every=3, val=None))
-    part = train_mod.train(_cfg(data, tmp_path / "b", epochs=2, max_steps=3, val=None))
+    """With CutMix on every step: its draws after a resume are those of the uninterrupted run."""
+    full = train_mod.train(_cfg(data, tmp_path / "a", epochs=2, ckpt_every=3, val=None, cutmix=1.0))
+    part = train_mod.train(_cfg(data, tmp_path / "b", epochs=2, max_steps=3, val=None, cutmix=1.0))
     assert len(part["loss"]) == 3
     ck = torch.load(tmp_path / "b" / "last-rank0.pt", weights_only=True)
     assert ck["step"] == 3 and ck["loader"]["workers"]["0"]["good"] == 48
-    rest = train_mod.train(_cfg(data, tmp_path / "b", epochs=2, val=None))
+    rest = train_mod.train(_cfg(data, tmp_path / "b", epochs=2, val=None, cutmix=1.0))
     assert len(rest["loss"]) == len(full["loss"]) == 8
     # same seed, same data order: the resumed run reproduces the uninterrupted one
     np.testing.assert_allclose(rest["loss"], full["loss"], rtol=1e-4, atol=1e-5)

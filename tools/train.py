@@ -238,7 +238,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                           "scheduler": sched.state_dict(), "loader": loader.state_dict(), "step": step,
                           "history": history})
 
-    gen = np.random.default_rng([cfg.seed, rank, step])
     crop_pct = float(data_cfg.get("crop_pct", 0.875))
     ddp.train()
     while epoch < cfg.epochs:
@@ -252,6 +251,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                        batch["indices"].to(device, non_blocking=True),
                                        batch["boxes"].to(device, non_blocking=True), num_classes,
                                        swap_xy=cfg.swap_xy)
+            # CutMix draws from (seed, rank, step): a resumed run makes the same draws as an uninterrupted one
+            gen = np.random.default_rng([cfg.seed, rank, step])
             if cfg.cutmix > 0 and gen.random() < cfg.cutmix:
                 images, target, _ = cutmix(images, target, cfg.cutmix_beta, gen)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.amp)):

@@ -111,13 +111,22 @@ class ReLabelDataset(IterableDataset):
         # pinned in the main process: DataLoader workers have no torch.distributed
         self._world: tuple[int, int] | None = None
         self._progress: dict[int, dict[str, Any]] = {}  # worker -> {"raw", "good", "skipped"}
+        self._resumed = False  # a loaded position that set_epoch(same epoch) must keep
 
     # -- epoch, length, counters ------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch`` at its beginning: shard order and shuffles derive from (seed, epoch)."""
+        """Start epoch ``epoch`` at its beginning: shard order and shuffles derive from (seed, epoch).
+
+        Right after :meth:`load_state_dict`, ``set_epoch`` of the loaded epoch keeps the loaded position, so
+        the usual loop (``for epoch in ...: set_epoch(epoch); for batch in loader``) resumes mid-epoch.
+        """
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
+        if self._resumed and int(epoch) == self.epoch:
+            self._resumed = False
+            return
+        self._resumed = False
         self.epoch = int(epoch)
         self._progress = {}
 
@@ -194,6 +203,7 @@ class ReLabelDataset(IterableDataset):
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
         self._progress = {int(w): {"raw": int(p["raw"]), "good": int(p["good"]),
                                    "skipped": dict(p["skipped"])} for w, p in state["workers"].items()}
+        self._resumed = True
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -385,6 +395,7 @@ class ReLabelLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         ds = self.dataset
+        ds._resumed = False  # reading has begun: a later set_epoch starts its epoch afresh
         ds.world()  # pin rank and world size here: DataLoader workers cannot ask torch.distributed
         if ds.epoch_complete():
             log.warning("epoch %d was already read to the end; reading it again "

@@ -128,6 +128,26 @@ def test_mid_epoch_resume_no_repeats_no_skips(data, num_workers):
             assert torch.equal(img, by_key[k])
 
 
+def test_the_usual_epoch_loop_resumes_mid_epoch(data):
+    """set_epoch(e) right after load_state_dict keeps the loaded position; the next epoch starts afresh."""
+    opts = dict(batch_size=4, num_workers=0, image_size=16, seed=3)
+    first = make_loader(data, **opts)
+    first.set_epoch(1)
+    head = []
+    for i, batch in enumerate(first):
+        head += batch["keys"]
+        if i == 2:
+            break
+    second = make_loader(data, **opts)
+    second.load_state_dict(first.state_dict())
+    seen = {}
+    for epoch in (1, 2):
+        second.set_epoch(epoch)
+        seen[epoch] = [k for b in second for k in b["keys"]]
+    assert sorted(head + seen[1]) == [key_of(i) for i in range(40)]  # no sample twice, none left out
+    assert sorted(seen[2]) == [key_of(i) for i in range(40)]  # epoch 2 whole
+
+
 def test_resume_refuses_another_worker_count(data):
     a = make_loader(data, batch_size=4, num_workers=0, image_size=16)
     b = make_loader(data, batch_size=4, num_workers=2, image_size=16)

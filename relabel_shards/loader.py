@@ -146,7 +146,23 @@ class ReLabelDataset(IterableDataset):
     def samples_per_worker(self) -> int:
         """Samples each DataLoader worker of each rank yields per epoch."""
         _, world, workers = self._readers()
-        return samples_per_slot(self.total, world * workers)
+        return self._quota(world, workers)
+
+    def _slots(self, world: int, workers: int) -> list[list[int]]:
+        lengths = [n for _, n in self.shards]
+        return assign_shards(lengths, world * workers, self.seed, self.epoch if self.shuffle_shards else 0)
+
+    def _quota(self, world: int, workers: int) -> int:
+        """Samples every reader (rank x worker) yields per epoch, the same for all, so no DDP rank waits.
+
+        Training: ``ceil(total / readers)``; with uneven shards a reader with more samples stops early and
+        one with fewer reads its shards again. Evaluation (``center_crop``): the largest reader's load, so
+        every sample is read at least once; the readers with less repeat some, to be merged by key.
+        """
+        if self.crop.center_crop is None:
+            return samples_per_slot(self.total, world * workers)
+        lengths = [n for _, n in self.shards]
+        return max(sum(lengths[i] for i in slot) for slot in self._slots(world, workers))
 
     def __len__(self) -> int:
         """Samples this rank yields per epoch (the same on every rank)."""
@@ -251,11 +267,8 @@ class ReLabelDataset(IterableDataset):
         rank, world = self.world()
         if workers != max(1, self.num_workers):
             self.num_workers = workers if in_worker else 0
-        quota = samples_per_slot(self.total, world * workers)
-        lengths = [n for _, n in self.shards]
-        slots = assign_shards(lengths, world * workers, self.seed, self.epoch) if self.shuffle_shards else \
-            assign_shards(lengths, world * workers, self.seed, 0)
-        mine = slots[rank * workers + wid]
+        quota = self._quota(world, workers)
+        mine = self._slots(world, workers)[rank * workers + wid]
         start = self._progress.get(wid, {"raw": 0, "good": 0, "skipped": {}})
         if not in_worker and start["good"] >= quota:
             log.warning("epoch %d was already read to the end; reading it again "

@@ -311,3 +311,18 @@ def test_resume_with_skipped_samples(tmp_path):
     tail = _keys(second)
     assert sorted(head + tail) == sorted(full) and len(full) == 20
     assert second.skipped == {"corrupt_image": 1}  # counted once, whether before or after the break
+
+
+def test_evaluation_reads_every_sample_with_uneven_shards(tmp_path):
+    """center_crop (evaluation): every sample at least once over the ranks, equal batches per rank."""
+    make_shards(tmp_path, [4, 4, 2])
+    per_rank = []
+    for rank in (0, 1):
+        loader = make_loader(str(tmp_path), batch_size=2, num_workers=0, image_size=16, center_crop=0.875,
+                             shuffle_buffer=0, rank=rank, world_size=2)
+        per_rank.append(_keys(loader))
+    assert len(per_rank[0]) == len(per_rank[1]) == 6  # the larger reader's load (4 + 2), the other repeats
+    assert sorted(set(per_rank[0]) | set(per_rank[1])) == [key_of(i) for i in range(10)]
+    # training keeps ceil(total / readers) per reader
+    train = make_loader(str(tmp_path), batch_size=2, num_workers=0, image_size=16, rank=0, world_size=2)
+    assert len(train.dataset) == 5

@@ -75,6 +75,7 @@ def test_verify_cli_ok_and_failed(dataset):
     path.write_bytes(path.read_bytes()[:end])  # whole members, but no end-of-archive marker
     res = run("verify", str(dataset), "--no-progress")
     assert res.exit_code == 1
-    assert "train-000001.tar: no end-of-archive marker after key 'img003'" in res.output
+    assert ("train-000001.tar: unreadable tar after key 'img003' (ReadError: truncated: data ends at byte "
+            f"{end} without the end-of-archive marker)") in res.output
     assert "train-000003.tar: missing (listed in _info.json" in res.output
     assert "Error: FAILED: split 'train' of " in res.output

@@ -37,7 +37,7 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,7 +184,13 @@ class _ChunkStream(IterableDataset):
             members = sample_members(
                 it.key, image=data, image_ext=it.image_ext, label=it.label, meta=meta, labelmap=b""
             )[:-1]  # the label map is appended by the writer thread
-            yield {"key": it.key, "members": members, "tensor": tensor, "size": (w, h)}
+            yield {
+                "key": it.key,
+                "members": members,
+                "tensor": tensor,
+                "size": (w, h),
+                "image": _bind(data, w, h),
+            }
 
     def _shard_samples(self, url: str) -> Iterator[dict]:
         try:
@@ -203,11 +209,22 @@ class _ChunkStream(IterableDataset):
                     yield dec
                     continue
                 tensor, size = dec
-                yield {"key": key, "members": kept, "tensor": tensor, "size": size}
+                yield {
+                    "key": key,
+                    "members": kept,
+                    "tensor": tensor,
+                    "size": size,
+                    "image": _bind(img[1], *size),
+                }
         except DuplicateKeyError as e:
             yield {**_failure("", url, str(e)), "fatal": True}  # never a skip: keys must be unique
         except (ShardError, OSError) as e:
             yield _failure("", url, f"input shard unreadable from here on: {e}")
+
+
+def _bind(data: bytes, width: int, height: int) -> tuple[int, bytes, int, int]:
+    """What the record's image binding needs (``labelmap.ImageBinding``), computed in the worker."""
+    return len(data), hashlib.sha256(data).digest(), width, height
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -324,6 +341,7 @@ def build_shards(
     seed: int = 0,
     name: str | None = None,
     resume_check: str = "sha256",
+    labels_only: bool = False,
 ) -> BuildSummary:
     """Annotate every image of ``source`` and write WebDataset shards with label maps to ``out``.
 
@@ -353,6 +371,10 @@ def build_shards(
         name: the dataset name in ``_info.json`` (default: the last component of ``out``).
         resume_check: ``"sha256"`` (read each complete shard once before skipping it) or ``"size"``
             (``relabel_shards.writer.ShardJob``).
+        labels_only: write label shards (one ``key.rlm`` per sample, no image) instead of full shards. From
+            image shards, label shard i holds exactly the keys of input shard i in order (an image that
+            fails keeps its place with an empty ``key.rlm`` and is listed in the failures) and
+            ``_info.json`` names the image shards it pairs with (``relabel_shards.pairing``).
 
     Returns:
         BuildSummary of this rank's work; ``info`` is the split written to ``_info.json`` by this call,
@@ -388,6 +410,8 @@ def build_shards(
         "split": split,
         "seed": seed if ann.weights_sha256 is None else None,
     }
+    if labels_only:
+        settings["labels_only"] = True  # only then: full builds keep their fingerprint
     ann_config = ann.config()
     job = ShardJob(
         out,
@@ -422,6 +446,8 @@ def build_shards(
             progress,
             total,
             summary,
+            labels_only=labels_only,
+            placeholders=labels_only and src.kind == "shards",
         )
     summary.info = job.finalize(
         split, lambda stats: _project(stats, src, ann, ann_config, encoding, settings), name=name
@@ -442,7 +468,11 @@ def _run(
     progress: ProgressFn | None,
     total: int | None,
     summary: BuildSummary,
+    labels_only: bool = False,
+    placeholders: bool = False,
 ) -> None:
+    from relabel_shards.labelmap import ImageBinding
+
     stream = _ChunkStream(tasks, ann.preprocess, batch_size, storage_options)
     cuda = getattr(ann, "device", None) is not None and torch.device(ann.device).type == "cuda"
     loader = DataLoader(
@@ -461,17 +491,22 @@ def _run(
         for e in chunk["entries"]:
             if "reason" in e:
                 shard.fail(_failure(e["key"], e["source"], e["reason"]))
+                if placeholders and e["key"]:  # the key keeps its place in the label shard: no label
+                    shard.add(e["key"], [(f"{e['key']}.{LABELMAP_EXT}", b"")])
                 continue
             values, indices = outputs[e["group"]]
             v, i = values[e["row"]].numpy(), indices[e["row"]].numpy()  # (k, h, w)
             shapes.setdefault(index, set()).add(tuple(v.shape[1:]))
             try:
-                record = encode_label_map(v, i, num_classes, encoding=encoding)
+                record = encode_label_map(
+                    v, i, num_classes, encoding=encoding, image=ImageBinding(*e["image"])
+                )
             except ValueError as err:  # e.g. non-finite logits from a broken checkpoint: name the sample
                 raise ValueError(
                     f"{job.filename(index)} key {e['key']}: cannot encode its label map: {err}"
                 ) from err
-            shard.add(e["key"], [*e["members"], (f"{e['key']}.{LABELMAP_EXT}", record)])
+            member = (f"{e['key']}.{LABELMAP_EXT}", record)
+            shard.add(e["key"], [member] if labels_only else [*e["members"], member])
 
     def extra(index: int) -> dict:
         return {"map_shapes": sorted(list(s) for s in shapes.pop(index, ()))}
@@ -514,4 +549,21 @@ def _project(
     }
     if len(shapes) > 1:
         project["map_shapes"] = [list(s) for s in shapes]
+    if settings.get("labels_only"):
+        project.update(label_set_fields(stats, src.shard_urls if src.kind == "shards" else None))
     return project
+
+
+def label_set_fields(stats: list[ShardStats], image_shards: Sequence[str] | None) -> dict:
+    """``kind`` and ``pairs_with`` of a label set whose shard i was made from ``image_shards[i]`` (None: from
+    an image folder, paired with nothing yet)."""
+    from relabel_shards.pairing import KIND_LABELS, key_digest, pairs_with_entry
+
+    pairs = None
+    if image_shards is not None:
+        pairs = pairs_with_entry(
+            [u.rsplit("/", 1)[-1] for u in image_shards],
+            [st.record.num_samples for st in stats],
+            [key_digest(st.keys) for st in stats],
+        )
+    return {"kind": KIND_LABELS, "pairs_with": pairs}

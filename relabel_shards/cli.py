@@ -121,6 +121,9 @@ def _echo_summary(summary, out: str) -> None:
 @click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
 @click.option("--resume-check", type=click.Choice(["sha256", "size"]), default="sha256",
               help="How complete shards are checked before a rerun skips them.")
+@click.option("--labels-only", is_flag=True,
+              help="Write label shards (key.rlm only, no image) that pair with SOURCE's image shards "
+                   "one to one, instead of full shards.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (images/s, ETA).")
 @user_errors
 def build(source: tuple[str, ...], out: str, progress: bool, **kwargs) -> None:

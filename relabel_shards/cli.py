@@ -305,6 +305,47 @@ def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) 
                "targets")
 
 
+# ---- join / publish: label shards beside image shards (issue 9) --------------------------------------
+
+
+@cli.command("join")
+@click.argument("labels")
+@click.argument("images", nargs=-1, required=True)
+@click.argument("out")
+@click.option("--labels-only", is_flag=True,
+              help="Write label shards aligned one to one with IMAGES (image shards) instead of full shards.")
+@click.option("--shard-size", type=int, default=1000, help="Samples per shard for an image folder.")
+@click.option("--prefix", default=None, help="Shard name prefix [default: the split name].")
+@click.option("--split", default="train", help="Split name in OUT's _info.json.")
+@click.option("--labels-split", default=None, help="The label set's split [default: its only one].")
+@click.option("--num-workers", type=int, default=4, help="Worker processes that read images and records.")
+@click.option("--rank", type=int, default=None, help="This rank [default: $RANK, else 0].")
+@click.option("--world-size", type=int, default=None, help="Number of ranks [default: $WORLD_SIZE, else 1].")
+@click.option("--strict", is_flag=True,
+              help="An image without a label or a label without an image is an error, not a listed failure.")
+@click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar (images/s, ETA).")
+@user_errors
+def join_command(labels: str, images: tuple[str, ...], out: str, progress: bool, **kwargs) -> None:
+    """Pair the label set LABELS with IMAGES by sample key and write shards to OUT.
+
+    LABELS is label shards or full shards with _info.json. IMAGES is image shards (paths, brace patterns,
+    URLs) or an ImageFolder directory. OUT gets full shards, or with --labels-only label shards aligned to
+    IMAGES. Images without a label and labels without an image are listed in _info.json.
+    """
+    from relabel_shards.join import join_labels
+
+    src: str | list[str] = images[0] if len(images) == 1 else list(images)
+    with _ProgressBar("join", progress) as bar:
+        summary = join_labels(labels, src, out, progress=bar.callback, **kwargs)
+    _echo_summary(summary, out)
+    if summary.info is not None:
+        proj = summary.info["relabel_shards"]
+        click.echo(f"{proj['images_without_label']} images without a label, "
+                   f"{proj['labels_without_image']['count']} labels without an image, "
+                   f"{proj['rebound']} records bound to another copy of their image")
+
+
 # ---- pool: a short LabelPooling demo (issue 2) ------------------------------------------------------
 
 

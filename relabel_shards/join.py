@@ -310,7 +310,7 @@ NO_LABEL = "image without a label"
 
 
 class AlignedStream:
-    """Iterable of chunks for ``ChunkSink``: each task's images in order, each given its record (or a failure).
+    """Chunks for ``ChunkSink``: each task's images in order, each given its record (or a failure).
 
     ``tasks`` are (output shard index, payload): an image shard URL, or a list of ``FileItem`` of an image
     folder. ``labels_only`` yields ``[(key.rlm, record)]`` per sample (an empty record for a failure);

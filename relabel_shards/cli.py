@@ -216,8 +216,12 @@ def info_command(url: str, split: str | None, max_shards: int, as_json: bool) ->
 @click.option("--max-problems", default=50, type=click.IntRange(min=1),
               help="Problems listed (all are counted).")
 @click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
+@click.option("--images", default=None,
+              help="For label shards: the image shards they pair with (folder or URL prefix); each record's "
+                   "image binding is checked against its image (length, sha256, width and height).")
 @user_errors
-def verify_command(url: str, split: str | None, max_problems: int, progress: bool) -> None:
+def verify_command(url: str, split: str | None, max_problems: int, progress: bool,
+                   images: str | None) -> None:
     """Read every shard and check it against _info.json; exit 1 and list what is wrong.
 
     Checks each sample's members (image, .cls, .json, .rlm; adjacent; unique keys without dots), that every
@@ -232,7 +236,8 @@ def verify_command(url: str, split: str | None, max_problems: int, progress: boo
     total = sum(r.get("bytes", 0) for r in (s.get("relabel_shards") or {}).get("shards", []))
     with tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
               disable=not progress, file=sys.stderr) as bar:
-        report = verify_shards(url, split=split, max_problems=max_problems, progress=bar.update)
+        report = verify_shards(url, split=split, max_problems=max_problems, progress=bar.update,
+                               images=images)
     for problem in report.problems:
         click.echo(problem)
     if not report.ok:
@@ -344,6 +349,35 @@ def join_command(labels: str, images: tuple[str, ...], out: str, progress: bool,
         click.echo(f"{proj['images_without_label']} images without a label, "
                    f"{proj['labels_without_image']['count']} labels without an image, "
                    f"{proj['rebound']} records bound to another copy of their image")
+
+
+@cli.command("publish")
+@click.argument("dataset")
+@click.argument("dest")
+@click.option("--images", default=None,
+              help="The image shards a label set pairs with (folder or URL prefix), for the preview picture.")
+@click.option("--preview/--no-preview", default=True, help="Draw preview.png when images are at hand.")
+@click.option("--license", "license", default=None,
+              help="The card's license id [default: ImageNet's terms for 1000-class maps, else 'other'].")
+@click.option("--title", default=None, help="The card's title [default: the dataset name in _info.json].")
+@click.option("--progress/--no-progress", default=True, help="A progress bar (bytes read) on stderr.")
+@user_errors
+def publish_command(dataset: str, dest: str, progress: bool, **kwargs) -> None:
+    """Copy DATASET's shards to DEST as a release: _info.json, a dataset card README.md, SHA256SUMS.
+
+    DEST is a folder, an s3:// or gs:// prefix, or hf://datasets/ORG/NAME (needs the 'hf' extra and a Hub
+    login). Files already at DEST with the same size and sha256 are kept, so a rerun resumes.
+    """
+    from tqdm import tqdm
+
+    from relabel_shards.publish import publish
+
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="publish", disable=not progress,
+              file=sys.stderr) as bar:
+        summary = publish(dataset, dest, progress=lambda name, n: bar.update(n), **kwargs)
+    total = sum(b for b, _ in summary.files.values())
+    click.echo(f"{dest}: {len(summary.files) + 1} files ({total:,} bytes); wrote {len(summary.uploaded)}, "
+               f"kept {len(summary.kept)} already there. Check a download with: sha256sum -c SHA256SUMS")
 
 
 # ---- pool: a short LabelPooling demo (issue 2) ------------------------------------------------------

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from relabel_shards.shards import ShardRecord, write_info, write_shard
+from relabel_shards.labelmap import ImageBinding, encode_label_map
+from relabel_shards.pairing import KIND_LABELS, key_digest, pairs_with_entry
+from relabel_shards.shards import ShardRecord, make_split_info, write_info, write_shard
 
 
 def jpeg(i: int, size: tuple[int, int] = (64, 48), seed: int = 0) -> bytes:
@@ -82,3 +84,41 @@ def shard_records(path: str | Path) -> dict[str, bytes]:
 
 def records_of(paths: list[str]) -> list[ShardRecord]:
     return [ShardRecord(Path(p).name, len(shard_records(p)), Path(p).stat().st_size, "") for p in paths]
+
+
+def make_label_set(out, image_paths, *, drop=(), seed=0, num_classes=10):
+    """Label shards aligned to ``image_paths``: random 3x4x4 maps over 10 classes, bound to each image."""
+    rng = np.random.default_rng(seed)
+    records, keys_per = [], []
+    for i, p in enumerate(image_paths):
+        samples, keys = [], []
+        for name, data in tar_members(p):
+            if not name.endswith(".jpg"):
+                continue
+            key = name.split(".")[0]
+            keys.append(key)
+            if key in drop:
+                samples.append([(f"{key}.rlm", b"")])
+                continue
+            v = -np.sort(-rng.uniform(0, 6, (3, 4, 4)).astype(np.float32), axis=0)
+            idx = np.argsort(rng.random((num_classes, 4, 4)), axis=0)[:3]
+            w, h = Image.open(io.BytesIO(data)).size
+            rec = encode_label_map(v, idx, num_classes, image=ImageBinding.of(data, w, h))
+            samples.append([(f"{key}.rlm", rec)])
+        records.append(write_shard(str(out), f"train-{i:06d}.tar", samples))
+        keys_per.append(keys)
+    pw = pairs_with_entry(image_paths, [len(k) for k in keys_per], [key_digest(k) for k in keys_per])
+    project = {
+        "kind": KIND_LABELS,
+        "pairs_with": pw,
+        "k": 3,
+        "height": 4,
+        "width": 4,
+        "num_classes": num_classes,
+        "encoding": "compact",
+        "annotator": {"model": "synthetic"},
+        "failures": [{"key": k, "source": k, "reason": "dropped by the test"} for k in sorted(drop)],
+        "num_failures": len(drop),
+    }
+    write_info(str(out), make_split_info("train", records, project), name="labels")
+    return {k: d for r in records for k, d in shard_records(out / r.filename).items()}

@@ -13,13 +13,13 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from labels_factory import jpeg, make_image_shards, shard_records, tar_members
+from labels_factory import jpeg, make_image_shards, make_label_set, shard_records, tar_members
 from PIL import Image
 
 from relabel_shards.cli import cli
 from relabel_shards.join import build_index, join_labels
-from relabel_shards.labelmap import ImageBinding, decode_label_map, encode_label_map, read_header
-from relabel_shards.pairing import KIND_LABELS, check_pairs_with, key_digest, pairs_with_entry
+from relabel_shards.labelmap import decode_label_map, read_header
+from relabel_shards.pairing import KIND_LABELS, check_pairs_with
 from relabel_shards.shards import ShardError, get_split, make_split_info, read_info, write_info, write_shard
 
 KEYS = [["a0", "a1", "a2"], ["b0", "b1"], ["c0", "c1", "c2"]]
@@ -27,43 +27,6 @@ KEYS = [["a0", "a1", "a2"], ["b0", "b1"], ["c0", "c1", "c2"]]
 
 def _images_of(paths) -> dict[str, bytes]:
     return {n.split(".")[0]: d for p in paths for n, d in tar_members(p) if n.endswith(".jpg")}
-
-
-def make_label_set(out, image_paths, *, drop=(), seed=0):
-    """Label shards aligned to ``image_paths``: random 3x4x4 maps over 10 classes, bound to each image."""
-    rng = np.random.default_rng(seed)
-    records, keys_per = [], []
-    for i, p in enumerate(image_paths):
-        samples, keys = [], []
-        for name, data in tar_members(p):
-            if not name.endswith(".jpg"):
-                continue
-            key = name.split(".")[0]
-            keys.append(key)
-            if key in drop:
-                samples.append([(f"{key}.rlm", b"")])
-                continue
-            v = -np.sort(-rng.uniform(0, 6, (3, 4, 4)).astype(np.float32), axis=0)
-            idx = np.argsort(rng.random((10, 4, 4)), axis=0)[:3]
-            w, h = Image.open(io.BytesIO(data)).size
-            rec = encode_label_map(v, idx, 10, image=ImageBinding.of(data, w, h))
-            samples.append([(f"{key}.rlm", rec)])
-        records.append(write_shard(str(out), f"train-{i:06d}.tar", samples))
-        keys_per.append(keys)
-    pw = pairs_with_entry(image_paths, [len(k) for k in keys_per], [key_digest(k) for k in keys_per])
-    project = {
-        "kind": KIND_LABELS,
-        "pairs_with": pw,
-        "k": 3,
-        "height": 4,
-        "width": 4,
-        "num_classes": 10,
-        "annotator": {"model": "synthetic"},
-        "failures": [],
-        "num_failures": 0,
-    }
-    write_info(str(out), make_split_info("train", records, project), name="labels")
-    return {k: d for r in records for k, d in shard_records(out / r.filename).items()}
 
 
 @pytest.fixture

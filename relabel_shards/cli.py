@@ -289,6 +289,12 @@ def show_command(url: str, key: str, out: str, topk: int, split: str | None, sha
                                              "listing it.")
 @click.option("--check-images/--no-check-images", default=True,
               help="Decode every image (JPEGs at 1/8 scale) to catch broken files; off: read headers only.")
+@click.option("--labels-only", is_flag=True,
+              help="IMAGES are image shards: write label shards aligned to them (key.rlm only), not full "
+                   "shards.")
+@click.option("--match-by", default="key",
+              help="With --labels-only: find a sample's map by its key ('key', the ImageNet file stem) or by "
+                   "the file name in a .json field ('json:FIELD', e.g. json:filename).")
 @click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (images/s, ETA).")
 @user_errors
@@ -300,10 +306,17 @@ def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) 
     files are listed in _info.json. Rerunning the same command resumes; --rank/--world-size split the work
     over CPU processes. Check the orientation with 'relabel-shards show OUT --key KEY -o x.png'.
     """
-    from relabel_shards.convert import convert_official
+    from relabel_shards.convert import convert_official, convert_official_labels
 
+    labels_only, match_by = kwargs.pop("labels_only"), kwargs.pop("match_by")
     with _ProgressBar("convert", progress) as bar:
-        summary = convert_official(images, relabel_root, out, progress=bar.callback, **kwargs)
+        if labels_only:
+            for unused in ("shard_size", "check_images"):
+                kwargs.pop(unused)
+            summary = convert_official_labels(images, relabel_root, out, match_by=match_by,
+                                              progress=bar.callback, **kwargs)
+        else:
+            summary = convert_official(images, relabel_root, out, progress=bar.callback, **kwargs)
     _echo_summary(summary, out)
     layout = kwargs["layout"]
     click.echo(f"layout {layout}: label_pooling(..., swap_xy={layout == 'hw'}) reproduces the official "

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import tarfile
@@ -302,6 +303,19 @@ class IndexLabeler:
 # ---------------------------------------------------------------------------------------- the stream
 
 
+def parse_match_by(match_by: str) -> str | None:
+    """``"key"`` -> None (the sample key); ``"json:FIELD"`` -> FIELD (the stem of that ``.json`` field).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if match_by == "key":
+        return None
+    if match_by.startswith("json:") and len(match_by) > 5:
+        return match_by[5:]
+    raise ValueError(f"match_by must be 'key' or 'json:FIELD' (e.g. json:filename), got {match_by!r}")
+
+
 def _failure(key: str, source: str, reason: str) -> dict:
     return {"key": key, "source": source, "reason": reason}
 
@@ -318,12 +332,18 @@ class AlignedStream:
     """
 
     def __init__(
-        self, tasks: list[tuple[int, Any]], labeler: Any, labels_only: bool, storage_options: dict | None
+        self,
+        tasks: list[tuple[int, Any]],
+        labeler: Any,
+        labels_only: bool,
+        storage_options: dict | None,
+        match_by: str = "key",
     ):
         self.tasks = tasks
         self.labeler = labeler
         self.labels_only = labels_only
         self.storage_options = storage_options
+        self.match_by = parse_match_by(match_by)
 
     def __iter__(self) -> Iterator[dict]:
         from torch.utils.data import get_worker_info
@@ -362,7 +382,19 @@ class AlignedStream:
                         key, f"{name}#{key}", f"no image member (members: {', '.join(n for n, _ in members)})"
                     )
                     continue
-                yield {"key": key, "source": f"{name}#{key}", "image": img[1], "members": kept, "size": None}
+                try:
+                    lookup = self._lookup_key(key, kept)
+                except ValueError as e:
+                    yield _failure(key, f"{name}#{key}", str(e))
+                    continue
+                yield {
+                    "key": key,
+                    "lookup": lookup,
+                    "source": f"{name}#{key}",
+                    "image": img[1],
+                    "members": kept,
+                    "size": None,
+                }
         except (ShardError, OSError) as e:
             yield {**_failure("", url, f"image shard unreadable from here on: {e}"), "end_of_shard": True}
 
@@ -387,6 +419,23 @@ class AlignedStream:
             )[:-1]
             yield {"key": it.key, "source": it.source, "image": data, "members": members, "size": (w, h)}
 
+    def _lookup_key(self, key: str, members: list[tuple[str, bytes]]) -> str:
+        """The key the label is looked up by: the sample key, or the file stem a ``.json`` field names."""
+        if self.match_by is None:
+            return key
+        from relabel_shards.shards import key_from_path
+
+        raw = next((d for n, d in members if split_member_name(n)[1] == "json"), None)
+        try:
+            value = json.loads(raw)[self.match_by] if raw is not None else None
+        except (ValueError, KeyError, TypeError):
+            value = None
+        if not isinstance(value, str) or not value:
+            raise ValueError(
+                f"no .json field {self.match_by!r} to match its label by (match_by json:{self.match_by})"
+            )
+        return key_from_path(value)
+
     def _batched(self, samples: Iterator[dict]) -> Iterator[dict]:
         """Look keys up a batch at a time (one vectorized search), then label each sample in order."""
         batch: list[dict] = []
@@ -399,7 +448,7 @@ class AlignedStream:
 
     def _label(self, batch: list[dict]) -> Iterator[dict]:
         todo = [s for s in batch if "reason" not in s]
-        rows = self.labeler.find([s["key"] for s in todo])
+        rows = self.labeler.find([s.get("lookup", s["key"]) for s in todo])
         found = dict(zip((id(s) for s in todo), rows, strict=True))
         for s in batch:
             if "reason" in s:
@@ -417,6 +466,7 @@ class AlignedStream:
             member = (f"{s['key']}.{LABELMAP_EXT}", record)
             yield {
                 "key": s["key"],
+                "lookup": s.get("lookup", s["key"]),
                 "members": [member] if self.labels_only else [*s["members"], member],
                 "rebound": rebound,
             }
@@ -549,6 +599,7 @@ def run_aligned(
     progress: Callable[[int, int | None], None] | None,
     name: str | None,
     unused: Callable[[list], list[dict]] | None = None,
+    match_by: str = "key",
 ) -> JoinSummary:
     """The job behind ``join`` and ``convert --labels-only``: one output shard per image shard (or folder
     chunk), each image given ``labeler``'s record, through ``ShardJob`` (ranks, resume, ``_info.json``).
@@ -581,6 +632,7 @@ def run_aligned(
     )
     total = _input_shard_total(src, todo) if src.kind == "shards" else sum(len(plan[i]) for i in todo)
     rebound: dict[int, int] = {}
+    matched: dict[int, list[str]] = {}  # lookup keys per shard, when they are not the sample keys
 
     def fill(shard, chunk: dict) -> None:  # writer thread, chunks in order
         for e in chunk["entries"]:
@@ -591,9 +643,17 @@ def run_aligned(
                 continue
             shard.add(e["key"], e["members"])
             rebound[chunk["task"]] = rebound.get(chunk["task"], 0) + bool(e.get("rebound"))
+            if match_by != "key":
+                matched.setdefault(chunk["task"], []).append(e["lookup"])
+
+    def extra(index: int) -> dict:
+        out: dict[str, Any] = {"rebound": rebound.pop(index, 0)}
+        if match_by != "key":
+            out["matched_by"] = matched.pop(index, [])
+        return out
 
     if todo:
-        stream = AlignedStream([(i, plan[i]) for i in todo], labeler, labels_only, storage_options)
+        stream = AlignedStream([(i, plan[i]) for i in todo], labeler, labels_only, storage_options, match_by)
         workers = min(num_workers, len(todo))
         loader = DataLoader(
             _Iterable(stream),
@@ -605,7 +665,7 @@ def run_aligned(
         )
         chunks = iter(loader)  # forks the workers before the writer thread exists
         done = 0
-        with ChunkSink(job, fill, lambda i: {"rebound": rebound.pop(i, 0)}) as sink:
+        with ChunkSink(job, fill, extra) as sink:
             if progress is not None:
                 progress(0, total)
             for chunk in chunks:
@@ -623,15 +683,19 @@ def run_aligned(
     def whole(stats: list) -> dict:
         proj = project(stats)
         left = unused(stats) if unused is not None else []
+        count = sum(int(f.get("count", 1)) for f in left)
         if strict and left:
             raise ValueError(
-                f"{left[0]['source']}: {left[0]['reason']} (strict: {len(left)} labels without an "
-                "image; _info.json not written)"
+                f"{left[0]['source']}: {left[0]['reason']} (strict: {count} labels without an image; "
+                "_info.json not written)"
             )
-        proj["labels_without_image"] = {"count": len(left), "keys": [f["key"] for f in left]}
+        proj["labels_without_image"] = {
+            "count": count,
+            "keys": [f["key"] if "count" not in f else f["source"] for f in left],
+        }
         proj["images_without_label"] = sum(f.get("reason") == NO_LABEL for st in stats for f in st.failures)
         proj["rebound"] = sum(int(st.extra.get("rebound", 0)) for st in stats)
-        summary.labels_without_image = len(left)
+        summary.labels_without_image = count
         if labels_only:
             from relabel_shards.build import label_set_fields
 

@@ -4,7 +4,7 @@ The public API, each name imported on first use so that ``import relabel_shards`
 (no torch, timm or triton until a name that needs them is touched):
 
 Label-map record (``relabel_shards.labelmap``)
-    ``LabelMap``, ``LabelMapError``, ``encode_label_map``, ``decode_label_map``
+    ``LabelMap``, ``LabelMapError``, ``encode_label_map``, ``decode_label_map``, ``ImageBinding``
 LabelPooling (``relabel_shards.pooling``)
     ``label_pooling``, ``LabelPooling``, ``reference_label_pooling``
 Annotator and batch job (``relabel_shards.annotator``, ``relabel_shards.build``)
@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "LabelMapError": "relabel_shards.labelmap",
     "encode_label_map": "relabel_shards.labelmap",
     "decode_label_map": "relabel_shards.labelmap",
+    "ImageBinding": "relabel_shards.labelmap",
     "label_pooling": "relabel_shards.pooling",
     "LabelPooling": "relabel_shards.pooling",
     "reference_label_pooling": "relabel_shards.pooling",
@@ -49,6 +50,7 @@ __all__ = [
     "LabelMapError",
     "encode_label_map",
     "decode_label_map",
+    "ImageBinding",
     "label_pooling",
     "LabelPooling",
     "reference_label_pooling",
@@ -82,7 +84,13 @@ if TYPE_CHECKING:  # static tools see the real names
     from relabel_shards.build import build_shards
     from relabel_shards.convert import convert_official
     from relabel_shards.crops import random_resized_crop_params
-    from relabel_shards.labelmap import LabelMap, LabelMapError, decode_label_map, encode_label_map
+    from relabel_shards.labelmap import (
+        ImageBinding,
+        LabelMap,
+        LabelMapError,
+        decode_label_map,
+        encode_label_map,
+    )
     from relabel_shards.loader import ReLabelDataset, make_loader
     from relabel_shards.pooling import LabelPooling, label_pooling, reference_label_pooling
     from relabel_shards.shards import ShardError, read_info

@@ -253,14 +253,17 @@ def verify_command(url: str, split: str | None, max_problems: int, progress: boo
 @click.option("--split", default=None, help="The split to search (default: the only one).")
 @click.option("--shard", default=None, help="Search only this shard file (faster on large datasets).")
 @click.option("--panel-size", default=320, type=click.IntRange(min=16), help="Panel image size in pixels.")
+@click.option("--images", default=None,
+              help="For label shards: the image shards they pair with (folder or URL prefix).")
 @user_errors
 def show_command(url: str, key: str, out: str, topk: int, split: str | None, shard: str | None,
-                 panel_size: int) -> None:
+                 panel_size: int, images: str | None) -> None:
     """Draw a sample: the image, then a heatmap of each of its top classes over it, each named."""
     from relabel_shards.show import SampleNotFoundError, show_sample
 
     try:
-        result = show_sample(url, key, out, topk=topk, split=split, shard=shard, panel_size=panel_size)
+        result = show_sample(url, key, out, topk=topk, split=split, shard=shard, panel_size=panel_size,
+                             images=images)
     except SampleNotFoundError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {result.path} ({result.size[0]}x{result.size[1]}): {key} from {result.shard}")

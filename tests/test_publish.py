@@ -149,6 +149,12 @@ def test_a_release_read_over_http(release, tmp_path, http_dir):
     r = CliRunner().invoke(cli, ["show", f"{url}/full", "--key", "n01_b", "-o", str(tmp_path / "s.png")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "s.png").stat().st_size > 1000
+    r = CliRunner().invoke(cli, ["show", f"{url}/labels", "--key", "n03_e", "-o", str(tmp_path / "l.png"),
+                                 "--images", str(imgs)])
+    assert r.exit_code == 0, r.output
+    assert "n03_e from train-000001.tar" in r.output
+    r = CliRunner().invoke(cli, ["show", f"{url}/labels", "--key", "n03_e", "-o", str(tmp_path / "x.png")])
+    assert r.exit_code == 1 and "show needs an image" in r.output
     assert json.loads((root / "full" / "_info.json").read_text())["splits"]["train"]["num_samples"] == 4
 
 

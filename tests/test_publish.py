@@ -125,6 +125,10 @@ def test_publish_to_s3_and_read_back(release, tmp_path, s3_bucket):
     assert report.ok, report.problems
     assert verify_shards(dest, images=str(imgs)).ok
     assert "kind=labels" in describe(dest)
+    from relabel_shards.show import show_sample
+
+    shown = show_sample(dest, "n01_b", tmp_path / "s3.png", images=str(imgs), topk=2)
+    assert shown.shard == "train-000000.tar" and (tmp_path / "s3.png").stat().st_size > 1000
     import s3fs
 
     fs = s3fs.S3FileSystem()

@@ -193,3 +193,34 @@ def test_cli_join(setup):
     )
     assert r.exit_code == 0, r.output
     assert "1 images without a label, 1 labels without an image" in r.output
+
+
+def test_fast_header_scan_agrees_with_tarfile_and_falls_back_on_pax(tmp_path):
+    import tarfile
+
+    from relabel_shards.join import _scan_records, _scan_ustar
+
+    samples = [[(f"k{i}.jpg", b"j" * (i * 300)), (f"k{i}.rlm", bytes([i]) * (i * 700 + 1))] for i in range(6)]
+    samples.append([("k6.rlm", b"")])  # a placeholder: no label
+    samples.append([("dir/k7.rlm", b"r" * 10), ("k7.rlm.bak", b"x")])
+    rec = write_shard(str(tmp_path), "a.tar", samples)
+    path = tmp_path / rec.filename
+    with tarfile.open(path) as tar:
+        want = [(m.name.rsplit("/", 1)[-1].split(".")[0] if "/" not in m.name else m.name.split(".")[0],
+                 m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".rlm") and m.size]
+    with open(path, "rb") as f:
+        fast = _scan_ustar(f, str(path))
+    assert fast is not None and list(zip(*fast, strict=True)) == want
+    write_shard(str(tmp_path), "b.tar", [[("ké.rlm", b"x" * 5)], [("k2.rlm", b"y" * 3)]])  # a PAX header
+    with open(tmp_path / "b.tar", "rb") as f:
+        assert _scan_ustar(f, "b.tar") is None
+    keys, offsets, sizes = _scan_records(str(tmp_path / "b.tar"), None)
+    assert keys == ["ké", "k2"] and sizes == [5, 3]
+    (tmp_path / "c.tar").write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(ShardError, match="c.tar: truncated or corrupt tar"):
+        _scan_records(str(tmp_path / "c.tar"), None)
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0x20
+    (tmp_path / "d.tar").write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="d.tar: truncated or corrupt tar .bad header checksum at byte 0"):
+        _scan_records(str(tmp_path / "d.tar"), None)

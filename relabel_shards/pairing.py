@@ -75,7 +75,8 @@ def check_pairs_with(label_info_split: Mapping[str, Any], image_info_split: Mapp
     """Check that a label set was made for these image shards, from the two ``_info.json`` splits alone.
 
     Compares the label set's ``pairs_with`` with the image split's ``filenames`` and ``shard_lengths`` (base
-    names), and the key digests where the image split declares them (:func:`image_key_digests`).
+    names), and the key digests where the image split declares them (:func:`image_key_digests`). The
+    messages are those of helper ``stream``'s version of this function (the loader's tests pin them).
 
     Args:
         label_info_split: the label set's split (``kind: "labels"`` with ``pairs_with``).
@@ -86,51 +87,46 @@ def check_pairs_with(label_info_split: Mapping[str, Any], image_info_split: Mapp
             sample count or key digest differs (named, with both values).
     """
     section = label_info_split.get("relabel_shards") or {}
-    lname = label_info_split.get("name", "?")
     if section.get("kind") != KIND_LABELS:
         raise ShardError(
-            f"split {lname!r} is not a label set (its _info.json has no relabel_shards.kind "
-            f"{KIND_LABELS!r}); full shards need no image shards"
+            f"not a label set (relabel_shards.kind is {section.get('kind')!r}, expected {KIND_LABELS!r}): "
+            "full shards need no image shards"
         )
-    pw = section.get("pairs_with")
-    if not isinstance(pw, Mapping):
+    pairs = section.get("pairs_with")
+    if not isinstance(pairs, Mapping):
         raise ShardError(
-            f"label set split {lname!r} names no image shards to pair with (no pairs_with): it "
-            "was built from an image folder; pair it with images by `relabel-shards join`"
+            "the label set's _info.json has no relabel_shards.pairs_with: it does not say which image shards "
+            "it pairs with (a label set built from an image folder); pair it with images by "
+            "`relabel-shards join`"
         )
-    want_names = [str(x) for x in pw.get("filenames") or []]
-    want_lengths = [int(x) for x in pw.get("shard_lengths") or []]
-    want_digests = [str(x) for x in pw.get("key_digests") or []]
-    names = [posixpath.basename(str(x)) for x in image_info_split.get("filenames") or []]
-    lengths = [int(x) for x in image_info_split.get("shard_lengths") or []]
-    digests = image_key_digests(image_info_split)
-    if len(names) != len(want_names):
+    names = [str(x) for x in pairs.get("filenames") or []]
+    counts = [int(x) for x in pairs.get("shard_lengths") or []]
+    digests = [str(x) for x in pairs.get("key_digests") or []]
+    img_names = [posixpath.basename(str(x)) for x in image_info_split.get("filenames") or []]
+    img_counts = [int(x) for x in image_info_split.get("shard_lengths") or []]
+    img_digests = image_key_digests(image_info_split) or []
+    own = list(label_info_split.get("filenames") or [])
+    if len(names) != len(img_names) or (own and len(own) != len(img_names)):
         raise ShardError(
-            f"label set split {lname!r} pairs with {len(want_names)} image shards "
-            f"({_few(want_names)}), the image split has {len(names)} ({_few(names)})"
+            f"the label set pairs with {len(names)} image shards ({_few(names)}) and holds {len(own)} label "
+            f"shards; these image shards are {len(img_names)} ({_few(img_names)})"
         )
-    for i, (name, want) in enumerate(zip(names, want_names, strict=True)):
-        where = f"image shard {i} ({name})"
-        if name != want:
+    for i, name in enumerate(img_names):
+        if names[i] != name:
             raise ShardError(
-                f"label set split {lname!r} was made for other image shards: {where}, the label "
-                f"set's shard {i} pairs with {want}"
+                f"label shard {i} ({own[i] if own else '?'}) pairs with image shard {names[i]!r}, "
+                f"not {name!r}: the label set was made for other image shards"
             )
-        if i < len(lengths) and i < len(want_lengths) and lengths[i] != want_lengths[i]:
+        if i < len(counts) and i < len(img_counts) and counts[i] != img_counts[i]:
             raise ShardError(
-                f"label set split {lname!r} was made for other image shards: {where} holds "
-                f"{lengths[i]} samples, the label set's shard {i} was made for {want_lengths[i]}"
+                f"label shard {i} pairs with {counts[i]} samples of {name!r}; the image shards' "
+                f"_info.json lists {img_counts[i]}: the label set was made for other image shards"
             )
-        if (
-            digests is not None
-            and i < len(digests)
-            and i < len(want_digests)
-            and digests[i] != want_digests[i]
-        ):
+        if i < len(digests) and i < len(img_digests) and digests[i] != img_digests[i]:
             raise ShardError(
-                f"label set split {lname!r} was made for other image shards: {where} has key "
-                f"digest {digests[i][:16]}…, the label set's shard {i} was made for keys with "
-                f"digest {want_digests[i][:16]}…"
+                f"label shard {i} pairs with other keys than image shard {name!r} (key digest "
+                f"{digests[i][:12]}... against {img_digests[i][:12]}...): the label set was made for "
+                "other image shards"
             )
 
 

@@ -77,28 +77,34 @@ def test_pairing_errors_name_the_first_differing_shard(images, tmp_path):
     imgs = get_split(read_info(str(tmp_path / "imgs")), "train")
     other = copy.deepcopy(imgs)
     other["filenames"][1] = "other-0001.tar"
-    with pytest.raises(ShardError, match=r"image shard 1 \(other-0001.tar\).*pairs with imgs-train-0001.tar"):
+    with pytest.raises(
+        ShardError,
+        match=r"label shard 1 \(train-000001.tar\) pairs with image shard 'imgs-train-0001.tar', "
+        r"not 'other-0001.tar'",
+    ):
         check_pairs_with(labels, other)
     other = copy.deepcopy(imgs)
     other["shard_lengths"][2] = 5
     with pytest.raises(
-        ShardError, match=r"image shard 2 \(imgs-train-0002.tar\) holds 5 samples.*made for 4"
+        ShardError, match=r"label shard 2 pairs with 4 samples of 'imgs-train-0002.tar'; .* lists 5"
     ):
         check_pairs_with(labels, other)
     other = copy.deepcopy(imgs)
     other["key_digests"] = [key_digest(k) for k in KEYS]
     other["key_digests"][0] = key_digest(["n01_a", "n02_c", "n01_b"])  # same keys, another order
-    with pytest.raises(ShardError, match=r"image shard 0 \(imgs-train-0000.tar\) has key digest"):
+    with pytest.raises(ShardError, match=r"label shard 0 pairs with other keys than image shard 'imgs-train"):
         check_pairs_with(labels, other)
+    other["key_digests"] = [key_digest(k) for k in KEYS]
+    check_pairs_with(labels, other)  # digests at the split's top level or in relabel_shards: both read
     other = copy.deepcopy(imgs)
     other["filenames"].pop()
-    with pytest.raises(ShardError, match="pairs with 3 image shards .* the image split has 2"):
+    with pytest.raises(ShardError, match="pairs with 3 image shards .* these image shards are 2"):
         check_pairs_with(labels, other)
-    with pytest.raises(ShardError, match="not a label set"):
+    with pytest.raises(ShardError, match=r"not a label set \(relabel_shards.kind is None"):
         check_pairs_with(imgs, imgs)
     no_pairs = copy.deepcopy(labels)
     no_pairs["relabel_shards"]["pairs_with"] = None
-    with pytest.raises(ShardError, match="names no image shards.*relabel-shards join"):
+    with pytest.raises(ShardError, match="has no relabel_shards.pairs_with.*relabel-shards join"):
         check_pairs_with(no_pairs, imgs)
 
 

@@ -73,7 +73,7 @@ def test_misaligned_image_shards_and_wrong_pairing_are_named(pair):
     info["splits"]["train"]["shard_lengths"] = [3, 3]
     (imgs / "_info.json").write_text(json.dumps(info))
     report = verify_shards(str(labels), images=str(imgs))
-    assert any("image shard 1 (imgs-train-0001.tar) holds 3 samples" in p for p in report.problems)
+    assert any("label shard 1 pairs with 2 samples of 'imgs-train-0001.tar'" in p for p in report.problems)
 
 
 def test_an_empty_record_must_be_a_listed_failure(pair):

@@ -153,8 +153,9 @@ def test_a_release_read_over_http(release, tmp_path, http_dir):
     r = CliRunner().invoke(cli, ["show", f"{url}/full", "--key", "n01_b", "-o", str(tmp_path / "s.png")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "s.png").stat().st_size > 1000
-    r = CliRunner().invoke(cli, ["show", f"{url}/labels", "--key", "n03_e", "-o", str(tmp_path / "l.png"),
-                                 "--images", str(imgs)])
+    r = CliRunner().invoke(
+        cli, ["show", f"{url}/labels", "--key", "n03_e", "-o", str(tmp_path / "l.png"), "--images", str(imgs)]
+    )
     assert r.exit_code == 0, r.output
     assert "n03_e from train-000001.tar" in r.output
     r = CliRunner().invoke(cli, ["show", f"{url}/labels", "--key", "n03_e", "-o", str(tmp_path / "x.png")])
@@ -186,3 +187,21 @@ def test_cli_publish(release, tmp_path):
     assert "6 files" in r.output and "sha256sum -c SHA256SUMS" in r.output
     r = CliRunner().invoke(cli, ["publish", str(labels), "hf://nope/x", "--no-progress"])
     assert r.exit_code == 1 and "needs hf://datasets/ORG/NAME" in r.output
+
+
+def test_publish_to_gcs(release, tmp_path, gcs_endpoint):
+    import gcsfs
+
+    imgs, labels = release
+    opts = {"token": "anon", "project": "test"}
+    fs = gcsfs.GCSFileSystem(**opts)
+    fs.mkdir("relabel-publish-test")
+    dest = "gs://relabel-publish-test/rel"
+    s = publish(labels, dest, images=str(imgs), dest_storage_options=opts)
+    assert len(s.uploaded) == 6
+    assert sorted(publish(labels, dest, images=str(imgs), dest_storage_options=opts).kept) == sorted(
+        s.uploaded
+    )
+    assert verify_shards(dest, storage_options=opts).ok
+    sums = fs.cat_file("relabel-publish-test/rel/SHA256SUMS").decode()
+    assert f"{s.files['train-000000.tar'][1]}  train-000000.tar" in sums.splitlines()

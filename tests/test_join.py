@@ -206,8 +206,15 @@ def test_fast_header_scan_agrees_with_tarfile_and_falls_back_on_pax(tmp_path):
     rec = write_shard(str(tmp_path), "a.tar", samples)
     path = tmp_path / rec.filename
     with tarfile.open(path) as tar:
-        want = [(m.name.rsplit("/", 1)[-1].split(".")[0] if "/" not in m.name else m.name.split(".")[0],
-                 m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".rlm") and m.size]
+        want = [
+            (
+                m.name.rsplit("/", 1)[-1].split(".")[0] if "/" not in m.name else m.name.split(".")[0],
+                m.offset_data,
+                m.size,
+            )
+            for m in tar.getmembers()
+            if m.name.endswith(".rlm") and m.size
+        ]
     with open(path, "rb") as f:
         fast = _scan_ustar(f, str(path))
     assert fast is not None and list(zip(*fast, strict=True)) == want

@@ -124,7 +124,9 @@ def test_publish_to_s3_and_read_back(release, tmp_path, s3_bucket):
     report = verify_shards(dest)
     assert report.ok, report.problems
     assert verify_shards(dest, images=str(imgs)).ok
-    assert "kind=labels" in describe(dest)
+    assert "label shards: pair with 2 image shards (imgs-train-0000.tar … imgs-train-0001.tar, 5 samples" in (
+        describe(dest)
+    )
     from relabel_shards.show import show_sample
 
     shown = show_sample(dest, "n01_b", tmp_path / "s3.png", images=str(imgs), topk=2)

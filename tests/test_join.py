@@ -231,3 +231,20 @@ def test_fast_header_scan_agrees_with_tarfile_and_falls_back_on_pax(tmp_path):
     (tmp_path / "d.tar").write_bytes(bytes(data))
     with pytest.raises(ShardError, match="d.tar: truncated or corrupt tar .bad header checksum at byte 0"):
         _scan_records(str(tmp_path / "d.tar"), None)
+
+
+def test_rerun_resumes_and_ranks_split_the_shards(setup):
+    tmp, _, b, _ = setup
+    join_labels(tmp / "L", b, tmp / "one", labels_only=True, num_workers=0, name="x")
+    again = join_labels(tmp / "L", b, tmp / "one", labels_only=True, num_workers=0, name="x")
+    assert again.written == [] and again.skipped == [0, 1, 2]
+    for rank in (1, 0):
+        s = join_labels(
+            tmp / "L", b, tmp / "two", labels_only=True, num_workers=0, name="x", rank=rank, world_size=2
+        )
+        assert s.written == ([1] if rank == 1 else [0, 2])
+    assert {p.name: p.read_bytes() for p in (tmp / "one").iterdir()} == {
+        p.name: p.read_bytes() for p in (tmp / "two").iterdir()
+    }
+    with pytest.raises(ValueError, match="different build"):
+        join_labels(tmp / "L", b, tmp / "one", num_workers=0)  # full shards into a label set's folder

@@ -54,6 +54,7 @@ from relabel_shards.shards import (
 )
 from relabel_shards.sources import (
     DuplicateKeyError,
+    DuplicateMemberError,
     FileItem,
     Source,
     decode_image,
@@ -187,8 +188,12 @@ class _ChunkStream(IterableDataset):
             yield {"key": it.key, "members": members, "tensor": tensor, "size": (w, h)}
 
     def _shard_samples(self, url: str) -> Iterator[dict]:
+        repeated: list[DuplicateMemberError] = []  # samples that repeat a member: failures, listed in order
         try:
-            for key, members in iter_shard_samples(url, self.storage_options):
+            for key, members in iter_shard_samples(url, self.storage_options, on_duplicate=repeated.append):
+                while repeated:
+                    e = repeated.pop(0)
+                    yield _failure(e.key, f"{url}#{e.key}", str(e))
                 source = f"{url}#{key}"
                 kept = [(n, d) for n, d in members if split_member_name(n)[1] != LABELMAP_EXT]
                 img = image_member(kept)
@@ -208,6 +213,8 @@ class _ChunkStream(IterableDataset):
             yield {**_failure("", url, str(e)), "fatal": True}  # never a skip: keys must be unique
         except (ShardError, OSError) as e:
             yield _failure("", url, f"input shard unreadable from here on: {e}")
+        for e in repeated:
+            yield _failure(e.key, f"{url}#{e.key}", str(e))
 
 
 # ---------------------------------------------------------------------------------------------- plan

@@ -24,7 +24,7 @@ import logging
 import os
 import posixpath
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from relabel_shards.shards import (
@@ -37,6 +37,7 @@ from relabel_shards.shards import (
     split_member_name,
     url_to_fs,
 )
+from relabel_shards.tarstream import duplicate_member_message
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,15 @@ SOURCE_KINDS = ("folder", "list", "shards")
 
 class DuplicateKeyError(ShardError):
     """Two samples of an input shard share a key (an error even where bad inputs are skipped)."""
+
+
+class DuplicateMemberError(ShardError):
+    """A sample of an input shard repeats an extension (two adjacent samples with one key, or a member
+    written twice): which copy is the sample is unknowable, so the sample is unusable."""
+
+    def __init__(self, url: str, key: str, member: str) -> None:
+        super().__init__(duplicate_member_message(url, key, member))
+        self.url, self.key, self.member = url, key, member
 
 
 @dataclass(frozen=True)
@@ -285,34 +295,47 @@ def read_bytes(path: str, storage_options: dict | None = None) -> bytes:
 
 
 def iter_shard_samples(
-    url: str, storage_options: dict | None = None
+    url: str,
+    storage_options: dict | None = None,
+    *,
+    on_duplicate: Callable[[DuplicateMemberError], None] | None = None,
 ) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """Yield ``(key, [(member name, bytes), ...])`` for each sample of a WebDataset tar, in order.
 
     Members are grouped the way webdataset groups them (key = name up to the basename's first dot, adjacent
     members). Directories and other non-file members are skipped. Nothing is decoded here.
 
+    Args:
+        url: the shard.
+        storage_options: fsspec options.
+        on_duplicate: None to raise on a sample that repeats an extension; else called with the error (once
+            per such sample), and the sample, all of its members, is left out while reading goes on.
+
     Raises:
+        DuplicateMemberError: a sample repeats an extension, and ``on_duplicate`` is None.
         ShardError: the tar is malformed, or a key comes back after another key (members not adjacent).
     """
     fs, path = url_to_fs(url, storage_options)
     seen: set[str] = set()
     key: str | None = None
     members: list[tuple[str, bytes]] = []
+    exts: set[str] = set()
+    bad = False  # the current sample repeated an extension: drop it whole
     last_done: str | None = None
     try:
         with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*", tarinfo=StrictTarInfo) as tar:
             for ti in tar:
                 if not ti.isreg():
                     continue
-                k, _ext = split_member_name(ti.name)
+                k, ext = split_member_name(ti.name)
                 f = tar.extractfile(ti)
                 data = f.read() if f is not None else b""
                 if len(data) != ti.size:
                     raise tarfile.ReadError(f"member {ti.name!r} holds {len(data)} of {ti.size} bytes")
                 if k != key:
                     if key is not None:
-                        yield key, members
+                        if not bad:
+                            yield key, members
                         last_done = key
                     if k in seen:
                         raise DuplicateKeyError(
@@ -320,13 +343,20 @@ def iter_shard_samples(
                             "or two samples share it)"
                         )
                     seen.add(k)
-                    key, members = k, []
+                    key, members, exts, bad = k, [], set(), False
+                if ext in exts and not bad:
+                    err = DuplicateMemberError(url, k, ti.name)
+                    if on_duplicate is None:
+                        raise err
+                    on_duplicate(err)
+                    bad = True
+                exts.add(ext)
                 members.append((ti.name, data))
     except (tarfile.TarError, EOFError) as e:
         where = f" after key {last_done!r}" if last_done is not None else " before its first whole sample"
         pending = f" (key {key!r} incomplete)" if key is not None else ""
         raise ShardError(f"{url}: truncated or corrupt tar{where}{pending} ({e})") from None
-    if key is not None:
+    if key is not None and not bad:
         yield key, members
 
 

@@ -690,3 +690,30 @@ def test_damaged_input_shards_and_samples_are_listed_not_lost(tmp_path):
         rec = decode_label_map(tar.extractfile("m.rlm").read())
     values, indices = ann(ann.preprocess(Image.open(io.BytesIO(jpg))).unsqueeze(0))
     assert np.array_equal(rec.values, values[0].numpy()) and np.array_equal(rec.indices, indices[0].numpy())
+
+
+def test_repeated_member_in_an_input_shard_is_a_listed_failure_or_fatal_with_strict(tmp_path):
+    """k.jpg twice with different bytes: build used to annotate the first copy and pass both through, while
+    the loader trained on the last. Now the sample is listed as a failure (both copies left out)."""
+    import tarfile
+
+    jpg, other = _encode(_image(1), "JPEG"), _encode(_image(2), "JPEG")
+    src = tmp_path / "in"
+    write_shard(str(src), "in-000000.tar", [
+        [("a.jpg", jpg), ("a.cls", b"0")],
+        [("k.jpg", jpg), ("k.cls", b"1"), ("k.jpg", other)],
+        [("b.jpg", other), ("b.cls", b"1")],
+    ])
+    out = tmp_path / "ds"
+    summary = build_shards(str(src / "in-000000.tar"), str(out), **SMALL, num_workers=0)
+    split = read_info(str(out))["splits"]["train"]
+    assert split["shard_lengths"] == [2]
+    with tarfile.open(out / split["filenames"][0]) as tar:
+        assert tar.getnames() == ["a.jpg", "a.cls", "a.rlm", "b.jpg", "b.cls", "b.rlm"]
+    [failure] = split["relabel_shards"]["failures"]
+    assert failure["key"] == "k" and failure["source"].endswith("in-000000.tar#k")
+    assert "key 'k': member 'k.jpg' repeats an extension of the same sample" in failure["reason"]
+    assert [f["key"] for f in summary.failures] == ["k"]
+    strict = r"in-000000\.tar#k: .*member 'k\.jpg' repeats an extension.*\(strict"
+    with pytest.raises(ValueError, match=strict):
+        build_shards(str(src / "in-000000.tar"), str(tmp_path / "s"), **SMALL, num_workers=0, strict=True)

@@ -11,7 +11,13 @@ import pytest
 from PIL import Image
 
 from relabel_shards.shards import ShardError, write_shard
-from relabel_shards.sources import decode_image, image_member, iter_shard_samples, open_source
+from relabel_shards.sources import (
+    DuplicateMemberError,
+    decode_image,
+    image_member,
+    iter_shard_samples,
+    open_source,
+)
 
 
 def _jpeg(seed: int, size=(24, 32)) -> bytes:
@@ -196,3 +202,21 @@ def test_decode_image_reasons():
         decode_image(b"definitely not an image")
     with pytest.raises(ValueError, match="cannot decode image"):
         decode_image(_jpeg(2, size=(64, 64))[:300])
+
+
+def test_iter_shard_samples_repeated_member_is_an_error_or_reported(tmp_path):
+    samples = [
+        [("a.jpg", b"1"), ("a.cls", b"0")],
+        [("b.jpg", b"2"), ("b.cls", b"1"), ("b.jpg", b"other")],  # b.jpg twice
+        [("c.jpg", b"3"), ("c.cls", b"2")],
+        [("c.jpg", b"4"), ("c.cls", b"3")],  # a second sample with c's key, next to it
+        [("d.jpg", b"5")],
+    ]
+    write_shard(str(tmp_path), "rep.tar", samples)
+    url = str(tmp_path / "rep.tar")
+    with pytest.raises(DuplicateMemberError, match=r"rep\.tar: key 'b': member 'b\.jpg' repeats an exten"):
+        list(iter_shard_samples(url))
+    seen: list[DuplicateMemberError] = []
+    got = list(iter_shard_samples(url, on_duplicate=seen.append))
+    assert [k for k, _ in got] == ["a", "d"]  # the ambiguous samples are left out whole
+    assert [(e.url, e.key, e.member) for e in seen] == [(url, "b", "b.jpg"), (url, "c", "c.jpg")]

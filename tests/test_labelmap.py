@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 import zstandard
+from fuzz.spec_decoder import planes_le as _planes_le
+from fuzz.spec_decoder import quantized_values as _oracle_values
+from fuzz.spec_decoder import resolve_palette_refs, spec_decode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -417,30 +420,9 @@ def test_quantization_step_that_would_overflow_is_refused_with_a_valid_crc():
 # ------------------------------------------------------------- decoder against docs/FORMAT.md, read literally
 
 
-def _planes_le(a, width):
-    """docs/FORMAT.md "Byte planes", written out: byte b of element i at offset b * n + i."""
-    a = np.asarray(a, dtype=np.int64).reshape(-1)
-    return b"".join(bytes(((a >> (8 * b)) & 255).astype(np.uint8)) for b in range(width))
-
-
 def _oracle_indices(sym, palette, k, h, w):
     """The index section's rule applied cell by cell in raster order, as the spec states it."""
-    pos = np.empty((k, h, w), np.int64)
-    for r in range(h):
-        for c in range(w):
-            pr, pc = (r, c - 1) if c > 0 else (r - 1, 0)
-            for j in range(k):
-                s = int(sym[j, r, c])
-                pos[j, r, c] = pos[s, pr, pc] if s < k else s - k
-    return np.asarray(palette)[pos]
-
-
-def _oracle_values(top_res, gaps, step):
-    """The quantized value rule, as the spec states it: 2-D cumulative sums, then down the ranks."""
-    q = [np.cumsum(np.cumsum(np.asarray(top_res, np.int64), 0), 1)]
-    for g in gaps:
-        q.append(q[-1] - g)
-    return np.stack(q), (np.stack(q).astype(np.float64) * np.float64(np.float32(step))).astype(np.float32)
+    return resolve_palette_refs(np.asarray(sym).tolist(), palette, k, h, w, len(palette))
 
 
 @st.composite
@@ -523,8 +505,11 @@ def _check_against_spec(case, codec, data):
             with pytest.raises(LabelMapError, match="quantized (residuals exceed|values exceed)"):
                 decode_label_map(_craft(fields, payload))
             return
-    lm = decode_label_map(_craft(fields, payload))
+    rec = _craft(fields, payload)
+    lm = decode_label_map(rec)
     np.testing.assert_array_equal(lm.indices, _oracle_indices(sym, palette, k, h, w))
+    spec = spec_decode(rec)  # the whole record, read by the decoder written from FORMAT.md alone
+    assert spec.values.tobytes() == lm.values.tobytes() and spec.indices.tobytes() == lm.indices.tobytes()
     assert lm.indices.dtype == (np.int16 if num_classes <= 32767 else np.int32)
     np.testing.assert_array_equal(lm.values, values)
     assert lm.values.dtype == values.dtype and lm.values.flags.writeable and lm.indices.flags.writeable

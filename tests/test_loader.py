@@ -85,7 +85,7 @@ def test_boxes_match_the_pixels_cropped(data, draft, hflip):
         worst = max(worst, abs(dx), abs(dy))
         n += 1
     assert n == 40
-    assert worst < 0.25, f"a crop is off its box by {worst:.2f} output pixels"
+    assert worst < 0.1, f"a crop is off its box by {worst:.2f} output pixels"  # was 0.28 (draft scale bug)
 
 
 def test_exactly_once_over_ranks_and_workers_in_process(data):

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS, check_size
+from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, check_size
 from relabel_shards.shards import (
     FORMAT_VERSION,
     LABELMAP_EXT,
@@ -389,6 +389,7 @@ def build_shards(
             ``strict``, or an output directory that holds shards of a different build.
     """
     prefix = _check_args(shard_size, batch_size, num_workers, encoding, split, prefix)
+    check_max_pixels(max_image_pixels, "max_image_pixels")
     out = os.fspath(out)
     src = open_source(source, storage_options, key_from=key_from)
     from relabel_shards.annotator import create_annotator

@@ -15,7 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, check_size, open_image
+from relabel_shards.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageError,
+    check_max_pixels,
+    check_size,
+    open_image,
+)
 from relabel_shards.labelmap import decode_label_map  # at import: each epoch's fresh workers inherit it
 from relabel_shards.shards import IMAGE_EXTS, LABELMAP_EXT, ShardError, image_ext
 
@@ -40,6 +46,11 @@ class CropConfig:
     center_crop: float | None = None  # evaluation: centered square, crop_pct of the short side, no flip
     transform: Callable | None = None  # a sample transform (relabel_shards.transforms) instead of the above
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images are errors (0/None: no limit)
+
+    def __post_init__(self) -> None:
+        check_max_pixels(self.max_image_pixels, "max_image_pixels")
+        if self.transform is not None and not callable(self.transform):
+            raise TypeError(f"transform must be a callable (image, rng) -> crop, got {self.transform!r}")
 
 
 @dataclass(frozen=True)

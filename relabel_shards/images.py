@@ -27,9 +27,10 @@ import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -37,6 +38,7 @@ __all__ = [
     "ImageSizeError",
     "ImageTooLargeError",
     "UprightImage",
+    "check_max_pixels",
     "check_size",
     "open_image",
     "upright",
@@ -124,11 +126,16 @@ def _pil_limit_off() -> Iterator[None]:
                 Image.MAX_IMAGE_PIXELS = _guard_saved
 
 
-def _check_limit(max_pixels: int | None) -> int | None:
-    if max_pixels is None or max_pixels == 0:
+def check_max_pixels(max_pixels: int | None, name: str = "max_pixels") -> int | None:
+    """Validate a pixel limit: the limit, or None for no limit (0 or None).
+
+    Raises:
+        ValueError: not an int >= 0 (the message names the parameter ``name``).
+    """
+    if max_pixels is None or (max_pixels == 0 and not isinstance(max_pixels, bool)):
         return None
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0:
-        raise ValueError(f"max_pixels must be an int >= 0 (0 or None: no limit), got {max_pixels!r}")
+        raise ValueError(f"{name} must be an int >= 0 (0 or None: no limit), got {max_pixels!r}")
     return max_pixels
 
 
@@ -261,6 +268,7 @@ class UprightImage:
         Returns:
             uint8 array ``[H, W, 3]`` RGB.
         """
+        import numpy as np
         from PIL import Image
 
         out_w, out_h = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -303,7 +311,7 @@ def open_image(
     """
     from PIL import Image, UnidentifiedImageError
 
-    limit = _check_limit(max_pixels)
+    limit = check_max_pixels(max_pixels)
     if not data:
         raise ImageError("empty file")
     with _pil_limit_off():

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, open_image
+from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, check_max_pixels, open_image
 from relabel_shards.shards import (
     INFO_NAME,
     LABELMAP_EXT,
@@ -339,6 +339,7 @@ def show_sample(url: str, key: str, out: str | os.PathLike, *, topk: int = 5, sp
     """
     from relabel_shards.labelmap import decode_label_map
 
+    check_max_pixels(max_image_pixels, "max_image_pixels")
     shard_name, members, section = find_sample(url, key, split=split, storage_options=storage_options,
                                                shard=shard)
     image_ext = find_image_ext(members)

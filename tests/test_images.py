@@ -32,8 +32,15 @@ from relabel_shards.sources import decode_image as build_decode
 
 # PIL's exif_transpose table; the stored image is the upright one turned by the inverse.
 _T = Image.Transpose
-_METHOD = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5: _T.TRANSPOSE,
-           6: _T.ROTATE_270, 7: _T.TRANSVERSE, 8: _T.ROTATE_90}
+_METHOD = {
+    2: _T.FLIP_LEFT_RIGHT,
+    3: _T.ROTATE_180,
+    4: _T.FLIP_TOP_BOTTOM,
+    5: _T.TRANSPOSE,
+    6: _T.ROTATE_270,
+    7: _T.TRANSVERSE,
+    8: _T.ROTATE_90,
+}
 _INVERSE = {**_METHOD, 6: _T.ROTATE_90, 8: _T.ROTATE_270}
 
 
@@ -117,8 +124,9 @@ def test_build_writes_the_upright_size_and_the_loader_and_show_agree(tmp_path, c
         files[name] = stored_bytes(chelsea, fmt, o)
         (folder / f"{name}.{'png' if fmt == 'PNG' else 'jpg'}").write_bytes(files[name])
     out = tmp_path / "ds"
-    build_shards(str(tmp_path / "src"), str(out), model="test_efficientnet", batch_size=4, num_workers=0,
-                 input_size=64)
+    build_shards(
+        str(tmp_path / "src"), str(out), model="test_efficientnet", batch_size=4, num_workers=0, input_size=64
+    )
     ds = ReLabelDataset(str(out), image_size=32, draft=False, shuffle_buffer=0, scale=(0.3, 1.0))
     seen = set()
     for s in ds:
@@ -149,8 +157,11 @@ def test_json_size_is_checked_exactly(chelsea):
     cfg, rng = CropConfig(16), random.Random(0)
     sample, _ = decode_sample("k", _members(data, 451, 300), "u.tar", cfg, rng, None)
     assert sample["image"].shape == (16, 16, 3)
-    with pytest.raises(SampleError, match=r"u\.tar: sample 'k': \.json says 300x451 but the image is 451x300 "
-                                          r"\(upright, after its EXIF orientation\)") as e:
+    with pytest.raises(
+        SampleError,
+        match=r"u\.tar: sample 'k': \.json says 300x451 but the image is 451x300 "
+        r"\(upright, after its EXIF orientation\)",
+    ) as e:
         decode_sample("k", _members(data, 300, 451), "u.tar", cfg, rng, None)  # width and height swapped
     assert e.value.reason == "size_mismatch"
     with pytest.raises(ImageSizeError, match="says 300x451"):
@@ -190,8 +201,9 @@ def test_draft_crops_cover_the_full_decodes_window(fmt, orientation):
         cw, ch = rng.randint(130, w), rng.randint(130, h)
         left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
         got = open_image(data).resized_crop(left, top, cw, ch, size, draft=True).astype(np.float64)
-        want = TF.resized_crop(photo, top, left, ch, cw, [size, size], InterpolationMode.BILINEAR,
-                               antialias=True)
+        want = TF.resized_crop(
+            photo, top, left, ch, cw, [size, size], InterpolationMode.BILINEAR, antialias=True
+        )
         want = np.asarray(want, dtype=np.float64)
         # mean colour difference / ramp slope = shift in source pixels; / (window / size) = output pixels
         dx = (got[:, 1:-1, 0] - want[:, 1:-1, 0]).mean() / (255 / (w - 1)) / (cw / size)
@@ -219,8 +231,11 @@ def test_pixel_limit_is_an_error_naming_the_size_not_a_warning(monkeypatch):
         img = open_image(data, max_pixels=None)
         assert img.to_pil().size == (120, 100)
         assert open_image(data, max_pixels=12_000).resized_crop(0, 0, 50, 50, 8).shape == (8, 8, 3)
-        with pytest.raises(ImageTooLargeError, match=r"120x100 image has 12,000 pixels, over the limit of "
-                                                     r"11,999 \(max_image_pixels.*--max-image-pixels 12000"):
+        with pytest.raises(
+            ImageTooLargeError,
+            match=r"120x100 image has 12,000 pixels, over the limit of "
+            r"11,999 \(max_image_pixels.*--max-image-pixels 12000",
+        ):
             open_image(data, max_pixels=11_999)
     assert Image.MAX_IMAGE_PIXELS == 5000  # restored
     assert ImageTooLargeError.reason == "image_too_large"
@@ -250,3 +265,48 @@ def test_orientation_for_every_format_with_exif(chelsea):
         assert img.orientation == 6 and img.size == (113, 75) and img.stored_size == (75, 113), fmt
         photo = img.to_pil()
         assert photo.size == (113, 75) and _diff(np.asarray(photo), small) < 4, fmt
+
+
+def test_loader_and_show_apply_the_pixel_limit(tmp_path):
+    from shard_factory import make_dataset
+    from test_loader_factory import image_size_of, make_shards
+
+    from relabel_shards.loader import ReLabelDataset, make_loader
+    from relabel_shards.show import show_sample
+
+    make_shards(tmp_path / "l", [4, 4])
+    limit = 30_000
+    big = sorted(f"s{i:05d}" for i in range(8) if image_size_of(i)[0] * image_size_of(i)[1] > limit)
+    assert 0 < len(big) < 8
+    with pytest.raises(
+        ValueError,
+        match=r"train-00000\d\.tar: sample 's\d+': cannot decode \.jpg: "
+        r"ImageTooLargeError: \d+x\d+ image has [\d,]+ pixels, over the limit",
+    ):
+        list(
+            make_loader(
+                str(tmp_path / "l"), batch_size=2, num_workers=0, image_size=16, max_image_pixels=limit
+            )
+        )
+    loader = make_loader(
+        str(tmp_path / "l"),
+        batch_size=2,
+        num_workers=0,
+        image_size=16,
+        on_error="skip",
+        max_image_pixels=limit,
+        shuffle_buffer=0,
+    )
+    keys = {k for b in loader for k in b["keys"]}
+    assert not keys & set(big) and loader.skipped == {"image_too_large": len(big)}
+    with pytest.raises(ValueError, match=r"max_image_pixels must be an int >= 0"):
+        ReLabelDataset(str(tmp_path / "l"), max_image_pixels=-1)
+
+    make_dataset(tmp_path / "s", num_samples=2, image_size=(48, 32))
+    with pytest.raises(
+        ImageTooLargeError,
+        match=r"train-000000\.tar: key 'img001': \.png: 48x32 image has "
+        r"1,536 pixels, over the limit of 1,000",
+    ):
+        show_sample(str(tmp_path / "s"), "img001", tmp_path / "f.png", max_image_pixels=1000)
+    assert show_sample(str(tmp_path / "s"), "img001", tmp_path / "f.png", max_image_pixels=0).key == "img001"

@@ -442,6 +442,9 @@ class Annotator:
             "std": [float(v) for v in self.data_config["std"]],
             "keep_aspect": self.keep_aspect,
             "trunk_dtype": "bfloat16" if self.device.type == "cuda" else "float32",
+            # the logits handed to the record encoder (float16 before uint8 preprocessing): in the build
+            # fingerprint, so a build begun with float16 values is not resumed with float32 ones
+            "values_dtype": "float32",
             "spatial_mean_is_logits": self.plain_head,
         }
         if self.model_kwargs:

@@ -256,6 +256,7 @@ def test_config_is_json_and_complete():
     assert cfg["model"] == "test_resnet" and cfg["weights_sha256"] is None and cfg["weights"] == "random"
     assert cfg["input_size"] == [128, 96] and cfg["topk"] == 4 and cfg["keep_aspect"] is True
     assert cfg["interpolation"] == "bilinear" and cfg["mean"] == [0.5, 0.5, 0.5] and cfg["std"] == [0.5] * 3
+    assert cfg["values_dtype"] == "float32"
 
 
 # ---------------------------------------------------------------------------------- the real annotator

@@ -253,6 +253,7 @@ class UprightImage:
         size: int | tuple[int, int],
         *,
         draft: bool = True,
+        flip: bool = False,
     ) -> np.ndarray:
         """Crop a window of the upright image and resize it: torchvision's ``F.resized_crop`` on the image.
 
@@ -264,6 +265,7 @@ class UprightImage:
             size: output side S, or ``(width, height)``.
             draft: decode JPEG/MPO at 1/2, 1/4 or 1/8 scale when the window is downscaled 2x or more (the
                 window still gets >= the output's pixels on both sides).
+            flip: mirror the result left to right.
 
         Returns:
             uint8 array ``[H, W, 3]`` RGB.
@@ -283,6 +285,8 @@ class UprightImage:
         out = im.resize((out_w, out_h), Image.Resampling.BILINEAR, box=box)
         if out.mode != "RGB":
             out = out.convert("RGB")
+        if flip:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(out)
 
 

@@ -71,7 +71,7 @@ class ReLabelDataset(IterableDataset):
             fraction of the short side (timm's ``crop_pct``), never flipped.
         retries: re-opens of a shard after transient read errors.
         transform: a sample transform ``(image, rng) -> (crop, box, flipped)`` (``relabel_shards.transforms``)
-            that replaces the crop options above (image_size, scale, ratio, hflip, draft, center_crop).
+            that replaces the crop options above (``center_crop`` then only selects evaluation's reading).
         max_image_pixels: images with more pixels are errors (skipped with ``on_error="skip"``, counted as
             ``image_too_large``); 0 or None: no limit.
     """

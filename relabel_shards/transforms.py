@@ -158,10 +158,8 @@ class RandomResizedCropFlip:
         """The crop of ``image`` (see the class docstring)."""
         width, height = image.size
         left, top, cw, ch = random_resized_crop_params(width, height, self.scale, self.ratio, rng)
-        out = image.resized_crop(left, top, cw, ch, self.size, draft=self.draft)
-        flipped = rng.random() < self.hflip
-        if flipped:
-            out = np.ascontiguousarray(out[:, ::-1])
+        flipped = rng.random() < self.hflip  # drawn after the window, as before; decoding draws nothing
+        out = image.resized_crop(left, top, cw, ch, self.size, draft=self.draft, flip=flipped)
         return Crop(out, crop_box(left, top, cw, ch, width, height), flipped)
 
 

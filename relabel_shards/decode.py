@@ -1,8 +1,11 @@
 """Decode one shard sample for training: random-resized crop of the JPEG, its box, the flip, the label map.
 
-The crop is drawn on the original image size (so the box is in the label map's coordinates); the JPEG is
-then decoded at 1/2, 1/4 or 1/8 size in the DCT (PIL draft mode) whenever the crop is downscaled by 2x or
-more, which is where most of the decode time goes for large images (benchmarks/bench_loader.py).
+The image is opened by the one rule of ``relabel_shards.images`` (upright, EXIF orientation for every
+format) and cropped by the sample transform (``relabel_shards.transforms``; default: random-resized crop and
+flip). The crop is drawn on the upright original size (so the box is in the label map's coordinates); a
+JPEG/MPO is then decoded at 1/2, 1/4 or 1/8 size in the DCT (PIL draft mode) whenever the crop is
+downscaled by 2x or more, which is where most of the decode time goes for large images
+(benchmarks/bench_loader.py).
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Crop geometry and the streaming loader (``relabel_shards.crops``, ``relabel_shar
     ``random_resized_crop_params``, ``ReLabelDataset``, ``make_loader``
 Import of the official release (``relabel_shards.convert``)
     ``convert_official``
+Opening images and the sample transform (``relabel_shards.images``, ``relabel_shards.transforms``)
+    ``open_image``, ``ImageError``, ``RandomResizedCropFlip``, ``CenterCrop``, ``Compose``, ``Lighting``
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ _EXPORTS: dict[str, str] = {
     "ReLabelDataset": "relabel_shards.loader",
     "make_loader": "relabel_shards.loader",
     "convert_official": "relabel_shards.convert",
+    "open_image": "relabel_shards.images",
+    "ImageError": "relabel_shards.images",
+    "RandomResizedCropFlip": "relabel_shards.transforms",
+    "CenterCrop": "relabel_shards.transforms",
+    "Compose": "relabel_shards.transforms",
+    "Lighting": "relabel_shards.transforms",
 }
 
 __all__ = [
@@ -62,6 +70,12 @@ __all__ = [
     "ReLabelDataset",
     "make_loader",
     "convert_official",
+    "open_image",
+    "ImageError",
+    "RandomResizedCropFlip",
+    "CenterCrop",
+    "Compose",
+    "Lighting",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}, "__all__ and _EXPORTS must name the same API"
 
@@ -84,6 +98,7 @@ if TYPE_CHECKING:  # static tools see the real names
     from relabel_shards.build import build_shards
     from relabel_shards.convert import convert_official
     from relabel_shards.crops import random_resized_crop_params
+    from relabel_shards.images import ImageError, open_image
     from relabel_shards.labelmap import (
         ImageBinding,
         LabelMap,
@@ -94,3 +109,4 @@ if TYPE_CHECKING:  # static tools see the real names
     from relabel_shards.loader import ReLabelDataset, make_loader
     from relabel_shards.pooling import LabelPooling, label_pooling, reference_label_pooling
     from relabel_shards.shards import ShardError, read_info
+    from relabel_shards.transforms import CenterCrop, Compose, Lighting, RandomResizedCropFlip

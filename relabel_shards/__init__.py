@@ -17,6 +17,9 @@ Import of the official release (``relabel_shards.convert``)
     ``convert_official``, ``convert_official_labels``
 Label shards beside image shards (``relabel_shards.join``, ``.pairing``, ``.publish``)
     ``join_labels``, ``key_digest``, ``check_pairs_with``, ``publish``
+    ``convert_official``
+Opening images and the sample transform (``relabel_shards.images``, ``relabel_shards.transforms``)
+    ``open_image``, ``ImageError``, ``RandomResizedCropFlip``, ``CenterCrop``, ``Compose``, ``Lighting``
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ _EXPORTS: dict[str, str] = {
     "key_digest": "relabel_shards.pairing",
     "check_pairs_with": "relabel_shards.pairing",
     "publish": "relabel_shards.publish",
+    "open_image": "relabel_shards.images",
+    "ImageError": "relabel_shards.images",
+    "RandomResizedCropFlip": "relabel_shards.transforms",
+    "CenterCrop": "relabel_shards.transforms",
+    "Compose": "relabel_shards.transforms",
+    "Lighting": "relabel_shards.transforms",
 }
 
 __all__ = [
@@ -74,6 +83,12 @@ __all__ = [
     "key_digest",
     "check_pairs_with",
     "publish",
+    "open_image",
+    "ImageError",
+    "RandomResizedCropFlip",
+    "CenterCrop",
+    "Compose",
+    "Lighting",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}, "__all__ and _EXPORTS must name the same API"
 
@@ -96,6 +111,7 @@ if TYPE_CHECKING:  # static tools see the real names
     from relabel_shards.build import build_shards
     from relabel_shards.convert import convert_official, convert_official_labels
     from relabel_shards.crops import random_resized_crop_params
+    from relabel_shards.images import ImageError, open_image
     from relabel_shards.join import join_labels
     from relabel_shards.labelmap import (
         ImageBinding,
@@ -109,3 +125,4 @@ if TYPE_CHECKING:  # static tools see the real names
     from relabel_shards.pooling import LabelPooling, label_pooling, reference_label_pooling
     from relabel_shards.publish import publish
     from relabel_shards.shards import ShardError, read_info
+    from relabel_shards.transforms import CenterCrop, Compose, Lighting, RandomResizedCropFlip

@@ -32,7 +32,6 @@ each, so keep a remote label set on local disk first (it is small: about 3 KB pe
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -266,27 +265,15 @@ class RecordReader:
 
 
 def upright_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of an image after its EXIF orientation, from the header only (nothing decoded).
+    """(width, height) of an image after its EXIF orientation, from the header only (nothing decoded): the
+    project's one image rule (``relabel_shards.images.open_image``), without the pixel limit.
 
     Raises:
-        ValueError: empty or not an image.
+        ValueError: empty or not an image (``images.ImageError``).
     """
-    from PIL import Image, UnidentifiedImageError
+    from relabel_shards.images import open_image
 
-    if not data:
-        raise ValueError("empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            try:
-                orientation = im.getexif().get(0x0112, 1)
-            except Exception:  # noqa: BLE001 - a damaged EXIF block: the image's own size stands
-                orientation = 1
-    except UnidentifiedImageError:
-        raise ValueError("not a decodable image (PIL cannot identify it)") from None
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"cannot read image header: {e}") from None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return open_image(data, max_pixels=None).size
 
 
 def bind_record(record: bytes, image: bytes, size: tuple[int, int] | None = None) -> tuple[bytes, bool]:

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 import zstandard
+from fuzz.spec_decoder import planes_le as _planes_le
+from fuzz.spec_decoder import quantized_values as _oracle_values
+from fuzz.spec_decoder import resolve_palette_refs, spec_decode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -417,30 +420,9 @@ def test_quantization_step_that_would_overflow_is_refused_with_a_valid_crc():
 # ------------------------------------------------------------- decoder against docs/FORMAT.md, read literally
 
 
-def _planes_le(a, width):
-    """docs/FORMAT.md "Byte planes", written out: byte b of element i at offset b * n + i."""
-    a = np.asarray(a, dtype=np.int64).reshape(-1)
-    return b"".join(bytes(((a >> (8 * b)) & 255).astype(np.uint8)) for b in range(width))
-
-
 def _oracle_indices(sym, palette, k, h, w):
     """The index section's rule applied cell by cell in raster order, as the spec states it."""
-    pos = np.empty((k, h, w), np.int64)
-    for r in range(h):
-        for c in range(w):
-            pr, pc = (r, c - 1) if c > 0 else (r - 1, 0)
-            for j in range(k):
-                s = int(sym[j, r, c])
-                pos[j, r, c] = pos[s, pr, pc] if s < k else s - k
-    return np.asarray(palette)[pos]
-
-
-def _oracle_values(top_res, gaps, step):
-    """The quantized value rule, as the spec states it: 2-D cumulative sums, then down the ranks."""
-    q = [np.cumsum(np.cumsum(np.asarray(top_res, np.int64), 0), 1)]
-    for g in gaps:
-        q.append(q[-1] - g)
-    return np.stack(q), (np.stack(q).astype(np.float64) * np.float64(np.float32(step))).astype(np.float32)
+    return resolve_palette_refs(np.asarray(sym).tolist(), palette, k, h, w, len(palette))
 
 
 @st.composite
@@ -523,8 +505,11 @@ def _check_against_spec(case, codec, data):
             with pytest.raises(LabelMapError, match="quantized (residuals exceed|values exceed)"):
                 decode_label_map(_craft(fields, payload))
             return
-    lm = decode_label_map(_craft(fields, payload))
+    rec = _craft(fields, payload)
+    lm = decode_label_map(rec)
     np.testing.assert_array_equal(lm.indices, _oracle_indices(sym, palette, k, h, w))
+    spec = spec_decode(rec)  # the whole record, read by the decoder written from FORMAT.md alone
+    assert spec.values.tobytes() == lm.values.tobytes() and spec.indices.tobytes() == lm.indices.tobytes()
     assert lm.indices.dtype == (np.int16 if num_classes <= 32767 else np.int32)
     np.testing.assert_array_equal(lm.values, values)
     assert lm.values.dtype == values.dtype and lm.values.flags.writeable and lm.indices.flags.writeable
@@ -726,3 +711,82 @@ def test_real_maps_compact_within_2e3_and_lossless_exact(real_maps):
         assert float((_pool(exact.values, exact.indices, boxes, 1000) - ref).abs().max()) == 0.0
     assert worst <= 2e-3
     assert np.mean(sizes) <= 2500
+
+
+# ------------------------------------------------------------------ a reader's bounds: expect, max_elements
+
+
+def _max_size_record(k=4, h=2048, w=2048, num_classes=1000) -> bytes:
+    """A valid compact record of k*h*w zeros (class 0 everywhere): about 1.1 KB that decodes to 2 * 2**24
+    bytes of payload and 384 MiB of arrays, 2 s of work. The frame is compressed as a stream, so making it
+    costs no large buffer either."""
+    n, hw = k * h * w, h * w
+    size = 2 + n + hw + (k - 1) * hw  # palette gap (u16), u8 symbols, u8 top residuals, u8 gaps
+    sym = bytearray(hw)
+    sym[0] = k  # cell (0, 0) writes out palette position 0; every other symbol refers to the previous cell
+    c = zstandard.ZstdCompressor(level=19).compressobj(size=size)
+    parts = [c.compress(b"\0\0")]
+    parts += [c.compress(bytes(sym)) for _ in range(k)]
+    zeros = bytes(1 << 20)
+    for start in range(0, k * hw, len(zeros)):
+        parts.append(c.compress(zeros[: min(len(zeros), k * hw - start)]))
+    parts.append(c.flush())
+    fields = {"vc": 3, "step": 0.01, "k": k, "h": h, "w": w, "m": 1, "num_classes": num_classes, "size": size}
+    return _craft(fields, b"", frame=b"".join(parts))
+
+
+def test_hostile_record_is_refused_from_its_header_cheaply():
+    import time
+    import tracemalloc
+
+    rec = _max_size_record()
+    hd = read_header(rec)
+    assert len(rec) < 1500 and (hd.k, hd.height, hd.width, hd.payload_size) == (4, 2048, 2048, 2 * 2**24 + 2)
+    mismatch = (
+        r"geometry k, h, w, num_classes = 4, 2048, 2048, 1000 differs from the expected 5, 15, 15, 1000"
+    )
+    cases = [
+        ({"expect": (5, 15, 15, 1000)}, mismatch),
+        ({"expect": LabelMap(np.zeros((5, 15, 15)), np.zeros((5, 15, 15)), 1000)}, mismatch),
+        (
+            {"max_elements": 5 * 15 * 15},
+            r"k\*h\*w = 4\*2048\*2048 = 16777216 elements exceeds max_elements=1125",
+        ),
+    ]
+    for kwargs, match in cases:
+        tracemalloc.start()
+        try:
+            t0 = time.perf_counter()
+            with pytest.raises(LabelMapError, match=match):
+                decode_label_map(rec, **kwargs)
+            elapsed = time.perf_counter() - t0
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert elapsed < 0.05 and peak < 256 * 1024, (kwargs, elapsed, peak)  # unbounded: 2 s and 384 MiB
+
+
+def test_expect_and_max_elements_accept_matching_records():
+    rng = np.random.default_rng(4)
+    values, indices = _random_map(rng, 5, 15, 15, 1000)
+    rec = encode_label_map(values, indices, 1000, image=ImageBinding.of(b"img", 480, 480))
+    for kwargs in [
+        {"expect": (5, 15, 15, 1000)},
+        {"expect": read_header(rec)},
+        {"expect": (np.int64(5), 15, 15, 1000), "max_elements": 1125},
+        {"max_elements": 10**9},
+    ]:
+        np.testing.assert_array_equal(decode_label_map(rec, **kwargs).indices, indices)
+    with pytest.raises(
+        LabelMapError, match=r"4, 2048, 2048, 1000 differs from the expected 4, 2048, 2048, 999"
+    ):
+        decode_label_map(_max_size_record(), expect=(4, 2048, 2048, 999))
+    with pytest.raises(TypeError, match=r"expect must be \(k, h, w, num_classes\) ints .*got \(5, 15, 15\)"):
+        decode_label_map(rec, expect=(5, 15, 15))
+    with pytest.raises(TypeError, match=r"expect must be .*got 'abcd'"):
+        decode_label_map(rec, expect="abcd")
+    with pytest.raises(ValueError, match=r"max_elements must be None or an int >= 1, got 0"):
+        decode_label_map(rec, max_elements=0)
+    # a corrupt record is still reported as corrupt, not as a geometry mismatch
+    with pytest.raises(LabelMapError, match="CRC-32 mismatch"):
+        decode_label_map(rec[:-1], expect=(1, 1, 1, 1))

@@ -302,7 +302,7 @@ def show_command(url: str, key: str, out: str, topk: int, split: str | None, sha
               help="Decode every image (JPEGs at 1/8 scale) to catch broken files; off: read headers only.")
 @click.option("--labels-only", is_flag=True,
               help="IMAGES are image shards: write label shards aligned to them (key.rlm only), not full "
-                   "shards.")
+                   "shards (--shard-size and --check-images do not apply).")
 @click.option("--match-by", default="key",
               help="With --labels-only: find a sample's map by its key ('key', the ImageNet file stem) or by "
                    "the file name in a .json field ('json:FIELD', e.g. json:filename).")

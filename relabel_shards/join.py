@@ -325,7 +325,6 @@ class IndexLabeler:
     def __init__(self, index: LabelIndex):
         self.index = index
         self._reader: RecordReader | None = None
-        self.rebound = 0
 
     def find(self, keys: Sequence[str]) -> np.ndarray:
         return self.index.find(keys)

@@ -198,7 +198,7 @@ def test_cli_join(setup):
 def test_fast_header_scan_agrees_with_tarfile_and_falls_back_on_pax(tmp_path):
     import tarfile
 
-    from relabel_shards.join import _scan_records, _scan_ustar
+    from relabel_shards.labelindex import _scan_records, _scan_ustar
 
     samples = [[(f"k{i}.jpg", b"j" * (i * 300)), (f"k{i}.rlm", bytes([i]) * (i * 700 + 1))] for i in range(6)]
     samples.append([("k6.rlm", b"")])  # a placeholder: no label

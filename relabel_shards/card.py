@@ -90,11 +90,13 @@ def _weights_license(annotator: Mapping[str, Any]) -> tuple[str, str]:
         return OFFICIAL_RELEASE[0], f"see {OFFICIAL_RELEASE[1]} (its LICENSE and the ImageNet terms)"
     if source == "embedded":
         return EMBEDDED_WEIGHTS[0], EMBEDDED_WEIGHTS[1]
-    if source is None:
+    if source in (None, "random"):
         return f"{model} with random weights (a test build: the maps mean nothing)", "none"
+    if source == "checkpoint":
+        return f"timm `{model}` with a checkpoint file (sha256 below)", "the checkpoint's own: state it here"
     return (
-        f"timm `{model}` ({source})",
-        f"see https://huggingface.co/timm/{model.split('.')[0]} and the weights' source",
+        f"timm `{model}` (pretrained weights from timm / the Hugging Face Hub)",
+        f"see the model card at https://huggingface.co/timm/{model}",
     )
 
 

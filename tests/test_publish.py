@@ -207,3 +207,48 @@ def test_publish_to_gcs(release, tmp_path, gcs_endpoint):
     assert verify_shards(dest, storage_options=opts).ok
     sums = fs.cat_file("relabel-publish-test/rel/SHA256SUMS").decode()
     assert f"{s.files['train-000000.tar'][1]}  train-000000.tar" in sums.splitlines()
+
+
+def test_the_readme_release_flow_on_the_command_line(tmp_path):
+    """GPU owner: build --labels-only, verify --images, publish; user: sha256sum -c, info, verify --images."""
+    imgs = make_image_shards(tmp_path / "imgs", KEYS)
+    run = CliRunner().invoke
+    pattern = str(tmp_path / "imgs" / "imgs-train-{0000..0001}.tar")
+    r = run(
+        cli,
+        [
+            "build",
+            pattern,
+            str(tmp_path / "labels"),
+            "--labels-only",
+            "--model",
+            "test_efficientnet",
+            "--input-size",
+            "64",
+            "--num-workers",
+            "0",
+            "--no-progress",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    r = run(cli, ["verify", str(tmp_path / "labels"), "--images", str(tmp_path / "imgs"), "--no-progress"])
+    assert r.exit_code == 0 and r.output.startswith("OK:"), r.output
+    r = run(
+        cli,
+        [
+            "publish",
+            str(tmp_path / "labels"),
+            str(tmp_path / "release"),
+            "--images",
+            str(tmp_path / "imgs"),
+            "--no-progress",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert _sha256sum_c(tmp_path / "release").returncode == 0
+    r = run(cli, ["info", str(tmp_path / "release")])
+    assert "label shards: pair with 2 image shards" in r.output, r.output
+    r = run(cli, ["verify", str(tmp_path / "release"), "--images", str(tmp_path / "imgs"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    card = (tmp_path / "release" / "README.md").read_text()
+    assert "test_efficientnet with random weights" in card and len(imgs) == 2

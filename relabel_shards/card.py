@@ -108,6 +108,7 @@ def dataset_card(
     title: str | None = None,
     preview: bool = False,
     url: str | None = None,
+    record_version: int | None = None,
 ) -> str:
     """The ``README.md`` of a release: Hub YAML front matter and a body (see the module docstring).
 
@@ -118,6 +119,7 @@ def dataset_card(
         title: the heading (default: ``info["name"]``).
         preview: whether ``preview.png`` is part of the release.
         url: where the release is read from, for the loading example.
+        record_version: the label-map record's format version (from a record's header), when known.
     """
     splits = info.get("splits") or {}
     first = next(iter(splits.values())) if splits else {}
@@ -209,10 +211,15 @@ def dataset_card(
         "",
         f"- top-k = {k} classes per cell on a {h} x {w} grid (rows x columns), C = {num_classes} classes"
         + (" (ImageNet-1k class indices)" if imagenet else ""),
-        f"- record: relabel-shards label-map record, format version {section.get('format_version', '?')}, "
-        f"`{section.get('encoding', '?')}` encoding (a header, an image binding: the image's byte length, "
-        "sha256 and the annotated width and height, then one zstd frame); every byte is specified in "
-        "docs/FORMAT.md of relabel-shards",
+        f"- record: relabel-shards label-map record, format version {record_version or '?'} "
+        f"(`_info.json` layout version {section.get('format_version', '?')}), "
+        f"`{section.get('encoding', '?')}` encoding (a header, "
+        + (
+            "an image binding: the image's byte length, sha256 and the annotated width and height, "
+            if (record_version or 0) >= 2
+            else ""
+        )
+        + "then one zstd frame); every byte is specified in docs/FORMAT.md of relabel-shards",
         f"- {samples:,} samples, {len(all_names):,} shards, {_human(total)} of shards"
         + (f", {total / samples:,.0f} bytes per sample on disk (tar overhead included)" if samples else ""),
         "",

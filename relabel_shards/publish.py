@@ -260,7 +260,13 @@ def publish(
                 size, digest = _sha_of_local(extra[name], name, progress)
                 _send(target, name, extra[name], size, digest, summary)
         card = dataset_card(
-            info, summary.files, license=license, title=title, preview=PREVIEW_NAME in extra, url=dest
+            info,
+            summary.files,
+            license=license,
+            title=title,
+            preview=PREVIEW_NAME in extra,
+            url=dest,
+            record_version=_record_version(dataset, info, storage_options),
         )
         summary.card = card
         path = _write_tmp(tmp, CARD_NAME, card.encode("utf-8"))
@@ -379,6 +385,21 @@ def _preview(
     buf = io.BytesIO()
     fig.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
+
+
+def _record_version(dataset: str, info: Mapping[str, Any], storage_options: dict | None) -> int | None:
+    """The format version in the header of the dataset's first record (None when it has none)."""
+    from relabel_shards.labelmap import LabelMapError, read_header
+
+    split = next(iter(info["splits"].values()))
+    names = list(split.get("filenames") or [])
+    first = _first_record(join(dataset, names[0]), storage_options) if names else None
+    if first is None:
+        return None
+    try:
+        return int(read_header(first[1]).version)
+    except LabelMapError:
+        return None
 
 
 def _first_record(url: str, storage_options: dict | None) -> tuple[str, bytes] | None:

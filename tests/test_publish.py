@@ -89,6 +89,7 @@ def test_card_metadata_parses_with_huggingface_hub(release, tmp_path):
     assert "imgs-train-0000.tar" in text and "swap_xy" in text and "bytes per sample" in text
     assert "1 image without a label: `n02_d`" in text and "![" in text
     assert "weights license" in text and s.card.startswith("---\n")
+    assert "label-map record, format version 2" in text  # read from a record: the binding's version
 
 
 def test_label_shards_and_full_shards_load_with_the_datasets_webdataset_builder(

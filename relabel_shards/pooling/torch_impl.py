@@ -92,9 +92,11 @@ def label_pooling_torch(values: torch.Tensor, indices: torch.Tensor, boxes: torc
         indices_checked: every index is known to lie in ``[0, num_classes)``.
 
     Returns:
-        Tensor[B, C] float32 probabilities (rows sum to 1), on the inputs' device.
+        Tensor[B, C] float32 probabilities (rows sum to 1), on the inputs' device; a row of NaN for a box
+        with a non-finite coordinate.
     """
     batch, k, h, w = values.shape
+    finite, boxes = finite_boxes(boxes)
     rs, re, cs, ce = box_extents(boxes, h, w, swap_xy)
     wmap = axis_weights(rs, re, h)[:, :, None] * axis_weights(cs, ce, w)[:, None, :]  # (B, h, w)
     contrib = (values.to(torch.float32) * wmap[:, None]).reshape(batch, k * h * w)
@@ -108,4 +110,206 @@ def label_pooling_torch(values: torch.Tensor, indices: torch.Tensor, boxes: torc
     del contrib, idx
     # softmax in place (saves a [B, C] buffer); equals torch.softmax to an ulp
     logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
-    return logits.div_(logits.sum(dim=1, keepdim=True))
+    logits.div_(logits.sum(dim=1, keepdim=True))
+    return logits.masked_fill_(~finite[:, None], float("nan"))  # a non-finite box: a NaN row
+
+
+# ------------------------------------------------------------------------------ output_size above 1x1
+
+
+def bin_axis_weights(start: torch.Tensor, end: torch.Tensor, size: int, bins: int) -> torch.Tensor:
+    """RoIAlign's per-axis weights for ``bins`` output bins along one axis, as torchvision's CPU kernel.
+
+    torchvision (``roi_align_kernel.cpp``, ``aligned=False``, ``sampling_ratio=-1``): ``roi = max(end -
+    start, 1)``, ``bin = roi / bins``, ``grid = ceil(roi / bins)`` samples per bin, sample ``i`` of bin ``p``
+    at ``(start + p * bin) + ((i + 0.5) * bin) / grid`` (float32, in this order), then the validity, clamp
+    and last-cell rules of :func:`axis_weights`; each bin's sum is divided by ``grid``. With ``bins == 1``
+    this is :func:`axis_weights`. The spacing ``bin / grid`` is in (0.5, 1] (or there is one sample), so
+    a window of ``2 * size + 6`` candidates per bin holds every sample that lands in ``[-1, size]``.
+
+    Args:
+        start, end: Tensor[B] float32, finite, the box along this axis in map cells.
+        size: cells along this axis.
+        bins: output bins along this axis (oh or ow).
+
+    Returns:
+        Tensor[B, bins, size] float32.
+    """
+    batch = start.shape[0]
+    roi = torch.clamp_min(end - start, 1.0)  # (B,)
+    step_bin = roi / float(bins)  # (B,) bin size
+    grid = torch.ceil(roi / float(bins))  # (B,) samples per bin, >= 1
+    p = torch.arange(bins, device=start.device, dtype=torch.float32)
+    bin_start = start[:, None] + p[None, :] * step_bin[:, None]  # (B, bins)
+    spacing = (step_bin / grid)[:, None]
+    first = torch.floor((-1.0 - bin_start) / spacing - 0.5) - 1.0
+    first = torch.clamp(first, 0.0, float(2**24))
+    num_candidates = 2 * size + 6
+    i = first[..., None] + torch.arange(num_candidates, device=start.device, dtype=torch.float32)  # (B, P, S)
+    y = bin_start[..., None] + ((i + 0.5) * step_bin[:, None, None]) / grid[:, None, None]
+    valid = (i < grid[:, None, None]) & (y >= -1.0) & (y <= float(size))
+    y = torch.clamp(y, 0.0, float(size))  # invalid samples beyond the map weigh 0; keep the index in range
+    low = torch.floor(y)
+    last = low >= size - 1
+    frac = torch.where(last, torch.zeros_like(y), y - low)
+    low = torch.where(last, torch.full_like(low, size - 1), low).long()
+    high = torch.where(last, low, low + 1)
+    w_low = torch.where(valid, 1.0 - frac, torch.zeros_like(frac))
+    w_high = torch.where(valid, frac, torch.zeros_like(frac))
+    weights = torch.zeros(batch, bins, size, dtype=torch.float32, device=start.device)
+    weights.scatter_add_(2, low, w_low).scatter_add_(2, high, w_high)
+    return weights / grid[:, None, None]
+
+
+def finite_boxes(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Tensor[B] bool: the box is finite, the boxes with non-finite ones replaced by the whole image).
+
+    Every backend gives a non-finite box a row of NaN (issue 12): the replacement only keeps the
+    arithmetic that the NaN later overwrites well defined (integer indices from a NaN are undefined).
+    """
+    ok = torch.isfinite(boxes).all(1)
+    whole = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=boxes.dtype, device=boxes.device)
+    return ok, torch.where(ok[:, None], boxes, whole)
+
+
+def _chunk_size(batch: int, n: int, oh: int, ow: int, h: int, w: int) -> int:
+    """Images per chunk so that the largest temporary (about ``n * max(h * w, oh * ow, oh * w)`` floats per
+    image, n = k * h * w the entries of a map) stays near 2**20 elements: memory independent of B."""
+    per_image = n * 8 + max(h * w, oh * ow, oh * w) * min(n, 256) + oh * (2 * h + 6) * 6
+    return max(1, min(batch, (1 << 21) // max(1, per_image)))
+
+
+def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, num_classes: int,
+                output_size: tuple[int, int], swap_xy: bool = False, flips: torch.Tensor | None = None,
+                indices_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled logits on each image's support, for one chunk of images (inputs checked by the caller).
+
+    Each image's distinct class indices become slots ``u < U`` (U: the largest count in the chunk); the
+    compact map ``D[b, u, r, q]`` (the sum of the values of class u at cell (r, q)) is pooled with the
+    separable RoIAlign weights, ``P = Wy @ D @ Wx^T``: ``B * U * h * w`` floats, never ``B * C * h * w``.
+
+    Returns:
+        classes Tensor[B, U] int64 (``-1``: an unused slot), logits Tensor[B, oh, ow, U] float32 (0 on unused
+        slots, NaN for a non-finite box). Out-of-range indices (unchecked data) add nothing.
+    """
+    oh, ow = output_size
+    batch, k, h, w = values.shape
+    n = k * h * w
+    dev = values.device
+    idx = indices.reshape(batch, n).to(torch.int64)
+    val = values.reshape(batch, n).to(torch.float32)
+    if not indices_checked:
+        ok = (idx >= 0) & (idx < num_classes)
+        val = val.masked_fill(~ok, 0.0)  # adds 0 to class 0: the same as absent
+        idx = idx.masked_fill(~ok, 0)
+    srt, order = idx.sort(dim=1)  # (B, n)
+    new = torch.ones_like(srt, dtype=torch.bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    slot_sorted = new.cumsum(1) - 1  # (B, n) slot of each sorted entry
+    num_slots = int(slot_sorted[:, -1].max()) + 1 if batch else 1  # one sync on CUDA
+    slot = torch.empty_like(slot_sorted).scatter_(1, order, slot_sorted)
+    classes = torch.full((batch, num_slots), -1, dtype=torch.int64, device=dev).scatter_(1, slot_sorted, srt)
+    del srt, order, new, slot_sorted, idx
+    dense = torch.zeros(batch, num_slots, h * w, dtype=torch.float32, device=dev)
+    dense.scatter_add_(1, slot.view(batch, k, h * w), val.view(batch, k, h * w))  # (B, U, h*w)
+    del slot, val
+    finite, boxes = finite_boxes(boxes)
+    rs, re, cs, ce = box_extents(boxes, h, w, swap_xy)
+    wy = bin_axis_weights(rs, re, h, oh)  # (B, oh, h)
+    wx = bin_axis_weights(cs, ce, w, ow)  # (B, ow, w)
+    if flips is not None and ow > 1:  # a mirrored crop: its bins left to right are the box's right to left
+        wx = torch.where(flips.to(dev).view(batch, 1, 1), wx.flip(1), wx)
+    # float64 on CUDA, where TF32 matmul settings would cost 1e-3
+    mm = torch.float64 if dev.type == "cuda" else torch.float32
+    rows = torch.matmul(wy.to(mm)[:, None], dense.view(batch, num_slots, h, w).to(mm))  # (B, U, oh, w)
+    del dense
+    pooled = torch.matmul(rows, wx.to(mm).transpose(1, 2)[:, None])  # (B, U, oh, ow)
+    logits = pooled.permute(0, 2, 3, 1).to(torch.float32).contiguous()  # (B, oh, ow, U)
+    logits.masked_fill_((classes < 0)[:, None, None, :], 0.0)
+    logits.masked_fill_(~finite[:, None, None, None], float("nan"))
+    return classes, logits
+
+
+def densify(classes: torch.Tensor, logits: torch.Tensor, num_classes: int,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over all C classes of sparse pooled logits: absent classes have logit 0 and still count.
+
+    Per bin, with support S (slots whose class is >= 0), ``m = max(max_S z, 0)`` and
+    ``Z = sum_S exp(z - m) + (C - |S|) exp(-m)``; every class gets ``exp(-m) / Z`` and each support class
+    adds ``exp(z - m) / Z - exp(-m) / Z``. A slot with logit 0 therefore adds nothing and counts like an absent
+    class, so a class may sit in several slots as long as at most one of them has a non-zero logit (what
+    MixToken's concatenated supports give).
+
+    Args:
+        classes: Tensor[B, U] int64, ``-1`` = unused.
+        logits: Tensor[B, *bins, U] float32.
+        num_classes: C.
+        out: optional Tensor[B, *bins, C] float32 to write into.
+
+    Returns:
+        Tensor[B, *bins, C] float32 probabilities.
+    """
+    batch, num_slots = classes.shape
+    bins = logits.shape[1:-1]
+    view = (batch,) + (1,) * len(bins) + (num_slots,)
+    valid = (classes >= 0).view(view)
+    count = valid.sum(-1).to(torch.float32)  # (B, 1...) support size
+    z = logits.masked_fill(~valid, float("-inf"))
+    m = z.amax(-1) if num_slots else torch.zeros(logits.shape[:-1], device=logits.device)
+    m = torch.where(count < num_classes, torch.clamp_min(m, 0.0), m)
+    e = torch.exp(z - m[..., None])  # 0 on unused slots
+    base = torch.exp(-m)
+    total = e.sum(-1) + (num_classes - count) * base
+    base = base / total
+    delta = (e / total[..., None] - base[..., None]).masked_fill(~valid, 0.0)
+    if out is None:
+        out = torch.empty(*logits.shape[:-1], num_classes, dtype=torch.float32, device=logits.device)
+    out.copy_(base[..., None].expand(out.shape))
+    out.scatter_add_(-1, classes.clamp_min(0).view(view).expand(delta.shape), delta)
+    return out
+
+
+def label_pooling_bins_torch(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor,
+                             num_classes: int, output_size: tuple[int, int], swap_xy: bool = False,
+                             flips: torch.Tensor | None = None, indices_checked: bool = False,
+                             sparse: bool = False):
+    """LabelPooling to an ``(oh, ow)`` grid of bins without the dense map, in chunks of images.
+
+    Temporaries are bounded per chunk (:func:`_chunk_size`), so the memory beyond the output does not grow
+    with B. On CUDA each chunk synchronizes once (the number of distinct classes sizes its slots).
+
+    Returns:
+        ``sparse=False``: Tensor[B, oh, ow, C] float32 probabilities (``[B, C]`` for a 1x1 grid).
+        ``sparse=True``: ``(classes Tensor[B, U] int64, logits Tensor[B, oh, ow, U] float32)``, or logits
+        ``[B, U]`` for a 1x1 grid; U is the largest support in the batch, ``-1`` marks unused slots.
+    """
+    oh, ow = output_size
+    batch, k, h, w = values.shape
+    one = oh == 1 and ow == 1
+    step = _chunk_size(batch, k * h * w, oh, ow, h, w)
+    out = None
+    parts = []
+    for b0 in range(0, batch, step):
+        sl = slice(b0, min(batch, b0 + step))
+        fl = None if flips is None else flips[sl]
+        classes, logits = sparse_pool(values[sl], indices[sl], boxes[sl], num_classes, output_size, swap_xy,
+                                      fl, indices_checked)
+        if sparse:
+            parts.append((classes, logits))
+            continue
+        if out is None:
+            out = torch.empty(batch, oh, ow, num_classes, dtype=torch.float32, device=values.device)
+        densify(classes, logits, num_classes, out=out[sl])
+    if not sparse:
+        if out is None:
+            out = torch.empty(batch, oh, ow, num_classes, dtype=torch.float32, device=values.device)
+        return out.view(batch, num_classes) if one else out
+    width = max((c.shape[1] for c, _ in parts), default=1)
+    classes = torch.full((batch, width), -1, dtype=torch.int64, device=values.device)
+    logits = torch.zeros(batch, oh, ow, width, dtype=torch.float32, device=values.device)
+    b0 = 0
+    for c, lg in parts:
+        classes[b0:b0 + len(c), : c.shape[1]] = c
+        logits[b0:b0 + len(c), ..., : c.shape[1]] = lg
+        b0 += len(c)
+    return classes, (logits.view(batch, width) if one else logits)

@@ -44,8 +44,8 @@ def _rss() -> int:
 
 def child(route: str, batch: int, size: int, repeats: int, backward: bool) -> dict:
     import torch
-
     from bench_pooling import make_batch
+
     from relabel_shards.losses import soft_target_cross_entropy
     from relabel_shards.pooling import label_pooling
 
@@ -75,8 +75,9 @@ def child(route: str, batch: int, size: int, repeats: int, backward: bool) -> di
         t0 = time.perf_counter()
         run(values, indices, boxes, y)
         times.append(time.perf_counter() - t0)
-    return {"route": route, "phase": "forward+backward" if backward else "forward", "B": batch, "tokens": f"{size}x{size}", "peak_extra_MiB": peak / 2**20,
-            "logits_MiB": y.numel() * 4 / 2**20, "median_ms": sorted(times)[len(times) // 2] * 1e3, "loss": loss}
+    return {"route": route, "phase": "forward+backward" if backward else "forward", "B": batch,
+            "tokens": f"{size}x{size}", "peak_extra_MiB": peak / 2**20, "logits_MiB": y.numel() * 4 / 2**20,
+            "median_ms": sorted(times)[len(times) // 2] * 1e3, "loss": loss}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(rows, ["route", "phase", "B", "tokens", "peak_extra_MiB", "logits_MiB", "median_ms", "loss"])
     ratio = rows[0]["peak_extra_MiB"] / rows[1]["peak_extra_MiB"]
     ratio_bw = rows[2]["peak_extra_MiB"] / rows[3]["peak_extra_MiB"]
-    print(f"# peak RSS beyond the inputs, targets + loss: sparse {ratio:.1f}x less than dense (goal >= 4); with "
+    print(f"# peak RSS beyond the inputs, targets + loss: sparse {ratio:.1f}x less than dense (goal >= 4); "
+          "with "
           f"the backward {ratio_bw:.1f}x (both hold the gradient, logits_MiB); losses agree to "
           f"{abs(rows[0]['loss'] - rows[1]['loss']):.1e}")
     out = args.out or Path(__file__).resolve().parent / "results" / "bench_losses.json"

@@ -1,9 +1,9 @@
 """Soft-target cross-entropy for ReLabel and Token Labeling targets, without dense targets.
 
-ReLabel-style targets give every class outside a bin's top-k support S the same logit 0. With the pooled logits
-z on S, ``m = max(max_S z, 0)``, ``Z = sum_S exp(z - m) + (C - |S|) exp(-m)``, each support class has target
-``p = exp(z - m) / Z`` and every other class ``t0 = exp(-m) / Z``. For model logits y with log-probabilities
-``l = y - logsumexp(y)`` the cross-entropy is
+ReLabel-style targets give every class outside a bin's top-k support S the same logit 0. With the pooled
+logits z on S, ``m = max(max_S z, 0)``, ``Z = sum_S exp(z - m) + (C - |S|) exp(-m)``, each support class
+has target ``p = exp(z - m) / Z`` and every other class ``t0 = exp(-m) / Z``. For model logits y with
+log-probabilities ``l = y - logsumexp(y)`` the cross-entropy is
 
     -sum_c t_c l_c = -t0 * (sum(y) - C * logsumexp(y)) - sum_S (p - t0) * l_S
 
@@ -60,7 +60,7 @@ class _SparseSoftCE(torch.autograd.Function):
             yc = y[sl].to(work)  # (n, bins, C): a copy only where y is not already in the working dtype
             lse_c = torch.logsumexp(yc, dim=-1)  # (n, bins)
             sum_all = yc.sum(-1, dtype=torch.float64) - num_classes * lse_c.to(torch.float64)  # sum_c l_c
-            l_support = torch.gather(yc, 2, classes[sl].expand(-1, bins, -1)) - lse_c[..., None]  # (n, bins, U)
+            l_support = torch.gather(yc, 2, classes[sl].expand(-1, bins, -1)) - lse_c[..., None]  # (n,bins,U)
             loss[sl] = (-t0[sl].to(torch.float64) * sum_all).to(work) - (delta[sl] * l_support).sum(-1)
             lse[sl] = lse_c
         ctx.save_for_backward(y, classes, delta, t0, lse)

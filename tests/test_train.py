@@ -159,8 +159,8 @@ def test_help_describes_every_flag_with_its_default(capsys):
 
 def test_validation_with_other_classes_is_refused_unless_mapped(data, tmp_path):
     _dataset(tmp_path / "val7", 20, 10, prefix="val", seed=1, num_classes=7)
-    with pytest.raises(ValueError, match=r"validation set .*val7 has 7 classes, the model 5 than the training "
-                                         r"set .*pass --val-class-map FILE"):
+    with pytest.raises(ValueError, match=r"validation set .*val7 has 7 classes, the model 5 than the "
+                                         r"training set .*pass --val-class-map FILE"):
         train_mod.train(_cfg(data, tmp_path / "a", val=str(tmp_path / "val7")))
     mapping = tmp_path / "map.json"
     mapping.write_text(json.dumps([0, 1, 2, 3, 4, 0, 0]))

@@ -51,7 +51,8 @@ CHECKPOINT = "last.pt"
 
 # Settings that may change between a run and its resumption (where it writes, how long, how it reports);
 # every other field must match the checkpoint's.
-_RESUMABLE = {"out", "resume", "max_steps", "ckpt_every", "log_every", "val", "val_class_map", "storage_options"}
+_RESUMABLE = {"out", "resume", "max_steps", "ckpt_every", "log_every", "val", "val_class_map",
+              "storage_options"}
 
 
 @dataclass
@@ -101,14 +102,14 @@ HELP = {
     "warmup_epochs": "epochs of linear learning-rate warm-up before the cosine schedule",
     "image_size": "crop side in pixels",
     "workers": "DataLoader workers per rank",
-    "cutmix": "probability of CutMix per batch (the official ReLabel recipe: 1.0); MixToken under token labeling",
+    "cutmix": "probability of CutMix per batch (official ReLabel recipe: 1.0); MixToken under token labeling",
     "cutmix_beta": "CutMix's Beta(beta, beta) for the mixing ratio",
-    "color_jitter": "brightness, contrast and saturation jitter strength, on the device (official recipe: 0.4; "
-                    "0: off)",
+    "color_jitter": "brightness, contrast and saturation jitter strength, on the device (official recipe: "
+                    "0.4; 0: off)",
     "lighting": "AlexNet-style PCA lighting noise std (official recipe: 0.1; 0: off)",
     "token_label": "Token Labeling: supervise every patch token (ViT) or feature-map position (CNN) too",
     "token_beta": "weight of the mean token loss (LV-ViT: 0.5)",
-    "swap_xy": "the official ReLabel box order (crop mirrored across the diagonal), for faithful reproductions",
+    "swap_xy": "the official ReLabel box order (crop mirrored across the diagonal), for faithful reruns",
     "amp": "bf16 autocast (default: on for CUDA)",
     "seed": "seed of the data order, crops, CutMix and jitter",
     "max_steps": "stop after this many steps in all (a rerun with the same value trains no further step)",
@@ -116,8 +117,8 @@ HELP = {
     "log_every": "steps between progress lines (the loss is read from the device only then)",
     "resume": "resume from OUT/last.pt when it exists (--no-resume: start over)",
     "num_classes": "classes of the model (default: the label maps' C)",
-    "val_class_map": "JSON file: a list whose i-th entry is the model class of validation class i, needed when "
-                     "the validation classes differ from the training classes",
+    "val_class_map": "JSON file: a list whose i-th entry is the model class of validation class i, needed "
+                     "when the validation classes differ from the training classes",
     "storage_options": "fsspec options as JSON (e.g. an S3 endpoint)",
 }
 
@@ -273,8 +274,8 @@ class TokenModel(torch.nn.Module):
     """A timm model returning ``(class logits [B, C], token logits [B, gh, gw, C])``.
 
     ViT-style (``forward_features`` gives ``[B, prefix + gh * gw, D]``): the head (``fc_norm`` then ``head``)
-    on every patch token. CNN (``[B, F, h, w]``): the pooled Linear classifier applied at every position, a 1x1
-    convolution; refused where the head is not average pooling then one Linear (checked numerically).
+    on every patch token. CNN (``[B, F, h, w]``): the pooled Linear classifier applied at every position, a
+    1x1 convolution; refused where the head is not average pooling then one Linear (checked numerically).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -323,8 +324,8 @@ def check_token_head(model: torch.nn.Module, image_size: int) -> tuple[int, int]
                          f"{type(model.get_classifier()).__name__}")
     if model.forward_features(x).dim() == 4 and not torch.allclose(tokens.mean((1, 2)), cls, atol=1e-4):
         raise ValueError("--token-label on this CNN: its head is not average pooling then one Linear layer "
-                         "(e.g. ConvNeXt normalizes after pooling), so the classifier applied per position does "
-                         "not give its logits; use a ResNet/EfficientNet-style model or a ViT")
+                         "(e.g. ConvNeXt normalizes after pooling), so the classifier applied per position "
+                         "does not give its logits; use a ResNet/EfficientNet-style model or a ViT")
     return tuple(tokens.shape[1:3])
 
 
@@ -364,7 +365,7 @@ def _class_section(url: str, storage_options: dict | None) -> dict[str, Any] | N
 
 
 def val_class_mapping(cfg: TrainConfig, num_classes: int) -> list[int] | None:
-    """How validation labels map to model classes: None (the same classes), or a list from ``--val-class-map``.
+    """How validation labels map to model classes: None (the same classes), or ``--val-class-map``'s list.
 
     Raises:
         ValueError: the validation set declares other classes (count or names) than the training set and no
@@ -373,7 +374,8 @@ def val_class_mapping(cfg: TrainConfig, num_classes: int) -> list[int] | None:
     if cfg.val_class_map:
         with open(cfg.val_class_map) as f:
             mapping = json.load(f)
-        if not isinstance(mapping, list) or not all(isinstance(c, int) and 0 <= c < num_classes for c in mapping):
+        if not isinstance(mapping, list) or not all(isinstance(c, int) and 0 <= c < num_classes
+                                                    for c in mapping):
             raise ValueError(f"--val-class-map {cfg.val_class_map}: must be a JSON list of model classes in "
                              f"[0, {num_classes})")
         return mapping
@@ -381,22 +383,22 @@ def val_class_mapping(cfg: TrainConfig, num_classes: int) -> list[int] | None:
     so = cfg.storage_options or None
     train, val = _class_section(cfg.train, so), _class_section(cfg.val, so)
     if val is None or val.get("num_classes") is None:
-        log.warning("validation set %s declares no classes in _info.json: top-1 assumes its .cls labels are the "
-                    "model's %d classes", cfg.val, num_classes)
+        log.warning("validation set %s declares no classes in _info.json: top-1 assumes its .cls labels are "
+                    "the model's %d classes", cfg.val, num_classes)
         return None
     problems = []
     if int(val["num_classes"]) != num_classes:
         problems.append(f"{val['num_classes']} classes, the model {num_classes}")
     names_t, names_v = (train or {}).get("class_names"), val.get("class_names")
     if names_t and names_v and list(names_t) != list(names_v):
-        first = next(i for i, (a, b) in enumerate(zip(names_t, names_v, strict=False)) if a != b) \
-            if any(a != b for a, b in zip(names_t, names_v, strict=False)) else min(len(names_t), len(names_v))
+        pairs = list(zip(names_t, names_v, strict=False))
+        first = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
         problems.append(f"other class names (first difference at class {first})")
     if problems:
         raise ValueError(f"validation set {cfg.val} has {' and '.join(problems)} than the training set "
-                         f"{cfg.train}: top-1 would compare unrelated classes; pass --val-class-map FILE (a JSON "
-                         "list: the model class of each validation class) or validate on a set with the same "
-                         "classes")
+                         f"{cfg.train}: top-1 would compare unrelated classes; pass --val-class-map FILE (a "
+                         "JSON list: the model class of each validation class) or validate on a set with the "
+                         "same classes")
     return None
 
 
@@ -422,9 +424,9 @@ def evaluate(model: torch.nn.Module, cfg: TrainConfig, mean: torch.Tensor, std: 
     model.eval()
     if rank < readers:
         workers = max(0, min(cfg.workers, num_shards // readers))
-        loader = make_loader(cfg.val, batch_size=cfg.batch_size, num_workers=workers, image_size=cfg.image_size,
-                             center_crop=crop_pct, shuffle_buffer=0, storage_options=so, rank=rank,
-                             world_size=readers)
+        loader = make_loader(cfg.val, batch_size=cfg.batch_size, num_workers=workers,
+                             image_size=cfg.image_size, center_crop=crop_pct, shuffle_buffer=0,
+                             storage_options=so, rank=rank, world_size=readers)
         for batch in loader:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.amp)):
                 out = model(_normalize(batch["images"], mean, std, device))
@@ -462,14 +464,16 @@ def _check_settings(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
             if k not in _RESUMABLE and saved.get(k) != now[k]]
     if diff:
         raise ValueError(f"cannot resume from {path}: it was written by a run with other settings ("
-                         + "; ".join(diff) + "); pass --no-resume to start over there, or choose another --out")
+                         + "; ".join(diff) + "); pass --no-resume to start over there, or choose another "
+                         "--out")
 
 
 def _make_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
     import timm
 
     try:  # ViT-style models take the crop size (their position embeddings depend on it)
-        return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, img_size=cfg.image_size)
+        return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes,
+                                 img_size=cfg.image_size)
     except TypeError:
         return timm.create_model(cfg.model, pretrained=False, num_classes=num_classes)
 
@@ -527,8 +531,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         _check_settings(state["config"], cfg, ckpt_path)
         if len(state["loaders"]) != world:
-            raise ValueError(f"cannot resume from {ckpt_path}: written by {len(state['loaders'])} ranks, this run "
-                             f"has {world}; pass --no-resume to start over there, or choose another --out")
+            raise ValueError(f"cannot resume from {ckpt_path}: written by {len(state['loaders'])} ranks, "
+                             f"this run has {world}; pass --no-resume to start over there, or choose another "
+                             "--out")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -538,8 +543,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rank == 0:
         log.info("start: %s (%.2fM parameters, %d classes%s) on %s x %d, %s: %d steps per epoch, %d epochs; "
                  "checkpoint %s", cfg.model, sum(p.numel() for p in model.parameters()) / 1e6, num_classes,
-                 f", token grid {grid[0]}x{grid[1]}" if grid else "", device, world, cfg.train, steps_per_epoch,
-                 cfg.epochs, ckpt_path)
+                 f", token grid {grid[0]}x{grid[1]}" if grid else "", device, world, cfg.train,
+                 steps_per_epoch, cfg.epochs, ckpt_path)
     pending: list[torch.Tensor] = []  # step losses still on the device: read every log_every steps
 
     def flush() -> None:
@@ -573,12 +578,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if loader.dataset.epoch != epoch or loader.dataset.epoch_complete():
             loader.set_epoch(epoch)
         for batch in loader:
-            # every draw comes from (seed, rank, step): a resumed run makes the same draws as an uninterrupted one
+            # every draw comes from (seed, rank, step): a resumed run makes the same draws as a whole one
             gen = np.random.default_rng([cfg.seed, rank, step])
-            images = _normalize(batch["images"], mean, std, device, cfg, np.random.default_rng([cfg.seed, rank,
-                                                                                                  step, 1]))
-            maps = (batch["values"].to(device, non_blocking=True), batch["indices"].to(device, non_blocking=True),
-                    batch["boxes"].to(device, non_blocking=True))
+            jitter = np.random.default_rng([cfg.seed, rank, step, 1])
+            images = _normalize(batch["images"], mean, std, device, cfg, jitter)
+            maps = tuple(batch[k].to(device, non_blocking=True) for k in ("values", "indices", "boxes"))
             mix = cfg.cutmix > 0 and gen.random() < cfg.cutmix
             with torch.no_grad():
                 target = label_pooling(*maps, num_classes, swap_xy=cfg.swap_xy)
@@ -592,7 +596,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     images, target, tokens, _ = mix_token(images, target, tokens, grid, cfg.cutmix_beta, gen)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg.amp)):
                     logits, token_logits = ddp(images)
-                loss = soft_target_cross_entropy(logits, target) + cfg.token_beta * token_ce(token_logits, tokens)
+                loss = (soft_target_cross_entropy(logits, target)
+                        + cfg.token_beta * token_ce(token_logits, tokens))
             else:
                 if mix:
                     images, target, _ = cutmix(images, target, cfg.cutmix_beta, gen)
@@ -610,7 +615,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 flush()
                 if rank == 0:
                     log.info("epoch %d step %d/%d loss %.4f lr %.4g %.1f img/s", epoch, step, total,
-                             history["loss"][-1], sched.get_last_lr()[0], seen * world / (time.perf_counter() - t0))
+                             history["loss"][-1], sched.get_last_lr()[0],
+                             seen * world / (time.perf_counter() - t0))
                 t0, seen = time.perf_counter(), 0
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                 checkpoint()

@@ -5,7 +5,8 @@ without building the dense map.
 oracle, for tests and benchmarks). Modules: ``reference.py`` (oracle), ``torch_impl.py`` (sparse exact PyTorch
 path), ``triton_impl.py`` (fused kernel, imported only when used), ``op.py`` (the
 ``relabel_shards::label_pooling`` op), ``official.py`` (the official ReLabel code, for comparisons),
-``demo.py`` (the ``relabel-shards pool`` demo), ``sparse.py`` (``SparseTargets``, targets on their support). Importing this package does not import triton.
+``demo.py`` (the ``relabel-shards pool`` demo), ``sparse.py`` (``SparseTargets``, targets on their
+support). Importing this package does not import triton.
 """
 
 from relabel_shards.pooling.api import LabelPooling, label_pooling

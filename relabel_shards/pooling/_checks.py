@@ -20,7 +20,8 @@ VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def as_num_classes(num_classes: object) -> int:
     """``num_classes`` as a Python int: any integer type (``int``, ``numpy.int64``, a 0-d integer tensor), not
     bool or float; ``TypeError`` otherwise. Range checks are :func:`check_inputs`'s."""
-    if isinstance(num_classes, bool) or (isinstance(num_classes, torch.Tensor) and num_classes.dtype == torch.bool):
+    if isinstance(num_classes, bool) or (isinstance(num_classes, torch.Tensor)
+                                         and num_classes.dtype == torch.bool):
         raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
     try:
         return operator.index(num_classes)
@@ -120,5 +121,5 @@ def check_data(indices: torch.Tensor, boxes: torch.Tensor, num_classes: int,
         raise ValueError(f"boxes must be finite, got {boxes[~torch.isfinite(boxes).all(1)][0].tolist()}")
     if values is not None and values.numel() and not bool(torch.isfinite(values).all()):
         bad = (~torch.isfinite(values)).reshape(values.shape[0], -1).any(1).nonzero()[0, 0]
-        raise ValueError(f"values must be finite (label-map logits), got a non-finite value in image {int(bad)} "
-                         "of the batch")
+        raise ValueError(f"values must be finite (label-map logits), got a non-finite value in image "
+                         f"{int(bad)} of the batch")

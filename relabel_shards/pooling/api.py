@@ -48,7 +48,8 @@ def _triton_runner():
 def label_pooling(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, num_classes: int, *,
                   output_size: int | tuple[int, int] = 1, flips: torch.Tensor | None = None,
                   swap_xy: bool = False, backend: str = "auto", validate: bool | None = None,
-                  return_sparse: bool = False) -> torch.Tensor | SparseTargets:
+                  return_sparse: bool = False, out: torch.Tensor | None = None
+                  ) -> torch.Tensor | SparseTargets:
     """Soft targets of crop boxes from top-k label maps (ReLabel's LabelPooling), without a dense map.
 
     Each output bin is ``softmax(roi_align(dense, box, output_size=(oh, ow)))`` over the C classes, where
@@ -78,6 +79,10 @@ def label_pooling(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tens
         return_sparse: return :class:`SparseTargets` (each image's support classes and the pooled logits on
             them) instead of probabilities: memory ``B * bins * U`` instead of ``B * bins * C``, for
             :func:`relabel_shards.losses.soft_target_cross_entropy`. Runs the PyTorch path.
+        out: optional contiguous float32 tensor of the result's shape, on the inputs' device, to write into:
+            a training loop that reuses one buffer saves the operating system's first-touch cost of a fresh
+            ``[B, oh, ow, C]`` result each step (on the CPU about as much as the pooling itself,
+            bench_pooling.py --output-size 14). Runs the backend directly, not through the registered op.
 
     Returns:
         float32 probabilities, Tensor[B, C] for a 1x1 output, Tensor[B, oh, ow, C] otherwise (``[b, i, j]``
@@ -100,11 +105,15 @@ def label_pooling(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tens
     check = resolve_validate(validate, values.device)
     swap_xy = bool(swap_xy)
     if return_sparse:
+        if out is not None:
+            raise ValueError("out= gives dense probabilities; it does not combine with return_sparse=True")
         if check:
             check_data(indices, boxes, num_classes, values)
         classes, logits = label_pooling_bins_torch(values, indices, boxes, num_classes, (oh, ow), swap_xy,
                                                    flips, indices_checked=check, sparse=True)
         return SparseTargets(classes, logits, num_classes)
+    if out is not None:
+        return _pool_into(out, values, indices, boxes, flips, num_classes, (oh, ow), swap_xy, backend, check)
     if backend == "auto" or (backend == "torch" and values.device.type == "cpu"):
         return label_pooling_op(values, indices, boxes, flips, num_classes, [oh, ow], swap_xy, check)
     if check:
@@ -120,6 +129,39 @@ def label_pooling(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tens
                            "interpreter (TRITON_INTERPRET=1 set before the kernels are imported); "
                            "use backend='torch' or 'auto'")
     return _triton_runner()(values, indices, boxes, num_classes, swap_xy, output_size=(oh, ow), flips=flips)
+
+
+def _pool_into(out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor,
+               flips: torch.Tensor | None, num_classes: int, output_size: tuple[int, int], swap_xy: bool,
+               backend: str, check: bool) -> torch.Tensor:
+    """``label_pooling(..., out=out)``: the chosen backend writes into ``out``."""
+    oh, ow = output_size
+    batch = values.shape[0]
+    shape = (batch, num_classes) if oh == ow == 1 else (batch, oh, ow, num_classes)
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or tuple(out.shape) != shape \
+            or not out.is_contiguous() or out.device != values.device:
+        got = (f"{out.dtype} {tuple(out.shape)} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {shape} on {values.device}, "
+                         f"got {got}")
+    if check:
+        check_data(indices, boxes, num_classes, values)
+    use_triton = backend == "triton" or (backend == "auto" and values.device.type == "cuda"
+                                         and importlib.util.find_spec("triton") is not None)
+    if use_triton:
+        from relabel_shards.pooling.triton_impl import supports
+
+        if backend == "triton" or supports(*values.shape[1:], num_classes):
+            if backend == "triton" and values.device.type != "cuda" \
+                    and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+                raise RuntimeError(f"backend='triton' needs CUDA tensors (got device {values.device})")
+            return _triton_runner()(values, indices, boxes, num_classes, swap_xy, output_size=output_size,
+                                    flips=flips, out=out)
+    if oh == ow == 1:
+        probs = label_pooling_torch(values, indices, boxes, num_classes, swap_xy, indices_checked=check)
+        return out.copy_(probs)
+    return label_pooling_bins_torch(values, indices, boxes, num_classes, output_size, swap_xy, flips,
+                                    indices_checked=check, out=out)
 
 
 class LabelPooling(nn.Module):

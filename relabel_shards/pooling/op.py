@@ -3,8 +3,8 @@
 Registered with ``torch.library.custom_op`` (not ``triton_op``: that one always lowers to the Triton kernel
 under ``torch.compile``, which fails on a CPU). The op is opaque to ``torch.compile`` and its fake
 implementation gives the output's shape (``[B, C]`` for a 1x1 ``output_size``, else ``[B, oh, ow, C]``), so
-``torch.compile(fullgraph=True)`` traces through it; the data checks (index range, finite boxes and values) run
-inside the kernels, where reading the data breaks no graph.
+``torch.compile(fullgraph=True)`` traces through it; the data checks (index range, finite boxes and values)
+run inside the kernels, where reading the data breaks no graph.
 
 Schema: ``label_pooling(Tensor values, Tensor indices, Tensor boxes, Tensor? flips, int num_classes,
 int[] output_size, bool swap_xy, bool validate) -> Tensor``.

@@ -176,7 +176,7 @@ def _chunk_size(batch: int, n: int, oh: int, ow: int, h: int, w: int) -> int:
     """Images per chunk so that the largest temporary (about ``n * max(h * w, oh * ow, oh * w)`` floats per
     image, n = k * h * w the entries of a map) stays near 2**20 elements: memory independent of B."""
     per_image = n * 8 + max(h * w, oh * ow, oh * w) * min(n, 256) + oh * (2 * h + 6) * 6
-    return max(1, min(batch, (1 << 21) // max(1, per_image)))
+    return max(1, min(batch, (1 << 22) // max(1, per_image)))
 
 
 def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, num_classes: int,
@@ -231,20 +231,22 @@ def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor
 
 
 def densify(classes: torch.Tensor, logits: torch.Tensor, num_classes: int,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+            out: torch.Tensor | None = None, distinct: bool = False) -> torch.Tensor:
     """Softmax over all C classes of sparse pooled logits: absent classes have logit 0 and still count.
 
     Per bin, with support S (slots whose class is >= 0), ``m = max(max_S z, 0)`` and
     ``Z = sum_S exp(z - m) + (C - |S|) exp(-m)``; every class gets ``exp(-m) / Z`` and each support class
-    adds ``exp(z - m) / Z - exp(-m) / Z``. A slot with logit 0 therefore adds nothing and counts like an absent
-    class, so a class may sit in several slots as long as at most one of them has a non-zero logit (what
-    MixToken's concatenated supports give).
+    adds ``exp(z - m) / Z - exp(-m) / Z``. A slot with logit 0 therefore adds nothing and counts like an
+    absent class, so a class may sit in several slots as long as at most one of them has a non-zero logit
+    (what MixToken's concatenated supports give).
 
     Args:
         classes: Tensor[B, U] int64, ``-1`` = unused.
         logits: Tensor[B, *bins, U] float32.
         num_classes: C.
-        out: optional Tensor[B, *bins, C] float32 to write into.
+        out: optional contiguous Tensor[B, *bins, C] float32 to write into.
+        distinct: each image's used slots hold distinct classes (as :func:`sparse_pool` gives): then the
+            support's probabilities are written, not added (faster; bench_pooling.py --output-size 14).
 
     Returns:
         Tensor[B, *bins, C] float32 probabilities.
@@ -265,14 +267,25 @@ def densify(classes: torch.Tensor, logits: torch.Tensor, num_classes: int,
     if out is None:
         out = torch.empty(*logits.shape[:-1], num_classes, dtype=torch.float32, device=logits.device)
     out.copy_(base[..., None].expand(out.shape))
-    out.scatter_add_(-1, classes.clamp_min(0).view(view).expand(delta.shape), delta)
+    if not distinct:
+        out.scatter_add_(-1, classes.clamp_min(0).view(view).expand(delta.shape), delta)
+        return out
+    # unused slots repeat slot 0 (always used: every map has a class), writing the same value twice
+    cls = torch.where(valid, classes.view(view), classes[:, :1].view((batch,) + (1,) * (len(bins) + 1)))
+    probs = e / total[..., None]
+    probs = torch.where(valid, probs, probs[..., :1])
+    cells = 1
+    for n in bins:
+        cells *= n
+    first = (torch.arange(batch * cells, device=out.device) * num_classes).view(*logits.shape[:-1], 1)
+    out.view(-1).index_copy_(0, (first + cls).reshape(-1), probs.reshape(-1))
     return out
 
 
 def label_pooling_bins_torch(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor,
                              num_classes: int, output_size: tuple[int, int], swap_xy: bool = False,
                              flips: torch.Tensor | None = None, indices_checked: bool = False,
-                             sparse: bool = False):
+                             sparse: bool = False, out: torch.Tensor | None = None):
     """LabelPooling to an ``(oh, ow)`` grid of bins without the dense map, in chunks of images.
 
     Temporaries are bounded per chunk (:func:`_chunk_size`), so the memory beyond the output does not grow
@@ -287,7 +300,8 @@ def label_pooling_bins_torch(values: torch.Tensor, indices: torch.Tensor, boxes:
     batch, k, h, w = values.shape
     one = oh == 1 and ow == 1
     step = _chunk_size(batch, k * h * w, oh, ow, h, w)
-    out = None
+    if out is not None:
+        out = out.view(batch, oh, ow, num_classes)
     parts = []
     for b0 in range(0, batch, step):
         sl = slice(b0, min(batch, b0 + step))
@@ -299,7 +313,7 @@ def label_pooling_bins_torch(values: torch.Tensor, indices: torch.Tensor, boxes:
             continue
         if out is None:
             out = torch.empty(batch, oh, ow, num_classes, dtype=torch.float32, device=values.device)
-        densify(classes, logits, num_classes, out=out[sl])
+        densify(classes, logits, num_classes, out=out[sl], distinct=True)
     if not sparse:
         if out is None:
             out = torch.empty(batch, oh, ow, num_classes, dtype=torch.float32, device=values.device)

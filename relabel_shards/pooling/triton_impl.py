@@ -211,7 +211,8 @@ def _label_pooling_kernel(values_ptr, indices_ptr, boxes_ptr, out_ptr,
 @triton.jit(do_not_specialize=["v_sb", "v_sk", "v_sh", "v_sw", "i_sb", "i_sk", "i_sh", "i_sw",
                                "box_sb", "box_sc", "flip_sb", "out_sb", "K", "H", "W", "C", "OH", "OW"])
 def _label_pooling_bins_kernel(values_ptr, indices_ptr, boxes_ptr, flips_ptr, out_ptr,
-                               v_sb, v_sk, v_sh, v_sw, i_sb, i_sk, i_sh, i_sw, box_sb, box_sc, flip_sb, out_sb,
+                               v_sb, v_sk, v_sh, v_sw, i_sb, i_sk, i_sh, i_sw, box_sb, box_sc, flip_sb,
+                               out_sb,
                                K, H, W, C, OH, OW,
                                SWAP_XY: tl.constexpr, HAS_FLIPS: tl.constexpr, K_BLOCK: tl.constexpr,
                                H_BLOCK: tl.constexpr, W_BLOCK: tl.constexpr, LOG_N: tl.constexpr,
@@ -318,8 +319,8 @@ def supports(k: int, h: int, w: int, num_classes: int) -> bool:
 
 def label_pooling_triton(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, num_classes: int,
                          swap_xy: bool = False, num_warps: int | None = None, *,
-                         output_size: tuple[int, int] = (1, 1), flips: torch.Tensor | None = None
-                         ) -> torch.Tensor:
+                         output_size: tuple[int, int] = (1, 1), flips: torch.Tensor | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the fused kernel; inputs are assumed checked (``_checks.check_inputs``).
 
     Args:
@@ -331,6 +332,7 @@ def label_pooling_triton(values: torch.Tensor, indices: torch.Tensor, boxes: tor
         num_warps: override the default of :func:`launch_config` (for tuning).
         output_size: ``(oh, ow)`` bins; ``(1, 1)`` runs the one-program-per-image kernel.
         flips: Tensor[B] bool or None: mirror image b's bins left to right (ignored for 1x1).
+        out: optional contiguous float32 result tensor to write into.
 
     Returns:
         Tensor[B, C] float32 probabilities for 1x1, else Tensor[B, oh, ow, C], on the inputs' device; a
@@ -347,7 +349,8 @@ def label_pooling_triton(values: torch.Tensor, indices: torch.Tensor, boxes: tor
     oh, ow = output_size
     one = oh == 1 and ow == 1
     shape = (batch, num_classes) if one else (batch, oh, ow, num_classes)
-    out = torch.empty(shape, dtype=torch.float32, device=values.device)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=values.device)
     if batch == 0:
         return out
     if values.dtype == torch.float64 or (values.dtype == torch.bfloat16 and interpreter_active()):

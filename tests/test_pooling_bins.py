@@ -235,3 +235,21 @@ def test_out_buffer():
         label_pooling(values, indices, boxes, 40, output_size=(3, 4), out=torch.empty(12, 40))
     with pytest.raises(ValueError, match="does not combine with return_sparse"):
         label_pooling(values, indices, boxes, 40, return_sparse=True, out=torch.empty(12, 40))
+
+
+@pytest.mark.parametrize("shape", [(12, 5, 2, 3, 5), (16, 3, 7, 14, 50), (12, 2, 5, 6, 9000)])
+def test_sort_path_for_many_classes(monkeypatch, shape):
+    # Above _PRESENCE_MAX_CLASSES the distinct classes come from a sort; force it on small C too (every class
+    # present in some images, unused slots padded with each image's first absent class).
+    from relabel_shards.pooling import torch_impl
+
+    batch, k, h, w, c = shape
+    values, indices, boxes = make_inputs(batch, k, h, w, c, seed=c)
+    flips = _flips(batch)
+    want = reference_label_pooling(values, indices, boxes, c, output_size=(3, 4), flips=flips)
+    got_presence = label_pooling(values, indices, boxes, c, output_size=(3, 4), flips=flips)
+    monkeypatch.setattr(torch_impl, "_PRESENCE_MAX_CLASSES", 0)
+    got_sort = label_pooling(values, indices, boxes, c, output_size=(3, 4), flips=flips)
+    sparse = label_pooling(values, indices, boxes, c, output_size=(3, 4), flips=flips, return_sparse=True)
+    for got in (got_presence, got_sort, sparse.probs()):
+        torch.testing.assert_close(got, want, atol=TOL, rtol=0)

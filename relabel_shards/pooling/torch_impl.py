@@ -179,9 +179,52 @@ def _chunk_size(batch: int, n: int, oh: int, ow: int, h: int, w: int) -> int:
     return max(1, min(batch, (1 << 22) // max(1, per_image)))
 
 
+# Up to this many classes, each image's distinct classes come from a presence map [C] per image (cheaper than
+# sorting its k * h * w indices; bench_pooling.py --output-size 14); above it, from a sort.
+_PRESENCE_MAX_CLASSES = 4096
+
+
+def _slots(idx: torch.Tensor, num_classes: int, pad_absent: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each image's distinct classes as slots: (slot of each entry [B, n], classes [B, U], U).
+
+    Unused slots hold ``-1``, or with ``pad_absent`` a class absent from that image (one exists wherever a
+    slot is unused, since then the image has fewer than U <= C classes).
+    """
+    batch, n = idx.shape
+    dev = idx.device
+    if num_classes <= _PRESENCE_MAX_CLASSES:
+        present = torch.zeros(batch, num_classes, dtype=torch.bool, device=dev)
+        present.scatter_(1, idx, torch.ones_like(idx, dtype=torch.bool))
+        rank = present.cumsum(1)  # (B, C): slot + 1 of each present class
+        num_slots = int(rank[:, -1].max()) if batch else 1  # one sync on CUDA
+        slot = rank.gather(1, idx) - 1
+        fill = (~present).to(torch.uint8).argmax(1) if pad_absent else torch.full((batch,), -1, device=dev)
+        classes = fill[:, None].expand(batch, num_slots + 1).clone()
+        target = torch.where(present, rank - 1, num_slots)  # absent classes land in the extra column
+        classes.scatter_(1, target, torch.arange(num_classes, device=dev).expand(batch, num_classes))
+        return slot, classes[:, :num_slots], num_slots
+    srt, order = idx.sort(dim=1)  # (B, n)
+    new = torch.ones_like(srt, dtype=torch.bool)
+    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+    slot_sorted = new.cumsum(1) - 1  # (B, n) slot of each sorted entry
+    num_slots = int(slot_sorted[:, -1].max()) + 1 if batch else 1  # one sync on CUDA
+    slot = torch.empty_like(slot_sorted).scatter_(1, order, slot_sorted)
+    classes = torch.full((batch, num_slots), -1, dtype=torch.int64, device=dev).scatter_(1, slot_sorted, srt)
+    if pad_absent:
+        used = torch.zeros(batch, num_slots + 1, dtype=torch.bool, device=dev)
+        used.scatter_(1, slot_sorted, True)
+        # the smallest class absent from the image: the first gap in its sorted distinct classes
+        gap = torch.where(used[:, :num_slots], classes, num_classes + 1)
+        expect = torch.arange(num_slots, device=dev).expand(batch, num_slots)
+        first = torch.where(gap != expect, expect, num_slots).amin(1)  # classes 0..first-1 all present
+        classes = torch.where(used[:, :num_slots], classes, first[:, None])
+    return slot, classes, num_slots
+
+
 def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, num_classes: int,
                 output_size: tuple[int, int], swap_xy: bool = False, flips: torch.Tensor | None = None,
-                indices_checked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                indices_checked: bool = False, pad_absent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled logits on each image's support, for one chunk of images (inputs checked by the caller).
 
     Each image's distinct class indices become slots ``u < U`` (U: the largest count in the chunk); the
@@ -189,8 +232,9 @@ def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor
     separable RoIAlign weights, ``P = Wy @ D @ Wx^T``: ``B * U * h * w`` floats, never ``B * C * h * w``.
 
     Returns:
-        classes Tensor[B, U] int64 (``-1``: an unused slot), logits Tensor[B, oh, ow, U] float32 (0 on unused
-        slots, NaN for a non-finite box). Out-of-range indices (unchecked data) add nothing.
+        classes Tensor[B, U] int64 (``-1``: an unused slot, or with ``pad_absent`` a class absent from the
+        image), logits Tensor[B, oh, ow, U] float32 (0 on unused slots, NaN for a non-finite box).
+        Out-of-range indices (unchecked data) add nothing.
     """
     oh, ow = output_size
     batch, k, h, w = values.shape
@@ -202,17 +246,15 @@ def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor
         ok = (idx >= 0) & (idx < num_classes)
         val = val.masked_fill(~ok, 0.0)  # adds 0 to class 0: the same as absent
         idx = idx.masked_fill(~ok, 0)
-    srt, order = idx.sort(dim=1)  # (B, n)
-    new = torch.ones_like(srt, dtype=torch.bool)
-    new[:, 1:] = srt[:, 1:] != srt[:, :-1]
-    slot_sorted = new.cumsum(1) - 1  # (B, n) slot of each sorted entry
-    num_slots = int(slot_sorted[:, -1].max()) + 1 if batch else 1  # one sync on CUDA
-    slot = torch.empty_like(slot_sorted).scatter_(1, order, slot_sorted)
-    classes = torch.full((batch, num_slots), -1, dtype=torch.int64, device=dev).scatter_(1, slot_sorted, srt)
-    del srt, order, new, slot_sorted, idx
-    dense = torch.zeros(batch, num_slots, h * w, dtype=torch.float32, device=dev)
-    dense.scatter_add_(1, slot.view(batch, k, h * w), val.view(batch, k, h * w))  # (B, U, h*w)
-    del slot, val
+    slot, classes, num_slots = _slots(idx, num_classes, pad_absent)
+    del idx
+    # the compact map in layout (B, h, U, w), so that each image's row pooling is one (oh x h) @ (h x U*w)
+    # product rather than U small ones (bench_pooling.py --output-size 14)
+    cell = torch.arange(h * w, device=dev)
+    where = (cell // w * (num_slots * w) + cell % w).repeat(k)[None, :] + slot * w  # (B, n)
+    dense = torch.zeros(batch, h * num_slots * w, dtype=torch.float32, device=dev)
+    dense.scatter_add_(1, where, val)  # 0 on unused slots
+    del slot, val, where
     finite, boxes = finite_boxes(boxes)
     rs, re, cs, ce = box_extents(boxes, h, w, swap_xy)
     wy = bin_axis_weights(rs, re, h, oh)  # (B, oh, h)
@@ -221,17 +263,46 @@ def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor
         wx = torch.where(flips.to(dev).view(batch, 1, 1), wx.flip(1), wx)
     # float64 on CUDA, where TF32 matmul settings would cost 1e-3
     mm = torch.float64 if dev.type == "cuda" else torch.float32
-    rows = torch.matmul(wy.to(mm)[:, None], dense.view(batch, num_slots, h, w).to(mm))  # (B, U, oh, w)
+    rows = torch.bmm(wy.to(mm), dense.view(batch, h, num_slots * w).to(mm))  # (B, oh, U * w)
     del dense
-    pooled = torch.matmul(rows, wx.to(mm).transpose(1, 2)[:, None])  # (B, U, oh, ow)
-    logits = pooled.permute(0, 2, 3, 1).to(torch.float32).contiguous()  # (B, oh, ow, U)
-    logits.masked_fill_((classes < 0)[:, None, None, :], 0.0)
-    logits.masked_fill_(~finite[:, None, None, None], float("nan"))
-    return classes, logits
+    pooled = torch.bmm(rows.view(batch, oh * num_slots, w), wx.to(mm).transpose(1, 2))  # (B, oh * U, ow)
+    pooled = pooled.view(batch, oh, num_slots, ow).to(torch.float32)
+    if not bool(finite.all()):
+        pooled.masked_fill_(~finite[:, None, None, None], float("nan"))
+    if pad_absent:  # for _softmax_into: (B, oh, U, ow), where reductions over U are cheap
+        return classes, pooled
+    return classes, pooled.permute(0, 1, 3, 2).contiguous()  # (B, oh, ow, U)
+
+
+def _softmax_into(out: torch.Tensor, classes: torch.Tensor, logits: torch.Tensor, num_classes: int) -> None:
+    """:func:`densify` for :func:`sparse_pool`'s ``pad_absent`` result: every slot holds a class (unused ones
+    a class absent from the image, logit 0, which is that class's own target), distinct except repeats of
+    that absent class. ``logits`` Tensor[B, oh, U, ow]; writes Tensor[B, oh, ow, C] ``out``."""
+    batch, oh, num_slots, ow = logits.shape
+    m = logits.amax(2)  # (B, oh, ow)
+    if num_slots < num_classes:  # some class is absent (or an unused slot holds logit 0): max with 0
+        m = m.clamp_min_(0.0)
+    e = torch.exp(logits - m[:, :, None, :])  # (B, oh, U, ow)
+    base = torch.exp(-m)
+    total = e.sum(2).add_(base * (num_classes - num_slots))
+    e.div_(total[:, :, None, :])
+    base.div_(total)
+    # where each (bin, slot) lands in out's rows: (i * ow + j) * C + class
+    cell = torch.arange(oh * ow, device=out.device).view(1, oh, 1, ow) * num_classes
+    where = cell + classes.view(batch, 1, num_slots, 1)  # (B, oh, U, ow)
+    cells = oh * ow
+    rows = out.view(batch, cells * num_classes)
+    # a few images at a time, so that the support's writes land in rows the fill has just brought to cache
+    step = max(1, (1 << 20) // (cells * num_classes))
+    for b0 in range(0, batch, step):
+        sl = slice(b0, b0 + step)
+        part = rows[sl]
+        part.view(-1, cells, num_classes).copy_(base[sl].reshape(-1, cells, 1).expand(-1, cells, num_classes))
+        part.scatter_(1, where[sl].reshape(part.shape[0], -1), e[sl].reshape(part.shape[0], -1))
 
 
 def densify(classes: torch.Tensor, logits: torch.Tensor, num_classes: int,
-            out: torch.Tensor | None = None, distinct: bool = False) -> torch.Tensor:
+            out: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over all C classes of sparse pooled logits: absent classes have logit 0 and still count.
 
     Per bin, with support S (slots whose class is >= 0), ``m = max(max_S z, 0)`` and
@@ -244,9 +315,7 @@ def densify(classes: torch.Tensor, logits: torch.Tensor, num_classes: int,
         classes: Tensor[B, U] int64, ``-1`` = unused.
         logits: Tensor[B, *bins, U] float32.
         num_classes: C.
-        out: optional contiguous Tensor[B, *bins, C] float32 to write into.
-        distinct: each image's used slots hold distinct classes (as :func:`sparse_pool` gives): then the
-            support's probabilities are written, not added (faster; bench_pooling.py --output-size 14).
+        out: optional Tensor[B, *bins, C] float32 to write into.
 
     Returns:
         Tensor[B, *bins, C] float32 probabilities.
@@ -267,18 +336,7 @@ def densify(classes: torch.Tensor, logits: torch.Tensor, num_classes: int,
     if out is None:
         out = torch.empty(*logits.shape[:-1], num_classes, dtype=torch.float32, device=logits.device)
     out.copy_(base[..., None].expand(out.shape))
-    if not distinct:
-        out.scatter_add_(-1, classes.clamp_min(0).view(view).expand(delta.shape), delta)
-        return out
-    # unused slots repeat slot 0 (always used: every map has a class), writing the same value twice
-    cls = torch.where(valid, classes.view(view), classes[:, :1].view((batch,) + (1,) * (len(bins) + 1)))
-    probs = e / total[..., None]
-    probs = torch.where(valid, probs, probs[..., :1])
-    cells = 1
-    for n in bins:
-        cells *= n
-    first = (torch.arange(batch * cells, device=out.device) * num_classes).view(*logits.shape[:-1], 1)
-    out.view(-1).index_copy_(0, (first + cls).reshape(-1), probs.reshape(-1))
+    out.scatter_add_(-1, classes.clamp_min(0).view(view).expand(delta.shape), delta)
     return out
 
 
@@ -307,13 +365,13 @@ def label_pooling_bins_torch(values: torch.Tensor, indices: torch.Tensor, boxes:
         sl = slice(b0, min(batch, b0 + step))
         fl = None if flips is None else flips[sl]
         classes, logits = sparse_pool(values[sl], indices[sl], boxes[sl], num_classes, output_size, swap_xy,
-                                      fl, indices_checked)
+                                      fl, indices_checked, pad_absent=not sparse)
         if sparse:
             parts.append((classes, logits))
             continue
         if out is None:
             out = torch.empty(batch, oh, ow, num_classes, dtype=torch.float32, device=values.device)
-        densify(classes, logits, num_classes, out=out[sl], distinct=True)
+        _softmax_into(out[sl], classes, logits, num_classes)
     if not sparse:
         if out is None:
             out = torch.empty(batch, oh, ow, num_classes, dtype=torch.float32, device=values.device)

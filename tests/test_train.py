@@ -76,8 +76,11 @@ def _cfg(data, out, **kw):
     return train_mod.TrainConfig(**base)
 
 
-def test_loss_falls_and_validation_reports_top1_and_real(data, tmp_path):
+def test_loss_falls_and_validation_reports_top1_and_real(data, tmp_path, caplog):
+    caplog.set_level("INFO", logger="train")
     hist = train_mod.train(_cfg(data, tmp_path, epochs=5, log_every=3))
+    progress = [r.getMessage() for r in caplog.records if " loss " in r.getMessage()]
+    assert len(progress) == 20 // 3 and progress[0].startswith("epoch 0 step 3/20 loss ")  # every 3 steps
     loss = hist["loss"]
     assert len(loss) == 5 * 4  # 64 samples / batch 16, 5 epochs (read from the device every 3 steps)
     assert np.mean(loss[-4:]) < 0.5 * np.mean(loss[:4]), loss
@@ -180,7 +183,8 @@ def test_photometric_jitter_keeps_geometry():
     assert torch.equal(train_mod.photometric(x.clone(), 0.0, 0.0, gen), x)
 
 
-def test_command_line_runs(data, tmp_path, capsys):
+def test_command_line_runs(data, tmp_path, capsys, caplog):
+    caplog.set_level("INFO", logger="train")
     train_mod.main(["--train", str(data / "train"), "--val", str(data / "val"),
                     "--model", "test_efficientnet",
                     "--out", str(tmp_path), "--epochs", "1", "--batch-size", "32", "--image-size", "32",
@@ -188,6 +192,10 @@ def test_command_line_runs(data, tmp_path, capsys):
                     "--lighting", "0.1"])
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["n"] == 20 and "top1" in res
+    ckpt = str(tmp_path / "last.pt")
+    lines = [r.getMessage() for r in caplog.records if r.name == "train"]
+    assert lines[0].startswith("start: test_efficientnet") and lines[0].endswith(f"checkpoint {ckpt}")
+    assert lines[-1] == f"done: 1 epochs, step 2; checkpoint {ckpt}"
 
 
 @pytest.mark.slow

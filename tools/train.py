@@ -133,12 +133,15 @@ def soft_target_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
     return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
-def _device_index(perm: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A host index array on the device without a host-device sync (pinned, asynchronous copy)."""
-    t = torch.from_numpy(perm)
+def _to_device(array: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host array on the device without a host-device sync (pinned, asynchronous copy on CUDA)."""
+    t = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t
+
+
+_device_index = _to_device
 
 
 def cutmix(images: torch.Tensor, target: torch.Tensor, beta: float, gen: np.random.Generator
@@ -202,7 +205,7 @@ def mix_token(images: torch.Tensor, cls_target: torch.Tensor, token_target: Any,
     lam = 1.0 - (y2 - y1) * (x2 - x1) / (gh * gw)
     mask = torch.zeros(gh, gw, dtype=torch.bool)
     mask[y1:y2, x1:x2] = True
-    mask = mask.to(images.device, non_blocking=True)
+    mask = _to_device(mask, images.device)
     if isinstance(token_target, SparseTargets):
         # the two images' supports side by side; a token keeps the logits of the image it shows and 0 on the
         # other's slots (a zero-logit slot counts as an absent class: relabel_shards.losses)
@@ -232,7 +235,7 @@ def photometric(x: torch.Tensor, jitter: float, lighting: float, gen: np.random.
 
     def factors() -> torch.Tensor:
         f = gen.uniform(max(0.0, 1.0 - jitter), 1.0 + jitter, size=b).astype(np.float32)
-        return torch.from_numpy(f).to(dev, non_blocking=True).view(b, 1, 1, 1)
+        return _to_device(f, dev).view(b, 1, 1, 1)
 
     def gray(t: torch.Tensor) -> torch.Tensor:
         return (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2])[:, None]  # (B, 1, S, S)
@@ -250,7 +253,7 @@ def photometric(x: torch.Tensor, jitter: float, lighting: float, gen: np.random.
     if lighting > 0:
         alpha = gen.normal(0.0, lighting, size=(b, 3)).astype(np.float32) * np.float32(_EIGVAL)
         rgb = (alpha @ np.asarray(_EIGVEC, np.float32).T).astype(np.float32)  # (B, 3)
-        x.add_(torch.from_numpy(rgb).to(dev, non_blocking=True).view(b, 3, 1, 1))
+        x.add_(_to_device(rgb, dev).view(b, 3, 1, 1))
     return x
 
 

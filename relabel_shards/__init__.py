@@ -6,7 +6,9 @@ The public API, each name imported on first use so that ``import relabel_shards`
 Label-map record (``relabel_shards.labelmap``)
     ``LabelMap``, ``LabelMapError``, ``encode_label_map``, ``decode_label_map``, ``ImageBinding``
 LabelPooling (``relabel_shards.pooling``)
-    ``label_pooling``, ``LabelPooling``, ``reference_label_pooling``
+    ``label_pooling``, ``LabelPooling``, ``reference_label_pooling``, ``SparseTargets``
+Soft-target losses without dense targets (``relabel_shards.losses``)
+    ``soft_target_cross_entropy``, ``token_labeling_loss``
 Annotator and batch job (``relabel_shards.annotator``, ``relabel_shards.build``)
     ``create_annotator``, ``build_shards``
 Shards (``relabel_shards.shards``)
@@ -36,6 +38,9 @@ _EXPORTS: dict[str, str] = {
     "label_pooling": "relabel_shards.pooling",
     "LabelPooling": "relabel_shards.pooling",
     "reference_label_pooling": "relabel_shards.pooling",
+    "SparseTargets": "relabel_shards.pooling",
+    "soft_target_cross_entropy": "relabel_shards.losses",
+    "token_labeling_loss": "relabel_shards.losses",
     "create_annotator": "relabel_shards.annotator",
     "build_shards": "relabel_shards.build",
     "ShardError": "relabel_shards.shards",
@@ -62,6 +67,9 @@ __all__ = [
     "label_pooling",
     "LabelPooling",
     "reference_label_pooling",
+    "SparseTargets",
+    "soft_target_cross_entropy",
+    "token_labeling_loss",
     "create_annotator",
     "build_shards",
     "ShardError",
@@ -107,6 +115,7 @@ if TYPE_CHECKING:  # static tools see the real names
         encode_label_map,
     )
     from relabel_shards.loader import ReLabelDataset, make_loader
-    from relabel_shards.pooling import LabelPooling, label_pooling, reference_label_pooling
+    from relabel_shards.losses import soft_target_cross_entropy, token_labeling_loss
+    from relabel_shards.pooling import LabelPooling, SparseTargets, label_pooling, reference_label_pooling
     from relabel_shards.shards import ShardError, read_info
     from relabel_shards.transforms import CenterCrop, Compose, Lighting, RandomResizedCropFlip

@@ -121,6 +121,12 @@ def _echo_summary(summary, out: str) -> None:
 @click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
 @click.option("--resume-check", type=click.Choice(["sha256", "size"]), default="sha256",
               help="How complete shards are checked before a rerun skips them.")
+@click.option("--shuffle-seed", type=click.IntRange(min=0), default=0,
+              help="Seed of the global permutation a folder's or list's images are written in (every shard "
+                   "then holds a fair sample of the classes).")
+@click.option("--no-shuffle", "no_shuffle", is_flag=True,
+              help="Write a folder or list in source order (class-sorted shards: batches of few classes). "
+                   "Input shards always keep their order.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (images/s, ETA).")
 @user_errors
 def build(source: tuple[str, ...], out: str, progress: bool, **kwargs) -> None:
@@ -136,6 +142,7 @@ def build(source: tuple[str, ...], out: str, progress: bool, **kwargs) -> None:
         click.echo(f"warning: --model {kwargs['model']} without --pretrained or --checkpoint has random "
                    "weights: its label maps mean nothing (tests only)", err=True)
     src: str | list[str] = source[0] if len(source) == 1 else list(source)
+    kwargs["shuffle"] = not kwargs.pop("no_shuffle")
     with _ProgressBar("build", progress) as bar:
         summary = build_shards(src, out, progress=bar.callback, **kwargs)
     _echo_summary(summary, out)
@@ -282,6 +289,11 @@ def show_command(url: str, key: str, out: str, topk: int, split: str | None, sha
 @click.option("--check-images/--no-check-images", default=True,
               help="Decode every image (JPEGs at 1/8 scale) to catch broken files; off: read headers only.")
 @click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
+@click.option("--shuffle-seed", type=click.IntRange(min=0), default=0,
+              help="Seed of the global permutation the images are written in (every shard then holds a fair "
+                   "sample of the classes).")
+@click.option("--no-shuffle", "no_shuffle", is_flag=True,
+              help="Write the images in path order (class-sorted shards: batches of few classes).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (images/s, ETA).")
 @user_errors
 def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) -> None:
@@ -294,6 +306,7 @@ def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) 
     """
     from relabel_shards.convert import convert_official
 
+    kwargs["shuffle"] = not kwargs.pop("no_shuffle")
     with _ProgressBar("convert", progress) as bar:
         summary = convert_official(images, relabel_root, out, progress=bar.callback, **kwargs)
     _echo_summary(summary, out)

@@ -200,7 +200,8 @@ def demo_command(out: str, input_size: int, topk: int, device: str) -> None:
 def info_command(url: str, split: str | None, max_shards: int, as_json: bool) -> None:
     """What a dataset's _info.json says: splits, samples, shards, annotator, k/h/w/C, failures, sizes.
 
-    URL is the dataset directory or URL prefix (local, s3://, gs://, http(s)://).
+    URL is the dataset directory or URL prefix (local, s3://, gs://, http(s)://), or one shard (.tar).
+    Warns when the shards are class-sorted (batches of few classes).
     """
     if as_json:
         import json
@@ -225,20 +226,25 @@ def verify_command(url: str, split: str | None, max_problems: int, progress: boo
     """Read every shard and check it against _info.json; exit 1 and list what is wrong.
 
     Checks each sample's members (image, .cls, .json, .rlm; adjacent; unique keys without dots), that every
-    label map decodes with one k/h/w/C, and the sample counts, byte sizes and sha256 in _info.json.
+    label map decodes with one k/h/w/C, and the sample counts, byte sizes and sha256 in _info.json. URL is the
+    dataset directory or URL prefix, or one shard (.tar). A split without samples fails; class-sorted shards
+    get a warning.
     """
     from tqdm import tqdm
 
+    from relabel_shards.describe import is_shard_url, shard_split
     from relabel_shards.shards import get_split, read_info
     from relabel_shards.verify import verify_shards
 
-    s = get_split(read_info(url), split, url)
+    s = (shard_split(url, split)[2] or {}) if is_shard_url(url) else get_split(read_info(url), split, url)
     total = sum(r.get("bytes", 0) for r in (s.get("relabel_shards") or {}).get("shards", []))
     with tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
               disable=not progress, file=sys.stderr) as bar:
         report = verify_shards(url, split=split, max_problems=max_problems, progress=bar.update)
     for problem in report.problems:
         click.echo(problem)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if not report.ok:
         raise click.ClickException(report.summary())
     click.echo(report.summary())

@@ -123,9 +123,10 @@ def recorded_shard_classes(split_info: Mapping[str, Any]) -> list[ShardClasses] 
     return out
 
 
-def observed_shard_classes(labels_per_shard: Iterable[Iterable[int]]) -> list[ShardClasses]:
-    """:class:`ShardClasses` from the labels read from some shards (e.g. the first ones a loader opened)."""
-    return [shard_classes(labels) for labels in labels_per_shard]
+def observed_shard_classes(labels_per_shard: Iterable[Iterable[int] | ShardClasses]) -> list[ShardClasses]:
+    """:class:`ShardClasses` from the labels read from some shards (e.g. the first ones a loader opened);
+    an entry that already is a :class:`ShardClasses` is kept."""
+    return [x if isinstance(x, ShardClasses) else shard_classes(x) for x in labels_per_shard]
 
 
 def _absent(total: float, count: float, batch: int) -> float:
@@ -148,10 +149,14 @@ def expected_distinct(
 ) -> float:
     """Expected distinct classes in a batch drawn from ``shards_in_flight`` shards at once.
 
-    Windows pool shards ``i, i + s, i + 2s, ...`` with ``s = len(shards) // shards_in_flight`` (shards far
-    apart, as a shuffled shard assignment gives; for class-sorted shards they hold different classes), and
-    the mean over up to ``MAX_WINDOWS`` windows is returned. The classes outside each shard's ``top`` are
-    spread evenly over its other classes; pooled, they are at most ``num_classes`` minus the named ones.
+    Windows pool shards ``i, i + s, i + 2s, ...`` with ``s = len(shards) // m`` (shards far apart, as a
+    shuffled shard assignment gives; for class-sorted shards they hold different classes), ``m`` being
+    ``shards_in_flight`` or, for shards smaller than a batch, as many as a batch takes; the mean over up to
+    ``MAX_WINDOWS`` windows is returned. A shuffle buffer mixes a little more than this: on class-sorted
+    ImageNet shards of 1,000 with a buffer of 1,000 the loader's batches of 128 held 8 classes against the
+    1.8 estimated for one shard in flight (benchmarks/bench_order.py), so read the figure as a floor. The
+    classes outside each shard's ``top`` are spread evenly over its other classes; pooled, they are at most
+    ``num_classes`` minus the named ones.
     """
     if batch_size < 1 or shards_in_flight < 1:
         raise ValueError(
@@ -160,7 +165,9 @@ def expected_distinct(
     shards = [s for s in shards if s.num_samples > 0]
     if not shards:
         return 0.0
-    m = min(shards_in_flight, len(shards))
+    # a batch larger than the shards in flight reaches into the next shards: pool enough to fill it
+    mean_len = sum(s.num_samples for s in shards) / len(shards)
+    m = min(max(shards_in_flight, math.ceil(batch_size / mean_len)), len(shards))
     stride = max(1, len(shards) // m)
     starts = (
         range(len(shards))
@@ -238,16 +245,17 @@ def class_sorted_warning(
     *,
     batch_size: int = 128,
     shards_in_flight: int = 1,
-    observed: Iterable[Iterable[int]] | None = None,
+    observed: Iterable[Iterable[int] | ShardClasses] | None = None,
 ) -> str | None:
     """The warning to give when a split's shards are class-sorted, or None when they are not (or unknown).
 
     Args:
         split_info: ``splits.<name>`` of ``_info.json`` (its ``relabel_shards.shard_classes`` is used).
         batch_size: the training batch size judged.
-        shards_in_flight: shards each reader draws from at once.
-        observed: the class labels of samples in some shards, one iterable per shard, used when the split
-            records no histograms (e.g. other people's image shards).
+        shards_in_flight: shards each reader streams at once (interleaved reading); more are pooled where a
+            batch needs them. The shuffle buffer's extra mixing is not counted (the figure is a floor).
+        observed: the class labels of samples in some shards, one iterable (or ShardClasses) per shard, used
+            when the split records no histograms (e.g. other people's image shards).
 
     Returns:
         One paragraph with the expected classes per batch, the i.i.d. figure and the remedy; None when the

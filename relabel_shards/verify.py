@@ -56,6 +56,7 @@ class VerifyReport:
         map_shapes: the distinct (h, w) of the label maps read.
         problems: the first ``max_problems`` problems, each naming its shard (and key where there is one).
         num_problems: all problems found, shown or not.
+        warnings: what is sound but harms training (class-sorted shards: ``relabel_shards.diversity``).
     """
 
     url: str
@@ -68,6 +69,7 @@ class VerifyReport:
     num_problems: int = 0
     max_problems: int = 50
     map_shapes: set[tuple[int, int]] = field(default_factory=set)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -136,6 +138,7 @@ class _SplitChecker:
         self.map_shapes = map_shapes or set()
         self.key_shard: dict[str, str] = {}
         self.geometries: dict[tuple[int, int, int, int], int] = {}
+        self.labels: list[int] = []  # the .cls of the shard being read (for the class-sorted check)
 
     def check_sample(self, shard: str, key: str, members: dict[str, bytes]) -> None:
         from relabel_shards.labelmap import LabelMapError, decode_label_map
@@ -151,7 +154,7 @@ class _SplitChecker:
                 add(f"{where}: missing .{ext} member (members: {', '.join(sorted(members)) or 'none'})")
         if "cls" in members:
             try:
-                int(members["cls"].decode("ascii").strip())
+                self.labels.append(int(members["cls"].decode("ascii").strip()))
             except (UnicodeDecodeError, ValueError):
                 add(f"{where}: .cls is not an integer: {members['cls'][:20]!r}")
         if "json" in members:
@@ -254,29 +257,42 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
         ShardError: ``_info.json`` is not valid JSON, or ``split`` is missing or ambiguous.
         ValueError: ``max_problems`` < 1.
     """
+    from relabel_shards.describe import is_shard_url, shard_split
+    from relabel_shards.diversity import ShardClasses, class_sorted_warning, shard_classes
+
     if max_problems < 1:
         raise ValueError(f"max_problems must be >= 1, got {max_problems}")
-    info = read_info(url, storage_options)
-    s = get_split(info, split, join(url, "_info.json"))
+    listed = True
+    if is_shard_url(url):  # one shard: checked against its entry in the _info.json beside it, if any
+        url, name, one = shard_split(url, split, storage_options)
+        listed = one is not None
+        s = one if one is not None else {"name": split or "?", "filenames": [name], "shard_lengths": []}
+    else:
+        info = read_info(url, storage_options)
+        s = get_split(info, split, join(url, "_info.json"))
     report = VerifyReport(url=url, split=str(s.get("name", split)), max_problems=max_problems)
     section: Mapping[str, Any] = s.get("relabel_shards") or {}
     add = report.add
-    if not section:
+    if not listed:
+        report.warnings.append(f"{s['filenames'][0]} is not listed in an _info.json beside it: its layout "
+                               "and label maps are checked, not its sample count, size or sha256")
+    elif not section:
         add("_info.json: the split has no relabel_shards section (not written by relabel-shards)")
     filenames = list(s.get("filenames") or [])
     lengths = list(s.get("shard_lengths") or [])
     records = {r.get("filename"): r for r in section.get("shards") or [] if isinstance(r, Mapping)}
-    if len(lengths) != len(filenames):
+    if listed and len(lengths) != len(filenames):
         add(f"_info.json: {len(filenames)} filenames but {len(lengths)} shard_lengths")
     if records and set(records) != set(filenames):
         add(f"_info.json: the shard list of relabel_shards names {sorted(set(records) ^ set(filenames))[:5]} "
             f"not in both it and filenames")
-    if s.get("num_samples") != sum(x for x in lengths if isinstance(x, int)):
+    if listed and s.get("num_samples") != sum(x for x in lengths if isinstance(x, int)):
         add(f"_info.json: num_samples {s.get('num_samples')} != sum of shard_lengths {sum(lengths)}")
 
     shapes = {tuple(x) for x in section.get("map_shapes") or [] if isinstance(x, list) and len(x) == 2}
     checker = _SplitChecker(report, tuple(section.get(x) for x in ("k", "height", "width", "num_classes")),
                             shapes)
+    observed: list[ShardClasses] = []  # each shard's class make-up, from its .cls (a few numbers per shard)
     for i, name in enumerate(filenames):
         shard_url = join(url, name)
         fs, path = url_to_fs(shard_url, storage_options)
@@ -287,7 +303,9 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
             continue
         with f:
             reader = _HashingReader(f, progress)
+            checker.labels = []
             n = checker.read_shard(reader, name)
+            observed.append(shard_classes(checker.labels))
         report.shards += 1
         report.samples += n
         report.bytes += reader.nbytes
@@ -307,5 +325,11 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
     if len(kinds) > 1:
         counts = ", ".join(f"k={k} {h}x{w} C={c}: {n}" for (k, h, w, c), n in checker.geometries.items())
         add(f"label maps differ in shape across the split ({counts}); all must be the same")
+    if report.samples == 0 and not any(x for x in lengths if isinstance(x, int)):
+        add("the split holds no samples: nothing to train on (every input of its build failed?); see "
+            "`relabel-shards info` for the failures _info.json lists")
+    warning = class_sorted_warning(s, observed=observed)
+    if warning:
+        report.warnings.append(warning)
     logger.info("%s", report.summary())
     return report

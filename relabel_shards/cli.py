@@ -48,6 +48,8 @@ def cli(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if verbose:  # also where logging was configured before (basicConfig then does nothing)
+        logging.getLogger().setLevel(max(level, logging.DEBUG))
 
 
 class _ProgressBar:
@@ -89,6 +91,12 @@ def _echo_summary(summary, out: str) -> None:
                    f"{info['relabel_shards']['num_failures']} failures listed in _info.json")
     else:
         click.echo("_info.json is left to the rank that finishes last")
+    if summary.failures:
+        from relabel_shards.plan import summarize_failures
+
+        click.echo("skipped inputs by kind (all are listed in _info.json's failures):")
+        for line in summarize_failures(summary.failures):
+            click.echo(f"  {line}")
 
 
 # ---- build / demo (issue 3) -------------------------------------------------------------------------
@@ -252,14 +260,15 @@ def verify_command(url: str, split: str | None, max_problems: int, progress: boo
 
 @cli.command("show")
 @click.argument("url")
-@click.option("--key", required=True, help="The sample's key (e.g. n01440764_10026).")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
+@click.option("--key", default=None, help="The sample's key (e.g. n01440764_10026) [default: the first one].")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="The image to write; its suffix picks the format (.png, .jpg, .webp).")
 @click.option("--topk", default=5, type=click.IntRange(min=1), help="Classes drawn.")
 @click.option("--split", default=None, help="The split to search (default: the only one).")
 @click.option("--shard", default=None, help="Search only this shard file (faster on large datasets).")
 @click.option("--panel-size", default=320, type=click.IntRange(min=16), help="Panel image size in pixels.")
 @user_errors
-def show_command(url: str, key: str, out: str, topk: int, split: str | None, shard: str | None,
+def show_command(url: str, key: str | None, out: str, topk: int, split: str | None, shard: str | None,
                  panel_size: int) -> None:
     """Draw a sample: the image, then a heatmap of each of its top classes over it, each named."""
     from relabel_shards.show import SampleNotFoundError, show_sample
@@ -268,7 +277,7 @@ def show_command(url: str, key: str, out: str, topk: int, split: str | None, sha
         result = show_sample(url, key, out, topk=topk, split=split, shard=shard, panel_size=panel_size)
     except SampleNotFoundError as e:
         raise click.ClickException(str(e)) from e
-    click.echo(f"wrote {result.path} ({result.size[0]}x{result.size[1]}): {key} from {result.shard}")
+    click.echo(f"wrote {result.path} ({result.size[0]}x{result.size[1]}): {result.key} from {result.shard}")
     for c, name, p in result.classes:
         click.echo(f"  {p:7.2%}  {name} (#{c})")
 
@@ -356,6 +365,21 @@ def pool(batch: int, num_classes: int, k: int, size: int, swap_xy: bool, backend
     click.echo(f"label_pooling ({r.backend}, {r.device}): {r.seconds * 1e3:.3f} ms for {batch} boxes, "
                f"k={k}, {size}x{size}, C={num_classes}; no dense map "
                f"(the official path builds {dense_mib:.1f} MiB)")
+
+
+# ---- -v after the subcommand (issue 12) ------------------------------------------------------------------
+
+
+def _verbosity(ctx: click.Context, _param: click.Parameter, count: int) -> None:
+    """``relabel-shards build -v ...`` counts like ``relabel-shards -v build ...`` (the two add up)."""
+    if count:
+        group = ctx.find_root().params.get("verbose") or 0
+        logging.getLogger().setLevel(max(logging.WARNING - 10 * (group + count), logging.DEBUG))
+
+
+for _command in cli.commands.values():  # every command registered above takes -v too
+    _command.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False, is_eager=True,
+                                        callback=_verbosity, help="More log output (-v info, -vv debug)."))
 
 
 def main() -> None:

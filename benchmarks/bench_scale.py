@@ -73,26 +73,32 @@ class _Peak:
         return self.peak - self.start
 
 
-def _items(n: int, classes: int) -> list:
-    from relabel_shards.sources import FileItem
+def _table(n: int, classes: int):
+    """A folder source's items as ``open_source`` makes them (``sources._TableBuilder`` rows, then the
+    key-uniqueness check), from synthetic ``root/class/image.JPEG`` names."""
+    from relabel_shards.sources import _check_unique, _TableBuilder
 
     names = [f"n{c:08d}" for c in range(classes)]
     per = -(-n // classes)
-    out = []
+    rows = _TableBuilder()
     for i in range(n):
         c = i // per
-        key = f"{names[c]}_{i}"
-        src = f"{names[c]}/{key}.JPEG"
-        out.append(
-            FileItem(key=key, path="/data/imagenet21k/train/" + src, source=src, label=c, class_name=names[c])
-        )
-    return out
+        rows.add(f"{names[c]}/{names[c]}_{i}.JPEG", c)
+    table = rows.table("folder", "/data/imagenet21k/train", None, "/data/imagenet21k/train", names)
+    _check_unique(table)
+    return table
 
 
 def part_source(cfg: dict) -> dict:
     pk, t0 = _Peak().begin(), time.perf_counter()
-    items = _items(cfg["linear_samples"], cfg["classes"])
-    return {"seconds": time.perf_counter() - t0, "peak_mb": pk.end(), "n": len(items), "linear": True}
+    table = _table(cfg["linear_samples"], cfg["classes"])
+    return {
+        "seconds": time.perf_counter() - t0,
+        "peak_mb": pk.end(),
+        "n": len(table),
+        "linear": True,
+        "table_mb": (len(table.blob) + table.offsets.nbytes + table.labels.nbytes) / 2**20,
+    }
 
 
 def part_plan(cfg: dict) -> dict:
@@ -103,7 +109,7 @@ def part_plan(cfg: dict) -> dict:
     src = Source(
         kind="folder",
         url="/data/imagenet21k/train",
-        items=tuple(_items(cfg["linear_samples"], cfg["classes"])),
+        items=_table(cfg["linear_samples"], cfg["classes"]),
         classes=tuple(f"n{c:08d}" for c in range(cfg["classes"])),
     )
     pk, t0 = _Peak().begin(), time.perf_counter()

@@ -15,6 +15,8 @@ Crop geometry and the streaming loader (``relabel_shards.crops``, ``relabel_shar
     ``random_resized_crop_params``, ``ReLabelDataset``, ``make_loader``
 Import of the official release (``relabel_shards.convert``)
     ``convert_official``
+Classes per batch (``relabel_shards.diversity``)
+    ``class_sorted_warning``
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "ReLabelDataset": "relabel_shards.loader",
     "make_loader": "relabel_shards.loader",
     "convert_official": "relabel_shards.convert",
+    "class_sorted_warning": "relabel_shards.diversity",
 }
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "ReLabelDataset",
     "make_loader",
     "convert_official",
+    "class_sorted_warning",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}, "__all__ and _EXPORTS must name the same API"
 
@@ -82,6 +86,7 @@ if TYPE_CHECKING:  # static tools see the real names
     from relabel_shards.build import build_shards
     from relabel_shards.convert import convert_official
     from relabel_shards.crops import random_resized_crop_params
+    from relabel_shards.diversity import class_sorted_warning
     from relabel_shards.labelmap import LabelMap, LabelMapError, decode_label_map, encode_label_map
     from relabel_shards.loader import ReLabelDataset, make_loader
     from relabel_shards.pooling import LabelPooling, label_pooling, reference_label_pooling

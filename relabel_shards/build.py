@@ -49,11 +49,10 @@ from relabel_shards.plan import (
     FailureTally,
     check_not_all_failed,
     check_output,
-    cut,
     items_digest,
     job_fingerprint,
     order_info,
-    ordered,
+    plan_items,
 )
 from relabel_shards.shards import (
     FORMAT_VERSION,
@@ -131,9 +130,10 @@ class _ChunkStream(IterableDataset):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for index, payload in self.tasks[wid::nw]:
-            samples = (
-                self._file_samples(payload) if isinstance(payload, list) else self._shard_samples(payload)
-            )
+            if isinstance(payload, str):
+                samples = self._shard_samples(payload)
+            else:  # a shard's FileItems (made here, in the worker, from the plan's indices)
+                samples = self._file_samples(list(payload))
             yield from self._chunks(index, samples)
 
     def _chunks(self, index: int, samples: Iterator[dict]) -> Iterator[dict]:
@@ -239,7 +239,7 @@ def _plan(src: Source, shard_size: int, shuffle: bool = True, shuffle_seed: int 
     input shard URL (input shards keep their order: output shard i pairs with input shard i)."""
     if src.kind == "shards":
         return list(src.shard_urls)
-    return cut(ordered(src.items, shuffle, shuffle_seed), shard_size)
+    return plan_items(src.items, shard_size, shuffle, shuffle_seed)
 
 
 def _input_shard_total(src: Source, todo: list[int]) -> int | None:
@@ -304,7 +304,8 @@ def _class_mismatch(src: Source, ann) -> str | None:
         return (f"class {i} is {names[i]!r} in the source and {str(ann.class_names[i])!r} for the annotator "
                 "(the names differ)")
     if src.kind != "shards":
-        top = max((it.label for it in src.items), default=-1)
+        labels = getattr(src.items, "labels", None)
+        top = int(labels.max()) if labels is not None else max((it.label for it in src.items), default=-1)
         if top >= num:
             return f"the source's labels go up to {top}, the annotator has {num} classes"
     return None

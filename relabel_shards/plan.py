@@ -59,6 +59,33 @@ def cut(items: Sequence, shard_size: int) -> list[list]:
     return [list(items[i : i + shard_size]) for i in range(0, len(items), shard_size)]
 
 
+class ShardItems(Sequence):
+    """One shard's items of an ``ItemTable``, made on access (the plan of 13M images holds indices only)."""
+
+    def __init__(self, table: Sequence, indices: np.ndarray):
+        self.table, self.indices = table, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return self.table.take(self.indices[i])
+        return self.table[int(self.indices[i])]
+
+    def __iter__(self):
+        return iter(self.table.take(self.indices))
+
+
+def plan_items(items: Sequence, shard_size: int, shuffle: bool, seed: int) -> list[Sequence]:
+    """The items of each shard in the written order: :func:`ordered` then :func:`cut`; an ``ItemTable``
+    (``hasattr take``) is cut into :class:`ShardItems` views of one index array instead."""
+    if not hasattr(items, "take"):
+        return cut(ordered(items, shuffle, seed), shard_size)
+    idx = permutation(len(items), seed) if shuffle else np.arange(len(items))
+    return [ShardItems(items, idx[i : i + shard_size]) for i in range(0, len(items), shard_size)]
+
+
 def order_info(shuffle: bool, seed: int | None, kind: str) -> dict[str, Any]:
     """What ``_info.json`` records of the sample order (``relabel_shards.order``)."""
     if kind == "shards":
@@ -70,7 +97,10 @@ def order_info(shuffle: bool, seed: int | None, kind: str) -> dict[str, Any]:
 
 
 def items_digest(items: Sequence) -> str:
-    """sha256 over the items' key, source, label and class name, in the given order."""
+    """sha256 over the items' key, source, label and class name, in the given order (an ``ItemTable``
+    digests its columns)."""
+    if hasattr(items, "digest"):
+        return items.digest()
     h = hashlib.sha256()
     step = 1 << 16
     for i in range(0, len(items), step):

@@ -75,13 +75,113 @@ class FileItem:
         return "jpg" if ext in ("jpeg", "jpe") else ext
 
 
+class ItemTable(Sequence[FileItem]):
+    """The items of a folder or list source, stored as columns; a :class:`FileItem` is made on access.
+
+    Per item only the relative path (``source``, UTF-8 in one shared buffer) and the label (int32) are kept;
+    the key, the full path, the class name and an extension error derive from them. At ImageNet-21k scale
+    (13M images) this takes about 40 bytes an image where a tuple of FileItems took about 450
+    (benchmarks/bench_scale.py).
+
+    Args:
+        kind: ``"folder"`` (path = root + "/" + source) or ``"list"`` (path = source when it is a URL or
+            absolute, else normalized against the list file's folder).
+        url: the source URL as given; ``fs`` and ``base`` (the folder root, or the list file's folder) as
+            ``url_to_fs`` gave them.
+        blob, offsets: the sources, ``blob[offsets[i]:offsets[i + 1]]`` (uint64 ``[n + 1]``).
+        labels: int32 ``[n]``.
+        classes: class names by label, or None (then ``class_name`` is None).
+    """
+
+    def __init__(self, kind: str, url: str, fs, base: str, blob: bytes, offsets, labels,
+                 classes: Sequence[str] | None):
+        self.kind, self.url, self.fs, self.base = kind, url, fs, base
+        self.blob, self.offsets, self.labels = blob, offsets, labels
+        self.classes = tuple(classes) if classes is not None else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def source(self, i: int) -> str:
+        return self.blob[int(self.offsets[i]) : int(self.offsets[i + 1])].decode()
+
+    def _path(self, src: str) -> str:
+        if self.kind == "folder":
+            return _full_url(self.url, self.fs, f"{self.base}/{src}")
+        if _is_url(src) or posixpath.isabs(src):
+            return src
+        return _full_url(self.url, self.fs, posixpath.normpath(f"{self.base}/{src}"))
+
+    def item(self, i: int) -> FileItem:
+        src, label = self.source(i), int(self.labels[i])
+        name = self.classes[label] if self.classes is not None else None
+        return FileItem(key=key_from_path(src), path=self._path(src), source=src, label=label,
+                        class_name=name, error=_ext_error(src))
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.item(j) for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"item {i} of {len(self)}")
+        return self.item(i)
+
+    def __iter__(self) -> Iterator[FileItem]:
+        return (self.item(i) for i in range(len(self)))
+
+    def take(self, indices) -> list[FileItem]:
+        """The items at ``indices`` (any integer sequence), in that order."""
+        return [self.item(int(i)) for i in indices]
+
+    def digest(self) -> str:
+        """sha256 over kind, base, the sources, the labels and the class names, in order."""
+        import hashlib
+
+        import numpy as np
+
+        h = hashlib.sha256(f"{self.kind}\n{self.base}\n".encode())
+        h.update(np.asarray(self.offsets, dtype="<u8").tobytes())
+        h.update(self.blob)
+        h.update(np.asarray(self.labels, dtype="<i4").tobytes())
+        h.update("\n".join(self.classes or ()).encode())
+        return h.hexdigest()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ItemTable) and self.digest() == other.digest()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _TableBuilder:
+    """Collects (source, label) rows for an :class:`ItemTable` without a Python object per row."""
+
+    def __init__(self) -> None:
+        import array
+
+        self.blob = bytearray()
+        self.offsets = array.array("Q", [0])
+        self.labels = array.array("i")
+
+    def add(self, source: str, label: int) -> None:
+        self.blob += source.encode()
+        self.offsets.append(len(self.blob))
+        self.labels.append(label)
+
+    def table(self, kind: str, url: str, fs, base: str, classes) -> ItemTable:
+        import numpy as np
+
+        return ItemTable(kind, url, fs, base, bytes(self.blob), np.frombuffer(self.offsets, dtype=np.uint64),
+                         np.frombuffer(self.labels, dtype=np.int32), classes)
+
+
 @dataclass(frozen=True)
 class Source:
     """An enumerated source: ``items`` for folder/list sources, ``shard_urls`` for shard sources."""
 
     kind: str
     url: str
-    items: tuple[FileItem, ...] = ()
+    items: Sequence[FileItem] = ()
     shard_urls: tuple[str, ...] = ()
     classes: tuple[str, ...] | None = None
     storage_options: dict | None = field(default=None, compare=False)
@@ -137,26 +237,37 @@ def open_source(source: str | os.PathLike | Sequence[str], storage_options: dict
     raise FileNotFoundError(f"source {source!r} does not exist")
 
 
-def _check_unique(items: list[FileItem]) -> None:
-    seen: dict[str, str] = {}
-    for it in items:
-        other = seen.get(it.key)
-        if other is not None:
+def _check_unique(items: Sequence[FileItem]) -> None:
+    """Raise on two items with one key, naming both (keys are tracked as 64-bit hashes: 13M keys in ~100 MB).
+
+    Raises:
+        ValueError: a duplicate key.
+    """
+    import numpy as np
+
+    sources = items.source if isinstance(items, ItemTable) else (lambda i: items[i].source)
+    n = len(items)
+    hashes = np.fromiter((hash(key_from_path(sources(i))) for i in range(n)), dtype=np.int64, count=n)
+    order = np.argsort(hashes, kind="stable")
+    h = hashes[order]
+    for j in np.flatnonzero(h[1:] == h[:-1]) + 1:
+        first, later = sources(int(order[np.searchsorted(h, h[j])])), sources(int(order[j]))
+        key = key_from_path(later)
+        if key == key_from_path(first):  # else two keys that share a hash
             raise ValueError(
-                f"duplicate sample key {it.key!r}: {other!r} and {it.source!r} "
+                f"duplicate sample key {key!r}: {first!r} and {later!r} "
                 "(keys are file names without extension; rename one)"
             )
-        seen[it.key] = it.source
 
 
-def _finish(kind: str, url: str, items: list[FileItem], classes, storage_options) -> Source:
-    if not items:
+def _finish(kind: str, url: str, items: Sequence[FileItem], classes, storage_options) -> Source:
+    if not len(items):
         raise ValueError(f"source {url!r} holds no images")
     _check_unique(items)
     return Source(
         kind=kind,
         url=url,
-        items=tuple(items),
+        items=items,
         classes=tuple(classes) if classes is not None else None,
         storage_options=storage_options,
     )
@@ -176,7 +287,7 @@ def _folder_source(url: str, fs, root: str, storage_options) -> Source:
         raise ValueError(
             f"source {url!r}: no class sub-directories (expected an ImageFolder layout root/class/img)"
         )
-    items: list[FileItem] = []
+    rows = _TableBuilder()
     for label, cls in enumerate(classes):
         cdir = f"{root}/{cls}"
         walked = sorted(fs.walk(cdir), key=lambda t: t[0])  # same order as torchvision's sorted(os.walk(...))
@@ -185,18 +296,8 @@ def _folder_source(url: str, fs, root: str, storage_options) -> Source:
                 if fname.startswith("."):
                     continue  # hidden files (.DS_Store, editors' temp files) are not dataset members
                 full = f"{dirpath.rstrip('/')}/{fname}"
-                rel = posixpath.relpath(full, root) if not _is_url(url) else full[len(root) + 1 :]
-                items.append(
-                    FileItem(
-                        key=key_from_path(rel),
-                        path=_full_url(url, fs, full),
-                        source=rel,
-                        label=label,
-                        class_name=cls,
-                        error=_ext_error(fname),
-                    )
-                )
-    return _finish("folder", url, items, classes, storage_options)
+                rows.add(posixpath.relpath(full, root) if not _is_url(url) else full[len(root) + 1 :], label)
+    return _finish("folder", url, rows.table("folder", url, fs, root, classes), classes, storage_options)
 
 
 def _full_url(url: str, fs, path: str) -> str:
@@ -226,32 +327,24 @@ def _list_source(url: str, fs, path: str, storage_options) -> Source:
         raise ValueError(f"source {url!r} holds no images (the list file has no 'path<TAB>label' lines)")
     try:
         labels = [int(lab) for _, lab, _ in rows]
-        names: list[str | None] = [None] * len(rows)
         classes = None
     except ValueError:
         classes = sorted({lab for _, lab, _ in rows})
         index = {c: i for i, c in enumerate(classes)}
         labels = [index[lab] for _, lab, _ in rows]
-        names = [lab for _, lab, _ in rows]
-    items = []
-    for (p, _, lineno), label, name in zip(rows, labels, names, strict=True):
+    table = _TableBuilder()
+    for (p, _, lineno), label in zip(rows, labels, strict=True):
         if label < 0:
             raise ValueError(f"{url}:{lineno}: label must be >= 0, got {label}")
-        if _is_url(p) or posixpath.isabs(p):
-            full = p
-        else:
-            full = _full_url(url, fs, posixpath.normpath(f"{base}/{p}"))
-        items.append(
-            FileItem(
-                key=key_from_path(p), path=full, source=p, label=label, class_name=name, error=_ext_error(p)
-            )
-        )
-    missing = [it for it in items if not _is_url(it.path) and not os.path.exists(it.path)]
+        table.add(p, label)
+    items = table.table("list", url, fs, base, classes)
+    paths = (items._path(items.source(i)) for i in range(len(items)))
+    missing = [i for i, p in enumerate(paths) if not _is_url(p) and not os.path.exists(p)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        first = items[missing[0]]
         raise FileNotFoundError(
-            f"source {url!r}: listed file {missing[0].source!r} does not exist "
-            f"(looked at {missing[0].path}){more}"
+            f"source {url!r}: listed file {first.source!r} does not exist (looked at {first.path}){more}"
         )
     return _finish("list", url, items, classes, storage_options)
 

@@ -168,10 +168,21 @@ class _TableBuilder:
         self.offsets.append(len(self.blob))
         self.labels.append(label)
 
+    def add_many(self, sources: Sequence[str], label: int) -> None:
+        """Rows of one label (a folder's files) at once."""
+        import itertools
+
+        encoded = [s.encode() for s in sources]
+        ends = itertools.accumulate((len(e) for e in encoded), initial=len(self.blob))
+        self.offsets.extend(itertools.islice(ends, 1, None))  # the first (the current end) is there already
+        self.blob += b"".join(encoded)
+        self.labels.extend([label] * len(encoded))
+
     def table(self, kind: str, url: str, fs, base: str, classes) -> ItemTable:
         import numpy as np
 
-        return ItemTable(kind, url, fs, base, bytes(self.blob), np.frombuffer(self.offsets, dtype=np.uint64),
+        # the buffers are shared, not copied (the blob stays a bytearray)
+        return ItemTable(kind, url, fs, base, self.blob, np.frombuffer(self.offsets, dtype=np.uint64),
                          np.frombuffer(self.labels, dtype=np.int32), classes)
 
 
@@ -248,16 +259,21 @@ def _check_unique(items: Sequence[FileItem]) -> None:
     sources = items.source if isinstance(items, ItemTable) else (lambda i: items[i].source)
     n = len(items)
     hashes = np.fromiter((hash(key_from_path(sources(i))) for i in range(n)), dtype=np.int64, count=n)
-    order = np.argsort(hashes, kind="stable")
-    h = hashes[order]
-    for j in np.flatnonzero(h[1:] == h[:-1]) + 1:
-        first, later = sources(int(order[np.searchsorted(h, h[j])])), sources(int(order[j]))
-        key = key_from_path(later)
-        if key == key_from_path(first):  # else two keys that share a hash
-            raise ValueError(
-                f"duplicate sample key {key!r}: {first!r} and {later!r} "
-                "(keys are file names without extension; rename one)"
-            )
+    hashes.sort()  # in place: 8 bytes an item in all
+    dups = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if not dups:
+        return
+    seen: dict[str, str] = {}
+    for i in range(n):  # only when some hash repeats: find the first pair of sources with one key
+        src = sources(i)
+        key = key_from_path(src)
+        if hash(key) in dups:
+            if key in seen:
+                raise ValueError(
+                    f"duplicate sample key {key!r}: {seen[key]!r} and {src!r} "
+                    "(keys are file names without extension; rename one)"
+                )
+            seen[key] = src
 
 
 def _finish(kind: str, url: str, items: Sequence[FileItem], classes, storage_options) -> Source:
@@ -292,11 +308,10 @@ def _folder_source(url: str, fs, root: str, storage_options) -> Source:
         cdir = f"{root}/{cls}"
         walked = sorted(fs.walk(cdir), key=lambda t: t[0])  # same order as torchvision's sorted(os.walk(...))
         for dirpath, _dirs, files in walked:
-            for fname in sorted(files):
-                if fname.startswith("."):
-                    continue  # hidden files (.DS_Store, editors' temp files) are not dataset members
-                full = f"{dirpath.rstrip('/')}/{fname}"
-                rows.add(posixpath.relpath(full, root) if not _is_url(url) else full[len(root) + 1 :], label)
+            d = dirpath.rstrip("/")
+            rel = posixpath.relpath(d, root) if not _is_url(url) else d[len(root) + 1 :]
+            # hidden files (.DS_Store, editors' temp files) are not dataset members
+            rows.add_many([f"{rel}/{f}" for f in sorted(files) if not f.startswith(".")], label)
     return _finish("folder", url, rows.table("folder", url, fs, root, classes), classes, storage_options)
 
 

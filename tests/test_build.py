@@ -766,3 +766,20 @@ def test_class_mismatch_between_source_and_annotator_warns(folder, tmp_path, cap
     assert _class_mismatch(Source("list", "l", items=items), ann) == (
         "the source's labels go up to 3, the annotator has 3 classes")
     assert _class_mismatch(Source("list", "l", items=items[:1]), ann) is None
+
+
+def test_cli_prints_skipped_inputs_by_kind(tmp_path):
+    from click.testing import CliRunner
+
+    from relabel_shards.cli import cli
+
+    root = _make_folder(tmp_path / "imgs", per_class=1)
+    for j in range(4):
+        (root / "cat" / f"bad{j}.jpg").write_bytes(b"not a jpeg")
+    (root / "dog" / "empty.jpg").write_bytes(b"")
+    args = ["--model", MODEL, "--input-size", "64", "--num-workers", "0", "--no-progress"]
+    res = CliRunner().invoke(cli, ["build", str(root), str(tmp_path / "out"), *args])
+    assert res.exit_code == 0, res.output
+    assert "skipped inputs by kind (all are listed in _info.json's failures):" in res.output
+    assert "  4 x not a decodable image (e.g. cat/bad" in res.output
+    assert "  1 x empty file (e.g. dog/empty.jpg)" in res.output

@@ -88,7 +88,8 @@ class ItemTable(Sequence[FileItem]):
             absolute, else normalized against the list file's folder).
         url: the source URL as given; ``fs`` and ``base`` (the folder root, or the list file's folder) as
             ``url_to_fs`` gave them.
-        blob, offsets: the sources, ``blob[offsets[i]:offsets[i + 1]]`` (uint64 ``[n + 1]``).
+        blob, offsets: the sources, each followed by a NUL byte (no path holds one):
+            ``blob[offsets[i]:offsets[i + 1] - 1]`` (uint64 ``[n + 1]``).
         labels: int32 ``[n]``.
         classes: class names by label, or None (then ``class_name`` is None).
     """
@@ -103,7 +104,14 @@ class ItemTable(Sequence[FileItem]):
         return len(self.labels)
 
     def source(self, i: int) -> str:
-        return self.blob[int(self.offsets[i]) : int(self.offsets[i + 1])].decode()
+        return self.blob[int(self.offsets[i]) : int(self.offsets[i + 1]) - 1].decode()
+
+    def iter_sources(self, chunk: int = 1 << 16) -> Iterator[str]:
+        """Every source in order, decoded a chunk at a time (several times faster than :meth:`source`)."""
+        n = len(self)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            yield from self.blob[int(self.offsets[a]) : int(self.offsets[b]) - 1].decode().split("\0")
 
     def _path(self, src: str) -> str:
         if self.kind == "folder":
@@ -164,7 +172,7 @@ class _TableBuilder:
         self.labels = array.array("i")
 
     def add(self, source: str, label: int) -> None:
-        self.blob += source.encode()
+        self.blob += source.encode() + b"\0"
         self.offsets.append(len(self.blob))
         self.labels.append(label)
 
@@ -172,7 +180,7 @@ class _TableBuilder:
         """Rows of one label (a folder's files) at once."""
         import itertools
 
-        encoded = [s.encode() for s in sources]
+        encoded = [s.encode() + b"\0" for s in sources]
         ends = itertools.accumulate((len(e) for e in encoded), initial=len(self.blob))
         self.offsets.extend(itertools.islice(ends, 1, None))  # the first (the current end) is there already
         self.blob += b"".join(encoded)
@@ -258,7 +266,8 @@ def _check_unique(items: Sequence[FileItem]) -> None:
 
     sources = items.source if isinstance(items, ItemTable) else (lambda i: items[i].source)
     n = len(items)
-    hashes = np.fromiter((hash(key_from_path(sources(i))) for i in range(n)), dtype=np.int64, count=n)
+    every = items.iter_sources() if isinstance(items, ItemTable) else (it.source for it in items)
+    hashes = np.fromiter((hash(key_from_path(s)) for s in every), dtype=np.int64, count=n)
     hashes.sort()  # in place: 8 bytes an item in all
     dups = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
     if not dups:

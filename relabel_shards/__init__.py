@@ -4,7 +4,7 @@ The public API, each name imported on first use so that ``import relabel_shards`
 (no torch, timm or triton until a name that needs them is touched):
 
 Label-map record (``relabel_shards.labelmap``)
-    ``LabelMap``, ``LabelMapError``, ``encode_label_map``, ``decode_label_map``
+    ``LabelMap``, ``LabelMapError``, ``encode_label_map``, ``decode_label_map``, ``ImageBinding``
 LabelPooling (``relabel_shards.pooling``)
     ``label_pooling``, ``LabelPooling``, ``reference_label_pooling``
 Annotator and batch job (``relabel_shards.annotator``, ``relabel_shards.build``)
@@ -17,6 +17,8 @@ Import of the official release (``relabel_shards.convert``)
     ``convert_official``
 Classes per batch (``relabel_shards.diversity``)
     ``class_sorted_warning``
+Opening images and the sample transform (``relabel_shards.images``, ``relabel_shards.transforms``)
+    ``open_image``, ``ImageError``, ``RandomResizedCropFlip``, ``CenterCrop``, ``Compose``, ``Lighting``
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "LabelMapError": "relabel_shards.labelmap",
     "encode_label_map": "relabel_shards.labelmap",
     "decode_label_map": "relabel_shards.labelmap",
+    "ImageBinding": "relabel_shards.labelmap",
     "label_pooling": "relabel_shards.pooling",
     "LabelPooling": "relabel_shards.pooling",
     "reference_label_pooling": "relabel_shards.pooling",
@@ -44,6 +47,12 @@ _EXPORTS: dict[str, str] = {
     "make_loader": "relabel_shards.loader",
     "convert_official": "relabel_shards.convert",
     "class_sorted_warning": "relabel_shards.diversity",
+    "open_image": "relabel_shards.images",
+    "ImageError": "relabel_shards.images",
+    "RandomResizedCropFlip": "relabel_shards.transforms",
+    "CenterCrop": "relabel_shards.transforms",
+    "Compose": "relabel_shards.transforms",
+    "Lighting": "relabel_shards.transforms",
 }
 
 __all__ = [
@@ -52,6 +61,7 @@ __all__ = [
     "LabelMapError",
     "encode_label_map",
     "decode_label_map",
+    "ImageBinding",
     "label_pooling",
     "LabelPooling",
     "reference_label_pooling",
@@ -64,6 +74,12 @@ __all__ = [
     "make_loader",
     "convert_official",
     "class_sorted_warning",
+    "open_image",
+    "ImageError",
+    "RandomResizedCropFlip",
+    "CenterCrop",
+    "Compose",
+    "Lighting",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}, "__all__ and _EXPORTS must name the same API"
 
@@ -87,7 +103,15 @@ if TYPE_CHECKING:  # static tools see the real names
     from relabel_shards.convert import convert_official
     from relabel_shards.crops import random_resized_crop_params
     from relabel_shards.diversity import class_sorted_warning
-    from relabel_shards.labelmap import LabelMap, LabelMapError, decode_label_map, encode_label_map
+    from relabel_shards.images import ImageError, open_image
+    from relabel_shards.labelmap import (
+        ImageBinding,
+        LabelMap,
+        LabelMapError,
+        decode_label_map,
+        encode_label_map,
+    )
     from relabel_shards.loader import ReLabelDataset, make_loader
     from relabel_shards.pooling import LabelPooling, label_pooling, reference_label_pooling
     from relabel_shards.shards import ShardError, read_info
+    from relabel_shards.transforms import CenterCrop, Compose, Lighting, RandomResizedCropFlip

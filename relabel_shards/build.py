@@ -5,9 +5,9 @@ Data flow for one rank (all ranks run the same call; see ``relabel_shards.writer
     source items (sources.py)  ->  plan (plan.py): the items in a seeded global permutation (--no-shuffle:
       source order), shard i = ordered[i*shard_size:(i+1)*shard_size]; or input shard i (order kept)
       DataLoader workers: read bytes, decode, preprocess (annotator.preprocess), stack into chunks
-      # a chunk: {"task": i, "entries": [sample or failure, ...], "images": [Tensor[n,3,H,W], ...],
+      # a chunk: {"task": i, "entries": [sample or failure, ...], "images": [uint8 Tensor[n,3,H,W], ...],
       #           "end": bool}
-      main thread: annotator(images) on the device  ->  values/indices [n,k,h,w] on the CPU
+      main thread: annotator(images) on the device (normalized there)  ->  values/indices [n,k,h,w] on the CPU
       writer thread: encode_label_map, append to shard i's temporary tar, commit at "end"  (writer.py)
     after this rank's shards: ShardJob.finalize writes _info.json once every shard exists
 
@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from relabel_shards.diversity import shard_classes_entry
+from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, check_size
 from relabel_shards.plan import (
     FailureTally,
     check_not_all_failed,
@@ -63,6 +64,7 @@ from relabel_shards.shards import (
 )
 from relabel_shards.sources import (
     DuplicateKeyError,
+    DuplicateMemberError,
     FileItem,
     Source,
     decode_image,
@@ -120,11 +122,13 @@ class _ChunkStream(IterableDataset):
         preprocess: Callable,
         batch_size: int,
         storage_options: dict | None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         self.tasks = tasks
-        self.preprocess = preprocess
+        self.preprocess = preprocess  # image -> uint8 Tensor[3, H, W]: 1/4 of float32 in shared memory
         self.batch_size = batch_size
         self.storage_options = storage_options
+        self.max_image_pixels = max_image_pixels
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -166,9 +170,13 @@ class _ChunkStream(IterableDataset):
         images = [torch.stack(g) for g in groups]  # each (n, 3, H, W)
         return {"task": index, "entries": entries, "images": images, "end": end}
 
-    def _decoded(self, key: str, source: str, data: bytes) -> tuple[Any, tuple[int, int]] | dict:
+    def _decoded(
+        self, key: str, source: str, data: bytes, meta: bytes | None = None
+    ) -> tuple[Any, tuple[int, int]] | dict:
         try:
-            img = decode_image(data)
+            img = decode_image(data, self.max_image_pixels)
+            if meta is not None:  # an input shard's .json: the loader checks it exactly, so check it here
+                check_size(img.size, _recorded_size(meta))
         except ValueError as e:
             return _failure(key, source, str(e))
         return self.preprocess(img), img.size
@@ -197,8 +205,12 @@ class _ChunkStream(IterableDataset):
             yield {"key": it.key, "members": members, "tensor": tensor, "size": (w, h), "label": it.label}
 
     def _shard_samples(self, url: str) -> Iterator[dict]:
+        repeated: list[DuplicateMemberError] = []  # samples that repeat a member: failures, listed in order
         try:
-            for key, members in iter_shard_samples(url, self.storage_options):
+            for key, members in iter_shard_samples(url, self.storage_options, on_duplicate=repeated.append):
+                while repeated:
+                    e = repeated.pop(0)
+                    yield _failure(e.key, f"{url}#{e.key}", str(e))
                 source = f"{url}#{key}"
                 kept = [(n, d) for n, d in members if split_member_name(n)[1] != LABELMAP_EXT]
                 img = image_member(kept)
@@ -208,7 +220,8 @@ class _ChunkStream(IterableDataset):
                     what = "no image member" if img is None else "no .cls member (the class index)"
                     yield _failure(key, source, f"{what} (members: {names})")
                     continue
-                dec = self._decoded(key, source, img[1])
+                meta = next((d for n, d in kept if split_member_name(n)[1] == "json"), None)
+                dec = self._decoded(key, source, img[1], meta)
                 if isinstance(dec, dict):
                     yield dec
                     continue
@@ -218,6 +231,19 @@ class _ChunkStream(IterableDataset):
             yield {**_failure("", url, str(e)), "fatal": True}  # never a skip: keys must be unique
         except (ShardError, OSError) as e:
             yield _failure("", url, f"input shard unreadable from here on: {e}")
+        for e in repeated:
+            yield _failure(e.key, f"{url}#{e.key}", str(e))
+
+
+def _recorded_size(meta: bytes) -> tuple[Any, Any] | None:
+    """``(width, height)`` from a sample's ``.json``, or None where it records none (or is not JSON)."""
+    import json
+
+    try:
+        d = json.loads(meta)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return (d.get("width"), d.get("height")) if isinstance(d, dict) else None
 
 
 def _cls(members: list[tuple[str, bytes]]) -> int | None:
@@ -373,6 +399,8 @@ def build_shards(
     resume_check: str = "sha256",
     shuffle: bool = True,
     shuffle_seed: int = 0,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    key_from: str = "stem",
 ) -> BuildSummary:
     """Annotate every image of ``source`` and write WebDataset shards with label maps to ``out``.
 
@@ -407,6 +435,10 @@ def build_shards(
             False keeps the source order. Input shards always keep theirs.
         shuffle_seed: the permutation's seed (``relabel_shards.plan.permutation``); recorded in
             ``_info.json``'s ``order``.
+        max_image_pixels: an image with more pixels is a failure naming the file (PIL's decompression-bomb
+            guard, made one per-file error); 0 or None: no limit.
+        key_from: sample keys from the file name (``"stem"``) or the relative path (``"path"``, for
+            layouts whose file names repeat across classes); see ``relabel_shards.sources``.
 
     Returns:
         BuildSummary of this rank's work; ``info`` is the split written to ``_info.json`` by this call,
@@ -420,8 +452,9 @@ def build_shards(
         AllInputsFailedError: every input failed (a ``ValueError``; the message counts them by kind).
     """
     prefix = _check_args(shard_size, batch_size, num_workers, encoding, split, prefix)
+    check_max_pixels(max_image_pixels, "max_image_pixels")
     out = os.fspath(out)
-    src = open_source(source, storage_options)
+    src = open_source(source, storage_options, key_from=key_from)
     from relabel_shards.annotator import create_annotator
     from relabel_shards.labelmap import encode_label_map
 
@@ -487,6 +520,7 @@ def build_shards(
             total,
             summary,
             description,
+            max_image_pixels,
         )
     summary.info = job.finalize(
         split, lambda stats: _project(stats, src, ann, ann_config, encoding, settings), name=name
@@ -509,8 +543,9 @@ def _run(
     total: int | None,
     summary: BuildSummary,
     description: dict,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> None:
-    stream = _ChunkStream(tasks, ann.preprocess, batch_size, storage_options)
+    stream = _ChunkStream(tasks, ann.preprocess, batch_size, storage_options, max_image_pixels)
     cuda = getattr(ann, "device", None) is not None and torch.device(ann.device).type == "cuda"
     loader = DataLoader(
         stream,

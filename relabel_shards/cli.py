@@ -15,6 +15,7 @@ from functools import wraps
 import click
 
 from relabel_shards import __version__
+from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS
 
 # Library errors a user can act on: shown as one line, exit code 1, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, ImportError,
@@ -136,6 +137,11 @@ def _echo_summary(summary, out: str) -> None:
               help="Write a folder or list in source order (class-sorted shards: batches of few classes). "
                    "Input shards always keep their order.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (images/s, ETA).")
+@click.option("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+              help="Images with more pixels are failures naming the file (0: no limit).")
+@click.option("--key-from", type=click.Choice(["stem", "path"]), default="stem",
+              help="Sample keys from the file name, or from the relative path ('cls/image_0001.jpg' -> "
+                   "'cls_image_0001') where names repeat across classes.")
 @user_errors
 def build(source: tuple[str, ...], out: str, progress: bool, **kwargs) -> None:
     """Annotate SOURCE's images with a timm classifier and write label-map shards to OUT.
@@ -267,14 +273,17 @@ def verify_command(url: str, split: str | None, max_problems: int, progress: boo
 @click.option("--split", default=None, help="The split to search (default: the only one).")
 @click.option("--shard", default=None, help="Search only this shard file (faster on large datasets).")
 @click.option("--panel-size", default=320, type=click.IntRange(min=16), help="Panel image size in pixels.")
+@click.option("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+              help="A larger image is an error (0: no limit).")
 @user_errors
 def show_command(url: str, key: str | None, out: str, topk: int, split: str | None, shard: str | None,
-                 panel_size: int) -> None:
+                 panel_size: int, max_image_pixels: int) -> None:
     """Draw a sample: the image, then a heatmap of each of its top classes over it, each named."""
     from relabel_shards.show import SampleNotFoundError, show_sample
 
     try:
-        result = show_sample(url, key, out, topk=topk, split=split, shard=shard, panel_size=panel_size)
+        result = show_sample(url, key, out, topk=topk, split=split, shard=shard, panel_size=panel_size,
+                             max_image_pixels=max_image_pixels)
     except SampleNotFoundError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {result.path} ({result.size[0]}x{result.size[1]}): {result.key} from {result.shard}")

@@ -40,6 +40,7 @@ from relabel_shards.official_maps import (
     OfficialMapError,
     load_official_map,
     map_relpath,
+    read_map_file,
     split_official_map,
 )
 from relabel_shards.plan import (
@@ -195,11 +196,10 @@ class _ConvertStream(IterableDataset):
         except ValueError as e:
             return _failure(it.key, it.source, str(e))
         try:
-            raw = read_bytes(join(self.relabel_root, mrel), self.storage_options)
+            raw = read_map_file(join(self.relabel_root, mrel), self.storage_options)  # big: refused unread
+            t = load_official_map(raw)
         except OSError as e:
             return _failure(it.key, mrel, f"cannot read label map: {e.strerror or e}", image=it.source)
-        try:
-            t = load_official_map(raw)
         except OfficialMapError as e:
             return _failure(it.key, mrel, f"bad label map: {e}", image=it.source)
         values, indices = split_official_map(t, self.layout)  # (k, rows, cols) each

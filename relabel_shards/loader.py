@@ -23,7 +23,7 @@ import itertools
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from relabel_shards.crops import check_scale_ratio
 from relabel_shards.decode import CropConfig, SampleError, decode_sample
+from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS
 from relabel_shards.order import assign_shards, derive_seed, resolve_world, samples_per_slot, shuffle_buffer
 from relabel_shards.shardlist import resolve_shards
 from relabel_shards.shards import ShardError
@@ -69,6 +70,10 @@ class ReLabelDataset(IterableDataset):
         center_crop: for evaluation: instead of the random crop, the centered square whose side is this
             fraction of the short side (timm's ``crop_pct``), never flipped.
         retries: re-opens of a shard after transient read errors.
+        transform: a sample transform ``(image, rng) -> (crop, box, flipped)`` (``relabel_shards.transforms``)
+            that replaces the crop options above (``center_crop`` then only selects evaluation's reading).
+        max_image_pixels: images with more pixels are errors (skipped with ``on_error="skip"``, counted as
+            ``image_too_large``); 0 or None: no limit.
     """
 
     def __init__(self, urls: str | Sequence[str], *, split: str | None = None, image_size: int = 224,
@@ -77,7 +82,8 @@ class ReLabelDataset(IterableDataset):
                  shuffle_buffer: int = 1000, shuffle_shards: bool = True, seed: int = 0, epoch: int = 0,
                  on_error: str = "raise", rank: int | None = None, world_size: int | None = None,
                  storage_options: dict | None = None, draft: bool = True, retries: int = 3,
-                 center_crop: float | None = None) -> None:
+                 center_crop: float | None = None, transform: Callable | None = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         super().__init__()
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
@@ -92,7 +98,8 @@ class ReLabelDataset(IterableDataset):
             raise ValueError(f"center_crop must be in (0, 1] or None, got {center_crop!r}")
         scale, ratio = check_scale_ratio(scale, ratio)
         self.crop = CropConfig(image_size, scale, ratio, float(hflip), bool(draft),
-                               None if center_crop is None else float(center_crop))
+                               None if center_crop is None else float(center_crop), transform,
+                               max_image_pixels)
         self.shuffle_buffer = int(shuffle_buffer)
         self.shuffle_shards = bool(shuffle_shards)
         self.seed = int(seed)

@@ -13,7 +13,6 @@ Drawing uses Pillow only (no matplotlib). Class names: ImageNet's from timm when
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -24,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
+from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, check_max_pixels, open_image
 from relabel_shards.shards import (
     INFO_NAME,
     LABELMAP_EXT,
@@ -346,7 +346,7 @@ def image_format(out: str) -> str:
 
 def show_sample(url: str, key: str | None, out: str | os.PathLike, *, topk: int = 5, split: str | None = None,
                 shard: str | None = None, storage_options: dict | None = None,
-                panel_size: int = 320) -> ShowResult:
+                panel_size: int = 320, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ShowResult:
     """Find sample ``key`` in the dataset at ``url`` and write its figure (see :func:`render`).
 
     Args:
@@ -357,14 +357,17 @@ def show_sample(url: str, key: str | None, out: str | os.PathLike, *, topk: int 
         topk: classes drawn, in [1, C].
         split, shard, storage_options: see :func:`find_sample`.
         panel_size: longer side of each panel's image in pixels.
+        max_image_pixels: a larger image is an error naming the sample (0 or None: no limit).
 
     Raises:
         SampleNotFoundError: no such key.
-        ValueError: ``topk`` out of range, or the sample lacks its image or label map.
+        ValueError: ``topk`` out of range, the sample lacks its image or label map, or its image does not
+            open (``relabel_shards.images.ImageError``: not an image, too large).
         LabelMapError: the label map does not decode.
     """
     from relabel_shards.labelmap import decode_label_map
 
+    check_max_pixels(max_image_pixels, "max_image_pixels")
     out = os.fspath(out)
     fmt = image_format(out)
     shard_name, key, members, section = _find(url, key, split=split, storage_options=storage_options,
@@ -374,8 +377,10 @@ def show_sample(url: str, key: str | None, out: str | os.PathLike, *, topk: int 
         raise ValueError(f"{shard_name}: key {key!r} has members {sorted(members)}; show needs an image "
                          f"and .{LABELMAP_EXT}")
     lm = decode_label_map(members[LABELMAP_EXT])
-    with Image.open(io.BytesIO(members[image_ext])) as im:
-        photo = ImageOps.exif_transpose(im).convert("RGB")  # label maps describe the upright image
+    try:  # the one rule: label maps describe the upright image
+        photo = open_image(members[image_ext], max_pixels=max_image_pixels).to_pil()
+    except ImageError as e:
+        raise type(e)(f"{shard_name}: key {key!r}: .{image_ext}: {e}") from None
     names = class_names(int(lm.num_classes), section)
     subtitle = f"{photo.width}x{photo.height} px · {shard_name}"
     if "cls" in members:

@@ -13,21 +13,30 @@ Three kinds of source, told apart by :func:`open_source`:
   ``in-{000000..000009}.tar``, a ``::``-joined list, a URL, or a list of those). Their samples pass through
   unchanged; they are read at build time by :func:`iter_shard_samples`, one input shard per output shard.
 
-Keys come from :func:`relabel_shards.shards.key_from_path`; two files with the same key are an error naming
-both.
+Keys (:func:`sample_key`) come from the relative path, by one of two stable rules (``key_from``):
+
+- ``"stem"`` (the default): the file name without its extension, as ImageNet's keys
+  (``n01440764/n01440764_10026.JPEG`` -> ``n01440764_10026``; :func:`relabel_shards.shards.key_from_path`).
+- ``"path"``: for layouts whose file names repeat across classes (Caltech-101's ``image_0001.jpg``,
+  Places365): the whole relative path without the file's extension, its ``/`` turned into ``_``
+  (``accordion/image_0001.jpg`` -> ``accordion_image_0001``). The path is the one relative to the folder,
+  or as written in the list file (a URL's ``scheme://`` and a leading ``/`` dropped).
+
+In both rules every character other than ``A-Z a-z 0-9 _ -`` (dots included) becomes ``_``, so keys hold no
+dots. Two files with the same key are an error naming both, before anything is read.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from relabel_shards.shards import (
     IMAGE_EXTS,
     ShardError,
@@ -38,14 +47,25 @@ from relabel_shards.shards import (
     split_member_name,
     url_to_fs,
 )
+from relabel_shards.tarstream import duplicate_member_message
 
 log = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("folder", "list", "shards")
+KEY_FROM = ("stem", "path")
 
 
 class DuplicateKeyError(ShardError):
     """Two samples of an input shard share a key (an error even where bad inputs are skipped)."""
+
+
+class DuplicateMemberError(ShardError):
+    """A sample of an input shard repeats an extension (two adjacent samples with one key, or a member
+    written twice): which copy is the sample is unknowable, so the sample is unusable."""
+
+    def __init__(self, url: str, key: str, member: str) -> None:
+        super().__init__(duplicate_member_message(url, key, member))
+        self.url, self.key, self.member = url, key, member
 
 
 @dataclass(frozen=True)
@@ -102,8 +122,8 @@ class ItemTable(Sequence[FileItem]):
     """
 
     def __init__(self, kind: str, url: str, fs, base: str, blob: bytes, offsets, labels,
-                 classes: Sequence[str] | None):
-        self.kind, self.url, self.fs, self.base = kind, url, fs, base
+                 classes: Sequence[str] | None, key_from: str = "stem"):
+        self.kind, self.url, self.fs, self.base, self.key_from = kind, url, fs, base, key_from
         self.blob, self.offsets, self.labels = blob, offsets, labels
         self.classes = tuple(classes) if classes is not None else None
 
@@ -125,8 +145,16 @@ class ItemTable(Sequence[FileItem]):
             yield from text.split("\0")
 
     def iter_keys(self) -> Iterator[str]:
-        """Every key in order: ``shards.key_from_path`` of each source, done by regular expressions over a
-        chunk of sources at a time (about 2.5x faster); a source without a key gives ``""``."""
+        """Every key in order: :func:`sample_key` of each source; for ``key_from="stem"`` done by regular
+        expressions over a chunk of sources at a time (about 2.5x faster). A source without a key gives
+        ``""``."""
+        if self.key_from != "stem":
+            for src in self.iter_sources():
+                try:
+                    yield sample_key(src, self.key_from)
+                except ValueError:
+                    yield ""
+            return
         for text in self._chunks():
             text = _DIRS.sub("", text.replace("\\", "/"))
             yield from _UNSAFE.sub("_", _EXT.sub("", text)).split("\0")
@@ -141,7 +169,7 @@ class ItemTable(Sequence[FileItem]):
     def item(self, i: int) -> FileItem:
         src, label = self.source(i), int(self.labels[i])
         name = self.classes[label] if self.classes is not None else None
-        return FileItem(key=key_from_path(src), path=self._path(src), source=src, label=label,
+        return FileItem(key=sample_key(src, self.key_from), path=self._path(src), source=src, label=label,
                         class_name=name, error=_ext_error(src))
 
     def __getitem__(self, i):  # type: ignore[override]
@@ -166,7 +194,7 @@ class ItemTable(Sequence[FileItem]):
 
         import numpy as np
 
-        h = hashlib.sha256(f"{self.kind}\n{self.base}\n".encode())
+        h = hashlib.sha256(f"{self.kind}\n{self.base}\n{self.key_from}\n".encode())
         h.update(np.asarray(self.offsets, dtype="<u8").tobytes())
         h.update(self.blob)
         h.update(np.asarray(self.labels, dtype="<i4").tobytes())
@@ -204,12 +232,12 @@ class _TableBuilder:
         self.blob += b"".join(encoded)
         self.labels.extend([label] * len(encoded))
 
-    def table(self, kind: str, url: str, fs, base: str, classes) -> ItemTable:
+    def table(self, kind: str, url: str, fs, base: str, classes, key_from: str = "stem") -> ItemTable:
         import numpy as np
 
         # the buffers are shared, not copied (the blob stays a bytearray)
         return ItemTable(kind, url, fs, base, self.blob, np.frombuffer(self.offsets, dtype=np.uint64),
-                         np.frombuffer(self.labels, dtype=np.int32), classes)
+                         np.frombuffer(self.labels, dtype=np.int32), classes, key_from)
 
 
 @dataclass(frozen=True)
@@ -246,17 +274,41 @@ def _looks_like_shards(s: str) -> bool:
     )
 
 
-def open_source(source: str | os.PathLike | Sequence[str], storage_options: dict | None = None) -> Source:
+def sample_key(relpath: str, key_from: str = "stem") -> str:
+    """The sample key of a source file by the rule ``key_from`` (``"stem"`` or ``"path"``, see the module).
+
+    Raises:
+        ValueError: an unknown rule, or a path that gives no key.
+    """
+    if key_from == "stem":
+        return key_from_path(relpath)
+    if key_from != "path":
+        raise ValueError(f"key_from must be one of {list(KEY_FROM)}, got {key_from!r}")
+    path = relpath.replace("\\", "/").split("://", 1)[-1]
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not parts:
+        raise ValueError(f"cannot derive a sample key from path {relpath!r}")
+    parts[-1] = key_from_path(parts[-1])  # the file name without its extension, made safe
+    return "_".join(key_from_path(p + ".x") for p in parts)  # ".x": a directory name keeps all its dots
+
+
+def open_source(
+    source: str | os.PathLike | Sequence[str], storage_options: dict | None = None, key_from: str = "stem"
+) -> Source:
     """Enumerate a source (see the module docstring for the three kinds).
 
     Args:
         source: a directory, a list file, shard path(s)/pattern(s)/URL(s), local or fsspec URL.
         storage_options: fsspec options for URLs (credentials, endpoint).
+        key_from: how folder and list sources name samples: ``"stem"`` (file name) or ``"path"`` (relative
+            path), see the module docstring. Shard sources keep their keys.
 
     Raises:
         FileNotFoundError: the source (or a listed file, or an input shard) does not exist.
         ValueError: the source holds no images, a list line is malformed, or two inputs share a key.
     """
+    if key_from not in KEY_FROM:
+        raise ValueError(f"key_from must be one of {list(KEY_FROM)}, got {key_from!r}")
     if isinstance(source, (list, tuple)):
         if not source:
             raise ValueError("source: got an empty list of shards")
@@ -268,13 +320,13 @@ def open_source(source: str | os.PathLike | Sequence[str], storage_options: dict
         return _shard_source([source], storage_options)
     fs, path = url_to_fs(source, storage_options)
     if fs.isdir(path):
-        return _folder_source(source, fs, path, storage_options)
+        return _folder_source(source, fs, path, storage_options, key_from)
     if fs.isfile(path):
-        return _list_source(source, fs, path, storage_options)
+        return _list_source(source, fs, path, storage_options, key_from)
     raise FileNotFoundError(f"source {source!r} does not exist")
 
 
-def _check_unique(items: Sequence[FileItem]) -> None:
+def _check_unique(items: Sequence[FileItem], key_from: str = "stem") -> None:
     """Raise on two items with one key, naming both (keys are tracked as 64-bit hashes: 13M keys in ~100 MB).
 
     Raises:
@@ -284,10 +336,10 @@ def _check_unique(items: Sequence[FileItem]) -> None:
 
     sources = items.source if isinstance(items, ItemTable) else (lambda i: items[i].source)
     n = len(items)
-    keys = items.iter_keys() if isinstance(items, ItemTable) else (key_from_path(it.source) for it in items)
+    keys = items.iter_keys() if isinstance(items, ItemTable) else (it.key for it in items)
     hashes = np.fromiter(map(hash, keys), dtype=np.int64, count=n)
     if isinstance(items, ItemTable) and (empty := np.flatnonzero(hashes == hash(""))).size:
-        key_from_path(items.source(int(empty[0])))  # raises ValueError naming the path
+        sample_key(items.source(int(empty[0])), key_from)  # raises ValueError naming the path
     hashes.sort()  # in place: 8 bytes an item in all
     dups = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
     if not dups:
@@ -295,20 +347,24 @@ def _check_unique(items: Sequence[FileItem]) -> None:
     seen: dict[str, str] = {}
     for i in range(n):  # only when some hash repeats: find the first pair of sources with one key
         src = sources(i)
-        key = key_from_path(src)
+        key = sample_key(src, key_from)
         if hash(key) in dups:
             if key in seen:
-                raise ValueError(
-                    f"duplicate sample key {key!r}: {seen[key]!r} and {src!r} "
-                    "(keys are file names without extension; rename one)"
+                fix = (
+                    "keys are file names without extension: use key_from='path' (--key-from path) to name "
+                    "samples by their relative path, or rename one"
+                    if key_from == "stem"
+                    else "keys are relative paths with '/' and unsafe characters as '_': rename one"
                 )
+                raise ValueError(f"duplicate sample key {key!r}: {seen[key]!r} and {src!r} ({fix})")
             seen[key] = src
 
 
-def _finish(kind: str, url: str, items: Sequence[FileItem], classes, storage_options) -> Source:
+def _finish(kind: str, url: str, items: Sequence[FileItem], classes, storage_options,
+            key_from: str) -> Source:
     if not len(items):
         raise ValueError(f"source {url!r} holds no images")
-    _check_unique(items)
+    _check_unique(items, key_from)
     return Source(
         kind=kind,
         url=url,
@@ -325,7 +381,7 @@ def _ext_error(name: str) -> str | None:
     return f"not an image file (extension {ext or 'none'!r})"
 
 
-def _folder_source(url: str, fs, root: str, storage_options) -> Source:
+def _folder_source(url: str, fs, root: str, storage_options, key_from: str) -> Source:
     root = root.rstrip("/")
     classes = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p))
     if not classes:
@@ -341,7 +397,8 @@ def _folder_source(url: str, fs, root: str, storage_options) -> Source:
             rel = posixpath.relpath(d, root) if not _is_url(url) else d[len(root) + 1 :]
             # hidden files (.DS_Store, editors' temp files) are not dataset members
             rows.add_many([f"{rel}/{f}" for f in sorted(files) if not f.startswith(".")], label)
-    return _finish("folder", url, rows.table("folder", url, fs, root, classes), classes, storage_options)
+    table = rows.table("folder", url, fs, root, classes, key_from)
+    return _finish("folder", url, table, classes, storage_options, key_from)
 
 
 def _full_url(url: str, fs, path: str) -> str:
@@ -351,7 +408,7 @@ def _full_url(url: str, fs, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def _list_source(url: str, fs, path: str, storage_options) -> Source:
+def _list_source(url: str, fs, path: str, storage_options, key_from: str) -> Source:
     with fs.open(path, "rb") as f:
         raw = f.read()
     try:
@@ -381,7 +438,7 @@ def _list_source(url: str, fs, path: str, storage_options) -> Source:
         if label < 0:
             raise ValueError(f"{url}:{lineno}: label must be >= 0, got {label}")
         table.add(p, label)
-    items = table.table("list", url, fs, base, classes)
+    items = table.table("list", url, fs, base, classes, key_from)
     paths = (items._path(items.source(i)) for i in range(len(items)))
     missing = [i for i, p in enumerate(paths) if not _is_url(p) and not os.path.exists(p)]
     if missing:
@@ -390,7 +447,7 @@ def _list_source(url: str, fs, path: str, storage_options) -> Source:
         raise FileNotFoundError(
             f"source {url!r}: listed file {first.source!r} does not exist (looked at {first.path}){more}"
         )
-    return _finish("list", url, items, classes, storage_options)
+    return _finish("list", url, items, classes, storage_options, key_from)
 
 
 def _shard_source(specs: list[str], storage_options) -> Source:
@@ -422,34 +479,47 @@ def read_bytes(path: str, storage_options: dict | None = None) -> bytes:
 
 
 def iter_shard_samples(
-    url: str, storage_options: dict | None = None
+    url: str,
+    storage_options: dict | None = None,
+    *,
+    on_duplicate: Callable[[DuplicateMemberError], None] | None = None,
 ) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """Yield ``(key, [(member name, bytes), ...])`` for each sample of a WebDataset tar, in order.
 
     Members are grouped the way webdataset groups them (key = name up to the basename's first dot, adjacent
     members). Directories and other non-file members are skipped. Nothing is decoded here.
 
+    Args:
+        url: the shard.
+        storage_options: fsspec options.
+        on_duplicate: None to raise on a sample that repeats an extension; else called with the error (once
+            per such sample), and the sample, all of its members, is left out while reading goes on.
+
     Raises:
+        DuplicateMemberError: a sample repeats an extension, and ``on_duplicate`` is None.
         ShardError: the tar is malformed, or a key comes back after another key (members not adjacent).
     """
     fs, path = url_to_fs(url, storage_options)
     seen: set[str] = set()
     key: str | None = None
     members: list[tuple[str, bytes]] = []
+    exts: set[str] = set()
+    bad = False  # the current sample repeated an extension: drop it whole
     last_done: str | None = None
     try:
         with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*", tarinfo=StrictTarInfo) as tar:
             for ti in tar:
                 if not ti.isreg():
                     continue
-                k, _ext = split_member_name(ti.name)
+                k, ext = split_member_name(ti.name)
                 f = tar.extractfile(ti)
                 data = f.read() if f is not None else b""
                 if len(data) != ti.size:
                     raise tarfile.ReadError(f"member {ti.name!r} holds {len(data)} of {ti.size} bytes")
                 if k != key:
                     if key is not None:
-                        yield key, members
+                        if not bad:
+                            yield key, members
                         last_done = key
                     if k in seen:
                         raise DuplicateKeyError(
@@ -457,13 +527,20 @@ def iter_shard_samples(
                             "or two samples share it)"
                         )
                     seen.add(k)
-                    key, members = k, []
+                    key, members, exts, bad = k, [], set(), False
+                if ext in exts and not bad:
+                    err = DuplicateMemberError(url, k, ti.name)
+                    if on_duplicate is None:
+                        raise err
+                    on_duplicate(err)
+                    bad = True
+                exts.add(ext)
                 members.append((ti.name, data))
     except (tarfile.TarError, EOFError) as e:
         where = f" after key {last_done!r}" if last_done is not None else " before its first whole sample"
         pending = f" (key {key!r} incomplete)" if key is not None else ""
         raise ShardError(f"{url}: truncated or corrupt tar{where}{pending} ({e})") from None
-    if key is not None:
+    if key is not None and not bad:
         yield key, members
 
 
@@ -474,24 +551,19 @@ def image_member(members: Sequence[tuple[str, bytes]]) -> tuple[str, bytes] | No
     return None if ext is None else by_ext[ext]
 
 
-def decode_image(data: bytes):
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
     """Decode image bytes fully into an upright RGB ``PIL.Image`` (a truncated or non-image file raises here).
 
-    The EXIF orientation is applied (label maps describe the upright image, DESIGN.md), so ``.size`` is the
-    upright width and height that the sample's ``.json`` records.
+    The one rule of ``relabel_shards.images.open_image``: the EXIF orientation is applied for every format
+    (label maps describe the upright image, DESIGN.md), so ``.size`` is the upright width and height that
+    the sample's ``.json`` records.
+
+    Args:
+        data: the file's bytes.
+        max_pixels: images with more pixels fail (``ImageTooLargeError``); 0 or None: no limit.
 
     Raises:
-        ValueError: the bytes are empty or not a decodable image; the message says why.
+        ValueError: the bytes are empty, not a decodable image, or over the pixel limit; the message says
+            why (a ``relabel_shards.images.ImageError``).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise ValueError("empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except UnidentifiedImageError:
-        raise ValueError("not a decodable image (PIL cannot identify it)") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode image: {e}") from None
+    return open_image(data, max_pixels=max_pixels).to_pil()

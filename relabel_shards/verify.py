@@ -5,7 +5,9 @@ What is checked (DESIGN.md "Shard layout", "The label-map record"):
 - each shard listed in ``_info.json`` exists, and its byte count and sha256 match the listed ones;
 - the tar reads to its end (a truncated or corrupt tar is named, with the last key read);
 - each sample has one image member, ``.cls`` (an integer), ``.json`` (a JSON object) and ``.rlm``;
-  its members are adjacent, its key holds no dot and appears once in the whole split;
+  its members are adjacent, its key holds no dot and appears once in the whole split. A build from input
+  shards (``_info.json``'s source kind ``"shards"``) passes the input's members through as they are, so there
+  ``.json`` is the input's: neither required nor checked;
 - every label map decodes, and all have the same k, h, w and C, equal to those in ``_info.json`` (a build
   that kept each image's aspect ratio lists its several (h, w) in ``map_shapes``; k and C still agree);
 - the sample count of each shard and of the split match ``shard_lengths`` and ``num_samples``.
@@ -150,8 +152,10 @@ class _SplitChecker:
     """The state that spans shards: keys seen, label-map geometry, the report."""
 
     def __init__(self, report: VerifyReport, expected_geometry: tuple[Any, Any, Any, Any],
-                 map_shapes: set[tuple[int, int]] | None = None) -> None:
+                 map_shapes: set[tuple[int, int]] | None = None, *, own_json: bool = True) -> None:
         self.report = report
+        # whether build wrote each sample's .json (folder and list sources), or passed the input's through
+        self.own_json = own_json
         self.expected = expected_geometry  # from _info.json; entries may be None
         # Builds that keep each image's aspect ratio declare several (h, w) in _info.json's map_shapes;
         # k and C must still agree everywhere.
@@ -219,14 +223,14 @@ class _SplitChecker:
             add(f"{where}: expected one image member ({'/'.join(IMAGE_EXTS[:3])}/...), found "
                 f"{len(images)} (members: {', '.join(sorted(members)) or 'none'})")
         for ext in _REQUIRED:
-            if ext not in members:
+            if ext not in members and (ext != "json" or self.own_json):
                 add(f"{where}: missing .{ext} member (members: {', '.join(sorted(members)) or 'none'})")
         if "cls" in members:
             try:
                 self.labels.append(int(members["cls"].decode("ascii").strip()))
             except (UnicodeDecodeError, ValueError):
                 add(f"{where}: .cls is not an integer: {members['cls'][:20]!r}")
-        if "json" in members:
+        if "json" in members and self.own_json:
             try:
                 meta = json.loads(members["json"])
                 if not isinstance(meta, dict):
@@ -358,8 +362,10 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
         add(f"_info.json: num_samples {s.get('num_samples')} != sum of shard_lengths {sum(lengths)}")
 
     shapes = {tuple(x) for x in section.get("map_shapes") or [] if isinstance(x, list) and len(x) == 2}
+    source = section.get("source")
+    passed_through = isinstance(source, Mapping) and source.get("kind") == "shards"  # build's member rule
     checker = _SplitChecker(report, tuple(section.get(x) for x in ("k", "height", "width", "num_classes")),
-                            shapes)
+                            shapes, own_json=not passed_through)
     checker.resolve_key = lambda shard, h: _key_with_hash(join(url, shard), storage_options, h)
     observed: list[ShardClasses] = []  # each shard's class make-up, from its .cls (a few numbers per shard)
     for i, name in enumerate(filenames):

@@ -718,8 +718,11 @@ def test_damaged_input_shards_and_samples_are_listed_not_lost(tmp_path):
     ann = _annotator()
     with tarfile.open(out / "train-000000.tar") as tar:
         rec = decode_label_map(tar.extractfile("m.rlm").read())
-    values, indices = ann(ann.preprocess(Image.open(io.BytesIO(jpg))).unsqueeze(0))
-    assert np.array_equal(rec.values, values[0].numpy()) and np.array_equal(rec.indices, indices[0].numpy())
+    # lossless is float32 end to end: the annotator's own top-k of the same batch (a, m), bit for bit
+    x = ann.preprocess(Image.open(io.BytesIO(jpg)))
+    values, indices = ann(torch.stack([x, x]))
+    assert rec.values.dtype == np.float32 and values.dtype == torch.float32
+    assert np.array_equal(rec.values, values[1].numpy()) and np.array_equal(rec.indices, indices[1].numpy())
 
 
 def test_every_input_failing_exits_nonzero_with_one_summary(tmp_path, caplog):
@@ -783,3 +786,76 @@ def test_cli_prints_skipped_inputs_by_kind(tmp_path):
     assert "skipped inputs by kind (all are listed in _info.json's failures):" in res.output
     assert "  4 x not a decodable image (e.g. cat/bad" in res.output
     assert "  1 x empty file (e.g. dog/empty.jpg)" in res.output
+
+
+def test_repeated_member_in_an_input_shard_is_a_listed_failure_or_fatal_with_strict(tmp_path):
+    """k.jpg twice with different bytes: build used to annotate the first copy and pass both through, while
+    the loader trained on the last. Now the sample is listed as a failure (both copies left out)."""
+    import tarfile
+
+    jpg, other = _encode(_image(1), "JPEG"), _encode(_image(2), "JPEG")
+    src = tmp_path / "in"
+    write_shard(str(src), "in-000000.tar", [
+        [("a.jpg", jpg), ("a.cls", b"0")],
+        [("k.jpg", jpg), ("k.cls", b"1"), ("k.jpg", other)],
+        [("b.jpg", other), ("b.cls", b"1")],
+    ])
+    out = tmp_path / "ds"
+    summary = build_shards(str(src / "in-000000.tar"), str(out), **SMALL, num_workers=0)
+    split = read_info(str(out))["splits"]["train"]
+    assert split["shard_lengths"] == [2]
+    with tarfile.open(out / split["filenames"][0]) as tar:
+        assert tar.getnames() == ["a.jpg", "a.cls", "a.rlm", "b.jpg", "b.cls", "b.rlm"]
+    [failure] = split["relabel_shards"]["failures"]
+    assert failure["key"] == "k" and failure["source"].endswith("in-000000.tar#k")
+    assert "key 'k': member 'k.jpg' repeats an extension of the same sample" in failure["reason"]
+    assert [f["key"] for f in summary.failures] == ["k"]
+    strict = r"in-000000\.tar#k: .*member 'k\.jpg' repeats an extension.*\(strict"
+    with pytest.raises(ValueError, match=strict):
+        build_shards(str(src / "in-000000.tar"), str(tmp_path / "s"), **SMALL, num_workers=0, strict=True)
+
+
+def test_key_from_path_and_the_pixel_limit(tmp_path, monkeypatch):
+    """Caltech-style repeated names build with key_from='path'; an image over max_image_pixels is a listed
+    failure naming the file, with no PIL warning printed (into the progress bar)."""
+    import warnings
+
+    root = tmp_path / "caltech"
+    for ci, cls in enumerate(("accordion", "anchor")):
+        (root / cls).mkdir(parents=True)
+        for j in range(2):
+            (root / cls / f"image_000{j + 1}.jpg").write_bytes(_encode(_image(ci * 10 + j), "JPEG"))
+    (root / "anchor" / "image_0009.png").write_bytes(_encode(_image(9, size=(60, 60)), "PNG"))  # 3,600 px
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # PIL alone would warn about every image here
+    out = tmp_path / "ds"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = build_shards(str(root), str(out), **SMALL, num_workers=0, key_from="path",
+                               max_image_pixels=3000)
+    assert summary.images == 4
+    split = read_info(str(out))["splits"]["train"]
+    assert [f["source"] for f in split["relabel_shards"]["failures"]] == ["anchor/image_0009.png"]
+    assert split["relabel_shards"]["failures"][0]["reason"].startswith(
+        "60x60 image has 3,600 pixels, over the limit of 3,000 (max_image_pixels")
+    keys = [s["__key__"] for s in _read_samples(out, split)]  # written in the seeded permutation
+    assert sorted(keys) == ["accordion_image_0001", "accordion_image_0002", "anchor_image_0001",
+                            "anchor_image_0002"]
+    with pytest.raises(ValueError, match=r"duplicate sample key 'image_0001'.*--key-from path"):
+        build_shards(str(root), str(tmp_path / "stem"), **SMALL, num_workers=0)
+    with pytest.raises(ValueError, match=r"max_image_pixels must be an int >= 0 \(0 or None: no limit\)"):
+        build_shards(str(root), str(tmp_path / "neg"), **SMALL, num_workers=0, max_image_pixels=-5)
+
+
+def test_input_shard_json_must_record_the_upright_size(tmp_path):
+    """The loader checks .json's size exactly, so build lists a mismatch instead of passing it through."""
+    jpg = _encode(_image(1), "JPEG")  # 56 x 40
+    write_shard(str(tmp_path / "in"), "in-000000.tar", [
+        [("ok.jpg", jpg), ("ok.cls", b"0"), ("ok.json", b'{"width": 56, "height": 40}')],
+        [("swapped.jpg", jpg), ("swapped.cls", b"0"), ("swapped.json", b'{"width": 40, "height": 56}')],
+    ])
+    build_shards(str(tmp_path / "in" / "in-000000.tar"), str(tmp_path / "ds2"), **SMALL, num_workers=0)
+    split = read_info(str(tmp_path / "ds2"))["splits"]["train"]
+    assert split["shard_lengths"] == [1]
+    (fail,) = split["relabel_shards"]["failures"]
+    assert fail["source"].endswith("in-000000.tar#swapped")
+    assert fail["reason"] == ".json says 40x56 but the image is 56x40 (upright, after its EXIF orientation)"

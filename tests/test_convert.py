@@ -169,8 +169,101 @@ def _bad_files(tmp: Path) -> dict[str, tuple[bytes, str]]:
         "pickle": (__import__("pickle").dumps(good), r"not loadable with torch.load\(weights_only=True\)"),
         "cut": (zip_bytes[:-100], r"not loadable with torch.load\(weights_only=True\)"),
         "empty": (b"", r"^empty file$"),
-        "huge": (b"\0" * ((1 << 20) + 1), r"file is 1048577 bytes, more than the 1048576"),
+        "huge": (b"\0" * ((64 << 10) + 1), r"file is 65537 bytes, more than the 65536"),
+        "inflates": (
+            _deflated_torch_zip(1_000_000),
+            r"zip directory declares 4000000 bytes of tensor data and 40002\d\d bytes in all, more than a "
+            r"\[2, 5, 15, 15\] float32 map needs \(9000 and 65536\)",
+        ),
     }
+
+
+def _deflated_torch_zip(numel: int) -> bytes:
+    """torch.save of ``numel`` zero floats, re-zipped with deflate: about 60 KB that torch.load would inflate
+    to 4 * numel bytes (torch writes its entries stored; nothing stops a hostile file from deflating them)."""
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save(torch.zeros(numel), buf)
+    out = io.BytesIO()
+    with zipfile.ZipFile(buf) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+    return out.getvalue()
+
+
+def _deflate_bomb_zip(declared: int) -> bytes:
+    """A zip whose one entry ``archive/data/0`` deflates ``declared`` zero bytes (a multiple of 1 MiB) into
+    about declared / 1000 bytes; the stream is one fully flushed 1 MiB block repeated: cheap to make."""
+    import struct
+    import zlib
+
+    mib = bytes(1 << 20)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = c.compress(mib) + c.flush(zlib.Z_FULL_FLUSH)  # the state is reset: every block codes alike
+    body = block * (declared >> 20) + c.flush()
+    name = b"archive/data/0"
+    sizes = (0, len(body), declared, len(name))  # CRC-32 left 0: a reader must refuse long before checking it
+    local = struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 8, 0, 33, *sizes, 0)
+    central = struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, 8, 0, 33, *sizes, 0, 0, 0, 0, 0, 0)
+    central += name
+    offset = len(local) + len(name) + len(body)
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 1, 1, len(central), offset, 0)
+    return local + name + body + central + end
+
+
+_RSS_PROBE = """
+import json, sys
+from relabel_shards.official_maps import OfficialMapError, load_official_map, read_map_file
+def hwm():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+base, out = hwm(), {}
+for path in sys.argv[1:]:
+    try:
+        load_official_map(read_map_file(path))
+        out[path] = "loaded"
+    except OfficialMapError as e:
+        out[path] = str(e)
+print(json.dumps({"grew": hwm() - base, "errors": out, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="measures VmHWM in /proc")
+def test_hostile_map_files_cost_little_memory(tmp_path):
+    """A 1.5 GB sparse file used to be read whole (+1.5 GB per worker), a 1 MB deflated zip declaring 1 GiB
+    of storage cost 1.5 GB before it was rejected. Each is refused from its size or its zip directory."""
+    sparse, bomb, small = tmp_path / "sparse.pt", tmp_path / "bomb.pt", tmp_path / "small.pt"
+    with open(sparse, "wb") as f:
+        f.truncate(1_500_000_000)  # no data blocks: costs no disk
+    bomb.write_bytes(_deflate_bomb_zip(1 << 30))
+    small.write_bytes(_deflated_torch_zip(15_000_000))
+    assert len(bomb.read_bytes()) < 1_200_000 and len(small.read_bytes()) < 64 << 10
+    with pytest.raises(OfficialMapError, match=r"zip directory declares 1073741824 bytes of tensor data"):
+        import relabel_shards.official_maps as om
+
+        om._check_zip_directory(bomb.read_bytes())  # what load_official_map would say below the size bound
+    probe = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(sparse), str(bomb), str(small)],
+                           capture_output=True, text=True, timeout=120, check=True)
+    got = json.loads(probe.stdout)
+    errors = got["errors"]
+    assert errors[str(sparse)] == (f"{sparse}: file is 1500000000 bytes, more than the 65536 an official map "
+                                   "can take (about 10 KB)")
+    assert errors[str(bomb)].startswith(f"{bomb}: file is {bomb.stat().st_size} bytes, more than the 65536")
+    assert errors[str(small)].startswith("zip directory declares 60000000 bytes of tensor data")
+    assert got["grew"] < 100 << 20, got  # peak RSS growth over all three
+    assert not got["torch"]  # refused before torch was even imported
+
+
+def test_read_map_file_stops_at_the_bound_whatever_the_size_says(tmp_path, monkeypatch):
+    from relabel_shards import official_maps
+
+    path = tmp_path / "grows.pt"
+    path.write_bytes(bytes(200_000))
+    monkeypatch.setattr("fsspec.implementations.local.LocalFileSystem.size", lambda self, p: 10)
+    with pytest.raises(OfficialMapError, match=r"grows\.pt: file is more than 65536 bytes, more than the"):
+        official_maps.read_map_file(str(path))
+    path.write_bytes(bytes(100))
+    assert official_maps.read_map_file(str(path)) == bytes(100)
 
 
 def test_bad_files_rejected_with_reasons(tmp_path):

@@ -20,6 +20,7 @@ Failures (``_info.json``'s ``failures``) name the file at fault in ``source``, r
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -351,6 +352,8 @@ def convert_official(
     if src.kind != "folder":
         raise ValueError(f"images must be an ImageFolder directory (class/image files), got a {src.kind} "
                          f"source: {src.url!r}")
+    # the pairing walks the items several times: make the FileItems once (ImageNet-1k: 1.28M, ~0.5 GB)
+    src = dataclasses.replace(src, items=tuple(src.items))
     if src.classes is not None and len(src.classes) != NUM_CLASSES:
         log.warning("images has %d class folders, not %d: .cls holds the folder's index, while the label "
                     "maps use ImageNet-1k's class indices", len(src.classes), NUM_CLASSES)

@@ -17,6 +17,8 @@ Crop geometry and the streaming loader (``relabel_shards.crops``, ``relabel_shar
     ``random_resized_crop_params``, ``ReLabelDataset``, ``make_loader``
 Import of the official release (``relabel_shards.convert``)
     ``convert_official``
+Classes per batch (``relabel_shards.diversity``)
+    ``class_sorted_warning``
 Opening images and the sample transform (``relabel_shards.images``, ``relabel_shards.transforms``)
     ``open_image``, ``ImageError``, ``RandomResizedCropFlip``, ``CenterCrop``, ``Compose``, ``Lighting``
 """
@@ -49,6 +51,7 @@ _EXPORTS: dict[str, str] = {
     "ReLabelDataset": "relabel_shards.loader",
     "make_loader": "relabel_shards.loader",
     "convert_official": "relabel_shards.convert",
+    "class_sorted_warning": "relabel_shards.diversity",
     "open_image": "relabel_shards.images",
     "ImageError": "relabel_shards.images",
     "RandomResizedCropFlip": "relabel_shards.transforms",
@@ -78,6 +81,7 @@ __all__ = [
     "ReLabelDataset",
     "make_loader",
     "convert_official",
+    "class_sorted_warning",
     "open_image",
     "ImageError",
     "RandomResizedCropFlip",
@@ -106,6 +110,7 @@ if TYPE_CHECKING:  # static tools see the real names
     from relabel_shards.build import build_shards
     from relabel_shards.convert import convert_official
     from relabel_shards.crops import random_resized_crop_params
+    from relabel_shards.diversity import class_sorted_warning
     from relabel_shards.images import ImageError, open_image
     from relabel_shards.labelmap import (
         ImageBinding,

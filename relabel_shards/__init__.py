@@ -6,7 +6,9 @@ The public API, each name imported on first use so that ``import relabel_shards`
 Label-map record (``relabel_shards.labelmap``)
     ``LabelMap``, ``LabelMapError``, ``encode_label_map``, ``decode_label_map``, ``ImageBinding``
 LabelPooling (``relabel_shards.pooling``)
-    ``label_pooling``, ``LabelPooling``, ``reference_label_pooling``
+    ``label_pooling``, ``LabelPooling``, ``reference_label_pooling``, ``SparseTargets``
+Soft-target losses without dense targets (``relabel_shards.losses``)
+    ``soft_target_cross_entropy``, ``token_labeling_loss``
 Annotator and batch job (``relabel_shards.annotator``, ``relabel_shards.build``)
     ``create_annotator``, ``build_shards``
 Shards (``relabel_shards.shards``)
@@ -17,7 +19,8 @@ Import of the official release (``relabel_shards.convert``)
     ``convert_official``, ``convert_official_labels``
 Label shards beside image shards (``relabel_shards.join``, ``.pairing``, ``.publish``)
     ``join_labels``, ``key_digest``, ``check_pairs_with``, ``publish``
-    ``convert_official``
+Classes per batch (``relabel_shards.diversity``)
+    ``class_sorted_warning``
 Opening images and the sample transform (``relabel_shards.images``, ``relabel_shards.transforms``)
     ``open_image``, ``ImageError``, ``RandomResizedCropFlip``, ``CenterCrop``, ``Compose``, ``Lighting``
 """
@@ -39,6 +42,9 @@ _EXPORTS: dict[str, str] = {
     "label_pooling": "relabel_shards.pooling",
     "LabelPooling": "relabel_shards.pooling",
     "reference_label_pooling": "relabel_shards.pooling",
+    "SparseTargets": "relabel_shards.pooling",
+    "soft_target_cross_entropy": "relabel_shards.losses",
+    "token_labeling_loss": "relabel_shards.losses",
     "create_annotator": "relabel_shards.annotator",
     "build_shards": "relabel_shards.build",
     "ShardError": "relabel_shards.shards",
@@ -52,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     "key_digest": "relabel_shards.pairing",
     "check_pairs_with": "relabel_shards.pairing",
     "publish": "relabel_shards.publish",
+    "class_sorted_warning": "relabel_shards.diversity",
     "open_image": "relabel_shards.images",
     "ImageError": "relabel_shards.images",
     "RandomResizedCropFlip": "relabel_shards.transforms",
@@ -70,6 +77,9 @@ __all__ = [
     "label_pooling",
     "LabelPooling",
     "reference_label_pooling",
+    "SparseTargets",
+    "soft_target_cross_entropy",
+    "token_labeling_loss",
     "create_annotator",
     "build_shards",
     "ShardError",
@@ -83,6 +93,7 @@ __all__ = [
     "key_digest",
     "check_pairs_with",
     "publish",
+    "class_sorted_warning",
     "open_image",
     "ImageError",
     "RandomResizedCropFlip",
@@ -111,6 +122,7 @@ if TYPE_CHECKING:  # static tools see the real names
     from relabel_shards.build import build_shards
     from relabel_shards.convert import convert_official, convert_official_labels
     from relabel_shards.crops import random_resized_crop_params
+    from relabel_shards.diversity import class_sorted_warning
     from relabel_shards.images import ImageError, open_image
     from relabel_shards.join import join_labels
     from relabel_shards.labelmap import (
@@ -121,8 +133,9 @@ if TYPE_CHECKING:  # static tools see the real names
         encode_label_map,
     )
     from relabel_shards.loader import ReLabelDataset, make_loader
+    from relabel_shards.losses import soft_target_cross_entropy, token_labeling_loss
     from relabel_shards.pairing import check_pairs_with, key_digest
-    from relabel_shards.pooling import LabelPooling, label_pooling, reference_label_pooling
+    from relabel_shards.pooling import LabelPooling, SparseTargets, label_pooling, reference_label_pooling
     from relabel_shards.publish import publish
     from relabel_shards.shards import ShardError, read_info
     from relabel_shards.transforms import CenterCrop, Compose, Lighting, RandomResizedCropFlip

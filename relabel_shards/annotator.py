@@ -471,6 +471,90 @@ def _class_names(model: nn.Module, num_classes: int) -> list[str] | None:
     return list(names) if len(names) == num_classes else None
 
 
+PROBE_TIMEOUT_S = 5.0  # how long --pretrained waits to learn whether the weights' host answers at all
+
+
+def _unknown_model(name: str) -> ValueError:
+    """'unknown timm model name' with the closest names timm knows (difflib)."""
+    import difflib
+
+    import timm
+
+    base = name.split(".", 1)[0]
+    close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ValueError(f"unknown timm model name {name!r}{hint} (timm.list_models() lists the names)")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _probe(url: str) -> str | None:
+    """None when a TCP connection to ``url``'s host opens within ``PROBE_TIMEOUT_S``, else why not."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
+    if not host:
+        return None
+    result: list[str | None] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"{type(e).__name__}: {e}")
+
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    t.join(PROBE_TIMEOUT_S + 1)
+    return result[0] if result else f"no answer within {PROBE_TIMEOUT_S:.0f} s"
+
+
+def _check_pretrained_available(name: str) -> None:
+    """Fail fast when ``pretrained`` weights are neither cached nor downloadable (no long hub retries).
+
+    Raises:
+        ValueError: not in the Hugging Face (or torch hub) cache, and ``HF_HUB_OFFLINE`` is set or the
+            host does not answer; the message gives the CLI's flags and the library's arguments.
+    """
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or getattr(cfg, "file", None) or getattr(cfg, "state_dict", None):
+        return
+    hub_id, url = getattr(cfg, "hf_hub_id", None), getattr(cfg, "url", None)
+    if hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        fname = getattr(cfg, "hf_hub_filename", None)
+        for f in [fname] if fname else ["model.safetensors", "pytorch_model.bin"]:
+            if isinstance(try_to_load_from_cache(hub_id, f), str):
+                return
+        where = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+        what = f"{hub_id} on the Hugging Face Hub"
+    elif url:
+        if os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))):
+            return
+        where, what = url, url
+    else:
+        return
+    why = "HF_HUB_OFFLINE is set" if _offline() else None
+    if why is None:
+        failed = _probe(where)
+        why = None if failed is None else f"{where} is not reachable ({failed})"
+    if why is not None:
+        raise ValueError(
+            f"--pretrained: the weights of {name!r} ({what}) are not in the local cache and {why}. Run "
+            "once where the hub is reachable (the weights are then cached), or pass --checkpoint FILE with a "
+            "state dict (library: checkpoint=FILE instead of pretrained=True)"
+        )
+
+
 def _create_model(name: str, pretrained: bool, kwargs: dict[str, Any], dynamic: bool) -> nn.Module:
     """``timm.create_model``; with ``dynamic``, first with ``dynamic_img_size=True``.
 
@@ -548,7 +632,9 @@ def create_annotator(
             raise ValueError(f"input_size must be an int or (H, W) of ints in [16, 8192], got {input_size!r}")
     name = model or EMBEDDED_MODEL
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model name {name!r}; see timm.list_models() for the names")
+        raise _unknown_model(name)
+    if pretrained:
+        _check_pretrained_available(name)
     dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     kwargs = dict(model_kwargs or {})
 

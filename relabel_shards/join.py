@@ -372,6 +372,7 @@ def join_labels(
             directory holding another job's shards.
     """
     from relabel_shards.build import _check_args
+    from relabel_shards.plan import check_output, job_fingerprint
     from relabel_shards.sources import open_source
 
     prefix = _check_args(shard_size, 1, num_workers, "compact", split, prefix)
@@ -390,7 +391,9 @@ def join_labels(
         "prefix": prefix,
         "split": split,
     }
-    fingerprint = _fingerprint(src, labels, index, settings)
+    description = _description(src, labels, index, settings)
+    fingerprint = job_fingerprint(description)
+    check_output(out, prefix, fingerprint, description, storage_options)
 
     def project(stats: list) -> dict:
         return _project(stats, src, index, settings)
@@ -413,6 +416,7 @@ def join_labels(
         progress=progress,
         name=name,
         unused=lambda stats: _labels_without_image(index, stats),
+        description=description,
     )
 
 
@@ -436,11 +440,14 @@ def run_aligned(
     name: str | None,
     unused: Callable[[list], list[dict]] | None = None,
     match_by: str = "key",
+    description: dict | None = None,
 ) -> JoinSummary:
     """The job behind ``join`` and ``convert --labels-only``: one output shard per image shard (or folder
     chunk), each image given ``labeler``'s record, through ``ShardJob`` (ranks, resume, ``_info.json``).
 
-    ``unused(stats)`` lists the labels no image took (``{"key", "source", "reason"}``); with ``strict`` any is
+    ``description`` (the job's, whose digest is ``fingerprint``) goes into each sidecar, so that a rerun with
+    other arguments into the same OUT is told what differs (``plan.check_output``). ``unused(stats)`` lists
+    the labels no image took (``{"key", "source", "reason"}``); with ``strict`` any is
     an error raised before ``_info.json`` is written.
     """
     from torch.utils.data import DataLoader
@@ -484,6 +491,8 @@ def run_aligned(
 
     def extra(index: int) -> dict:
         out: dict[str, Any] = {"rebound": rebound.pop(index, 0)}
+        if description is not None:
+            out["job"] = description
         if match_by != "key":
             out["matched_by"] = matched.pop(index, [])
         return out
@@ -574,26 +583,22 @@ def _labels_without_image(index: LabelIndex, stats: list) -> list[dict]:
     ]
 
 
-def _fingerprint(src: Any, labels: str, index: LabelIndex, settings: dict) -> str:
-    h = hashlib.sha256()
-    for u in src.shard_urls:
-        h.update(u.encode() + b"\n")
-    for it in src.items:
-        h.update(f"{it.key}\t{it.source}\t{it.label}\t{it.class_name}\n".encode())
+def _description(src: Any, labels: str, index: LabelIndex, settings: dict) -> dict:
+    """Everything that decides the output bytes; its digest is the fingerprint (``plan.job_fingerprint``)."""
+    from relabel_shards.pairing import key_digest
+    from relabel_shards.plan import items_digest
+
     lab = index.section.get("shards") or index.split.get("filenames")
-    return hashlib.sha256(
-        json_bytes(
-            {
-                "format_version": FORMAT_VERSION,
-                "job": "join",
-                "labels": labels,
-                "label_shards": lab,
-                "images": src.describe(),
-                "items": h.hexdigest(),
-                "settings": settings,
-            }
-        )
-    ).hexdigest()
+    return {
+        "format_version": FORMAT_VERSION,
+        "job": "join",
+        "labels": labels,
+        "label_shards": key_digest(json_bytes(x).decode() for x in lab or []),
+        "images": src.describe(),
+        "image_shards": key_digest(src.shard_urls),
+        "items": items_digest(src.items),
+        "settings": settings,
+    }
 
 
 # What a joined set keeps of its label set's section: the annotator and the map geometry.

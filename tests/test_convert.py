@@ -24,6 +24,7 @@ from PIL import Image
 
 from relabel_shards.convert import OFFICIAL_MODEL, convert_official
 from relabel_shards.official_maps import OfficialMapError, load_official_map, map_relpath, split_official_map
+from relabel_shards.plan import AllInputsFailedError, permutation
 from relabel_shards.shards import read_info
 
 SIZES = [(64, 48), (40, 72), (50, 50), (96, 30)]  # (width, height): landscape, portrait, square, wide
@@ -318,8 +319,9 @@ def test_pooled_targets_equal_the_official_pipeline(release, tmp_path, layout, e
                                shard_size=3, num_workers=0)
     assert summary.failures == [] and summary.images == 8 and summary.written == [0, 1, 2]
     samples = _samples(out)
-    assert [s["__key__"] for s in samples] == [Path(r).stem for r in saved]
-    assert [int(s["cls"]) for s in samples] == [0] * 4 + [1] * 4
+    in_path_order = [(Path(r).stem, c) for r, c in zip(saved, [0] * 4 + [1] * 4, strict=True)]
+    written = [in_path_order[i] for i in permutation(8, 0)]  # the default: a seeded global permutation
+    assert [(s["__key__"], int(s["cls"])) for s in samples] == written
     # hw is pooled with the official's swapped box; wh (transposed on import) with the correct one
     official, ours = _official_and_ours(samples, saved, swap_xy=layout == "hw")
     err = (official - ours).abs().max().item()
@@ -356,7 +358,7 @@ def test_bad_inputs_listed_and_skipped_or_fatal_with_strict(tmp_path):
 
     out = tmp_path / "ds"
     summary = convert_official(str(images), str(maps), str(out), shard_size=4, num_workers=2,
-                               encoding="lossless")
+                               encoding="lossless", shuffle=False)
     split = read_info(str(out))["splits"]["train"]
     rs = split["relabel_shards"]
     failures = {f["source"]: f for f in rs["failures"]}
@@ -393,13 +395,14 @@ def test_bad_inputs_listed_and_skipped_or_fatal_with_strict(tmp_path):
     # a bad file stops it where it is met: complete shards before it stay, no partial shard, no _info.json
     with pytest.raises(ValueError, match=r"a/broken\.JPEG: not a decodable image .*\(strict: a bad input"):
         convert_official(str(images), str(maps), str(tmp_path / "s3"), num_workers=0, strict=True,
-                         shard_size=2)
+                         shard_size=2, shuffle=False)
     assert sorted(os.listdir(tmp_path / "s3")) == ["train-000000.tar", "train-000000_stats.json"]
     for p in ("broken", "truncated"):
         (images / "a" / f"{p}.JPEG").unlink()
         (maps / "a" / f"{p}.pt").unlink()
     with pytest.raises(ValueError, match=r"b/cut\.pt: bad label map: not loadable"):
-        convert_official(str(images), str(maps), str(tmp_path / "s4"), num_workers=0, strict=True)
+        convert_official(str(images), str(maps), str(tmp_path / "s4"), num_workers=0, strict=True,
+                         shuffle=False)
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
@@ -437,7 +440,7 @@ def test_two_ranks_give_the_same_shards_as_one_and_rerun_keeps_them(release, tmp
     again = convert_official(str(images), str(maps), str(two), shard_size=3, num_workers=0)
     assert again.written == [] and again.skipped == [0, 1, 2] and again.images == 0
     assert _tree(two) == _tree(one)
-    with pytest.raises(ValueError, match="was written by a different build"):
+    with pytest.raises(ValueError, match=r"of a different build .*settings\.layout: 'hw' there, 'wh' now"):
         convert_official(str(images), str(maps), str(two), shard_size=3, num_workers=0, layout="wh")
 
 
@@ -585,3 +588,37 @@ def test_release_and_output_on_s3_equal_local(release, tmp_path, s3_bucket):
         assert fs.cat_file(f"{remote}/{name}") == (local / name).read_bytes()
     rs = read_info(remote)["splits"]["train"]["relabel_shards"]
     assert rs["annotator"]["release_root"] == f"{s3_bucket}/relabel"
+
+
+def test_release_root_one_level_too_high_fails_at_once_with_the_fix(release, tmp_path, caplog):
+    images, maps, _ = release
+    out = tmp_path / "ds"
+    with pytest.raises(AllInputsFailedError, match=r"no image of .* has a label map .* 8 images, 8 maps.* "
+                                                   r"RELABEL_ROOT looks one level too high: the maps sit "
+                                                   rf"under {maps.parent}/{maps.name}/"):
+        convert_official(str(images), str(maps.parent), str(out), num_workers=0)
+    assert not out.exists()  # nothing written, nothing to clean up
+    with pytest.raises(AllInputsFailedError, match=r"RELABEL_ROOT looks one level too low"):
+        convert_official(str(images), str(maps / "n01440764"), str(out), num_workers=0)
+    from click.testing import CliRunner
+
+    from relabel_shards.cli import cli
+
+    res = CliRunner().invoke(cli, ["convert", str(images), str(maps.parent), str(out), "--num-workers", "0",
+                                   "--no-progress"])
+    assert res.exit_code == 1 and res.output.startswith("Error: no image of")
+    assert "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_every_image_failing_exits_nonzero_with_one_summary(tmp_path, caplog):
+    images, maps, _ = _make_release(tmp_path, classes=("a", "b"), per_class=4)
+    for p in images.rglob("*.JPEG"):
+        p.write_bytes(b"not a jpeg")  # every image broken, every map present
+    out = tmp_path / "ds"
+    caplog.set_level("WARNING")
+    with pytest.raises(AllInputsFailedError, match=r"every one of its 8 inputs failed .*8 x not a decodable "
+                                                   r"image \(e\.g\. "):
+        convert_official(str(images), str(maps), str(out), num_workers=0, shard_size=2)
+    per_file = [r for r in caplog.records if r.getMessage().startswith("skipping ")]
+    assert len(per_file) == 3  # a few examples, then counted: not one line per file

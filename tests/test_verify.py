@@ -234,6 +234,22 @@ def test_declared_map_shapes_are_accepted(tmp_path):
     assert "label maps differ in shape across the split (k=3 4x6 C=10: 1, k=3 4x5 C=10: 1)" in text
 
 
+def test_duplicates_across_many_shards_are_each_named_with_the_first_shard(tmp_path):
+    # keys are tracked as 64-bit hashes (bounded memory at 13M keys); a duplicate is still named by key
+    make_dataset(tmp_path, num_samples=8, shard_size=2)  # img000..img007 in 4 shards
+
+    def rename(old, new):
+        return lambda samples: [[(n.replace(old, new), d) for n, d in s] for s in samples]
+
+    rewrite_shard(tmp_path, "train-000002.tar", rename("img004", "img001"))
+    rewrite_shard(tmp_path, "train-000003.tar", rename("img007", "img001"))
+    problems = verify_shards(str(tmp_path)).problems
+    assert sorted(p for p in problems if "duplicate" in p) == [
+        "train-000002.tar: key 'img001': duplicate key, already in train-000000.tar",
+        "train-000003.tar: key 'img001': duplicate key, already in train-000000.tar",
+    ]
+
+
 def test_build_from_input_shards_without_json_passes_verify(tmp_path):
     """build passes input shards' members through as they are: with no .json in the input there is none in
     the output, and verify checks what build promises for that kind of source (it used to say "missing .json

@@ -130,6 +130,30 @@ def _check_image(data: bytes) -> tuple[int, int]:
         raise ValueError(f"cannot decode image: {e}") from None
 
 
+def _upright(data: bytes) -> tuple[int, int, int]:
+    """(width, height, orientation) of image bytes after their EXIF orientation, from the header only: the
+    project's one image rule (``images.open_image``), without the pixel limit (the release's images are what
+    they are)."""
+    from relabel_shards.images import open_image
+
+    im = open_image(data, max_pixels=None)
+    return im.width, im.height, im.orientation
+
+
+def _oriented(maps: tuple[Any, Any], orientation: int) -> tuple[Any, Any]:
+    """The official (values, indices) turned upright with their image.
+
+    The official maps were made from images opened without their EXIF orientation (torchvision's
+    ImageFolder loader), so they describe the stored frame; the loader crops the upright frame, and a map
+    cell grid turns exactly with its image (``images.orient_grid``).
+    """
+    import numpy as np
+
+    from relabel_shards.images import orient_grid
+
+    return tuple(np.ascontiguousarray(orient_grid(a, orientation)) for a in maps)
+
+
 def _image_size(data: bytes) -> tuple[int, int]:
     """(width, height) from the image header only (``check_images=False``)."""
     from PIL import Image, UnidentifiedImageError
@@ -181,7 +205,7 @@ class _ConvertStream(IterableDataset):
             yield {"task": index, "entries": entries, "items": n_items, "end": True}
 
     def _sample(self, it: FileItem) -> dict:
-        from relabel_shards.labelmap import encode_label_map
+        from relabel_shards.labelmap import ImageBinding, encode_label_map
 
         if it.error is not None:
             return _failure(it.key, it.source, it.error)
@@ -193,7 +217,11 @@ class _ConvertStream(IterableDataset):
         except OSError as e:
             return _failure(it.key, it.source, f"cannot read file: {e.strerror or e}")
         try:
-            w, h = _check_image(image) if self.check_images else _image_size(image)
+            if self.check_images:
+                _check_image(image)
+            else:
+                _image_size(image)
+            w, h, orientation = _upright(image)
         except ValueError as e:
             return _failure(it.key, it.source, str(e))
         try:
@@ -203,8 +231,9 @@ class _ConvertStream(IterableDataset):
             return _failure(it.key, mrel, f"cannot read label map: {e.strerror or e}", image=it.source)
         except OfficialMapError as e:
             return _failure(it.key, mrel, f"bad label map: {e}", image=it.source)
-        values, indices = split_official_map(t, self.layout)  # (k, rows, cols) each
-        record = encode_label_map(values, indices, NUM_CLASSES, encoding=self.encoding)
+        values, indices = _oriented(split_official_map(t, self.layout), orientation)  # (k, rows, cols)
+        record = encode_label_map(values, indices, NUM_CLASSES, encoding=self.encoding,
+                                  image=ImageBinding.of(image, w, h))
         meta: dict[str, Any] = {"source": it.source, "width": w, "height": h, "labelmap_source": mrel}
         if it.class_name is not None:
             meta["class_name"] = it.class_name
@@ -481,19 +510,19 @@ class _OfficialLabeler:
         return np.array([self.rows.get(k, -1) for k in keys], dtype=np.int64)
 
     def __call__(self, key: str, row: int, image: bytes, size: tuple[int, int] | None) -> tuple[bytes, bool]:
-        from relabel_shards.join import upright_size
         from relabel_shards.labelmap import ImageBinding, encode_label_map
 
         mrel = self.paths[row][1]
         try:
-            raw = read_bytes(join(self.relabel_root, mrel), self.storage_options)
+            raw = read_map_file(join(self.relabel_root, mrel), self.storage_options)  # big: refused unread
         except OSError as e:
             raise ValueError(f"cannot read label map {mrel}: {e.strerror or e}") from None
         try:
-            values, indices = split_official_map(load_official_map(raw), self.layout)  # (k, rows, cols)
+            maps = split_official_map(load_official_map(raw), self.layout)  # (k, rows, cols)
         except OfficialMapError as e:
             raise ValueError(f"bad label map {mrel}: {e}") from None
-        w, h = size if size is not None else upright_size(image)
+        w, h, orientation = _upright(image)  # the image itself, not its .json (``size``), decides
+        values, indices = _oriented(maps, orientation)
         record = encode_label_map(values, indices, NUM_CLASSES, encoding=self.encoding,
                                   image=ImageBinding.of(image, w, h))
         return record, False

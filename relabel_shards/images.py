@@ -41,6 +41,7 @@ __all__ = [
     "check_max_pixels",
     "check_size",
     "open_image",
+    "orient_grid",
     "upright",
 ]
 
@@ -357,3 +358,32 @@ def upright(image: Any) -> Any:
     if orientation in (2, 3, 4, 5, 6, 7, 8):
         image = ImageOps.exif_transpose(image)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def orient_grid(grid: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn the last two axes (rows, columns) of ``grid`` upright by an EXIF ``orientation``, as
+    ``PIL.ImageOps.exif_transpose`` turns an image's pixels.
+
+    For label maps made in an image's stored frame (the official ReLabel release was made from images
+    opened without their EXIF orientation): a map cell is a block of pixels, so turning the cell grid is
+    exact. Orientations 5-8 swap the grid's height and width.
+
+    Args:
+        grid: ``[..., rows, cols]`` in the stored frame.
+        orientation: 1..8 (:attr:`UprightImage.orientation`; anything else counts as 1).
+
+    Returns:
+        ``[..., rows', cols']`` in the upright frame (a view where numpy allows).
+    """
+    import numpy as np
+
+    turn = {  # numpy equivalents of _transpose_methods' PIL operations (tests/test_images.py checks them)
+        2: lambda a: a[..., :, ::-1],
+        3: lambda a: a[..., ::-1, ::-1],
+        4: lambda a: a[..., ::-1, :],
+        5: lambda a: np.swapaxes(a, -1, -2),
+        6: lambda a: np.rot90(a, -1, axes=(-2, -1)),
+        7: lambda a: np.swapaxes(a[..., ::-1, ::-1], -1, -2),
+        8: lambda a: np.rot90(a, 1, axes=(-2, -1)),
+    }.get(int(orientation))
+    return grid if turn is None else turn(grid)

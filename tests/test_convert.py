@@ -622,3 +622,51 @@ def test_every_image_failing_exits_nonzero_with_one_summary(tmp_path, caplog):
         convert_official(str(images), str(maps), str(out), num_workers=0, shard_size=2)
     per_file = [r for r in caplog.records if r.getMessage().startswith("skipping ")]
     assert len(per_file) == 3  # a few examples, then counted: not one line per file
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_rotated_image_gets_its_map_turned_upright(tmp_path, orientation):
+    """The official maps describe the stored frame (ImageFolder opens images without their EXIF
+    orientation); the loader crops the upright frame. convert turns the map with its image, records the
+    upright size (the loader checks .json exactly) and binds the record to the image, so a crop of the same
+    pixels gets the official target in either frame."""
+    from relabel_shards.labelmap import decode_label_map
+    from relabel_shards.pooling import label_pooling
+    from relabel_shards.pooling.official import get_labelmaps, get_relabel
+
+    images, maps, saved = _make_release(tmp_path, classes=("a",), per_class=2)
+    rel = "a/a_1.JPEG"  # 40 x 72 stored
+    im = Image.open(images / rel)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(im)).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    (images / rel).write_bytes(buf.getvalue())
+    out = tmp_path / "ds"
+    convert_official(str(images), str(maps), str(out), layout="wh", encoding="lossless", num_workers=0)
+    [s] = [s for s in _samples(out) if s["__key__"] == "a_1"]
+    w, h = 40, 72  # stored
+    uw, uh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    meta = json.loads(s["json"])
+    assert (meta["width"], meta["height"]) == (uw, uh)
+    rec = decode_label_map(s["rlm"])
+    assert rec.image is not None and (rec.image.width, rec.image.height) == (uw, uh)
+    assert rec.image.size == len(s["jpg"])
+    # stored-frame boxes (x1, y1, x2, y2) normalized, and the same pixels in the upright frame
+    rng = np.random.default_rng(orientation)
+    x1, y1 = rng.uniform(0, 0.6, (2, 16))
+    x2, y2 = x1 + rng.uniform(0.1, 0.4, 16), y1 + rng.uniform(0.1, 0.4, 16)
+    to_upright = {  # a stored point (x, y) -> upright, for PIL's exif_transpose
+        3: lambda x, y: (1 - x, 1 - y),
+        6: lambda x, y: (1 - y, x),
+        8: lambda x, y: (y, 1 - x),
+    }[orientation]
+    ax, ay = to_upright(x1, y1)
+    bx, by = to_upright(x2, y2)
+    upright = np.stack([np.minimum(ax, bx), np.minimum(ay, by), np.maximum(ax, bx), np.maximum(ay, by)], 1)
+    b = len(x1)
+    official = get_relabel(get_labelmaps(torch.stack([saved[rel]] * b), b, device="cpu"),
+                           torch.tensor(np.stack([y1, x1, y2, x2], 1), dtype=torch.float32), b)
+    values, indices = (torch.from_numpy(np.stack([a] * b)) for a in (rec.values, rec.indices))
+    ours = label_pooling(values, indices, torch.tensor(upright, dtype=torch.float32), 1000)
+    assert (official - ours).abs().max().item() < 1e-5

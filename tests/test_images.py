@@ -310,3 +310,16 @@ def test_loader_and_show_apply_the_pixel_limit(tmp_path):
     ):
         show_sample(str(tmp_path / "s"), "img001", tmp_path / "f.png", max_image_pixels=1000)
     assert show_sample(str(tmp_path / "s"), "img001", tmp_path / "f.png", max_image_pixels=0).key == "img001"
+
+
+def test_orient_grid_turns_a_grid_as_pil_turns_pixels():
+    """images.orient_grid (convert turns official maps with it) against PIL's own transposes."""
+    from relabel_shards.images import _transpose_methods, orient_grid
+
+    a = np.arange(7 * 12, dtype=np.uint8).reshape(7, 12)
+    assert orient_grid(a[None], 1)[0] is not None and np.array_equal(orient_grid(a[None], 1)[0], a)
+    for orientation, method in _transpose_methods().items():
+        want = np.asarray(Image.fromarray(a).transpose(method))
+        got = orient_grid(np.stack([a, a + 1]), orientation)
+        assert got.shape == (2, *want.shape)
+        assert np.array_equal(got[0], want) and np.array_equal(got[1], want + 1)

@@ -324,6 +324,7 @@ def build_shards(
     seed: int = 0,
     name: str | None = None,
     resume_check: str = "sha256",
+    overwrite: bool = False,
 ) -> BuildSummary:
     """Annotate every image of ``source`` and write WebDataset shards with label maps to ``out``.
 
@@ -353,6 +354,8 @@ def build_shards(
         name: the dataset name in ``_info.json`` (default: the last component of ``out``).
         resume_check: ``"sha256"`` (read each complete shard once before skipping it) or ``"size"``
             (``relabel_shards.writer.ShardJob``).
+        overwrite: write into a folder that holds a dataset this project did not write (refused otherwise;
+            ``relabel_shards.writer.ShardJob.check_output``).
 
     Returns:
         BuildSummary of this rank's work; ``info`` is the split written to ``_info.json`` by this call,
@@ -398,6 +401,7 @@ def build_shards(
         world_size=world_size,
         storage_options=storage_options,
         resume_check=resume_check,
+        overwrite=overwrite,
     )
     todo = job.pending()
     summary = BuildSummary(

@@ -278,6 +278,7 @@ def convert_official(
     storage_options: dict | None = None,
     progress: ProgressFn | None = None,
     name: str | None = None,
+    overwrite: bool = False,
 ) -> ConvertSummary:
     """Pair each image of an ImageFolder with its official ReLabel map and write label-map shards to ``out``.
 
@@ -301,6 +302,7 @@ def convert_official(
         storage_options: fsspec options for the URLs.
         progress: called as ``progress(images_done, images_total)`` after each chunk of samples.
         name: the dataset name in ``_info.json`` (default: the last component of ``out``).
+        overwrite: write into a folder that holds a dataset this project did not write (refused otherwise).
 
     Returns:
         ConvertSummary (``BuildSummary``) of this rank's work; ``info`` is the split written to ``_info.json``
@@ -336,7 +338,7 @@ def convert_official(
                 "split": split, "check_images": bool(check_images)}
     fingerprint = _fingerprint(src, relabel_root, maps, settings)
     job = ShardJob(out, prefix=prefix, num_shards=n, fingerprint=fingerprint, rank=rank,
-                   world_size=world_size, storage_options=storage_options)
+                   world_size=world_size, storage_options=storage_options, overwrite=overwrite)
     todo = job.pending()
     summary = ConvertSummary(rank=job.rank, world_size=job.world_size, num_shards=n, written=list(todo),
                              skipped=[i for i in job.owned() if i not in set(todo)])

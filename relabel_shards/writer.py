@@ -19,7 +19,22 @@ How a job runs (every rank runs the same code with the same arguments):
    it; otherwise each rank looks for every sidecar and, if all are there, assembles ``_info.json`` from them.
    The last rank to finish therefore always writes it; two ranks finishing together write the same bytes
    (it holds nothing time- or host-dependent), so the race is harmless. Keys are checked to be unique across
-   shards here. Remote outputs get ``_info.json`` last, after every shard.
+   shards here. Remote outputs get ``_info.json`` last, after every shard. Under ``torch.distributed`` the
+   ranks meet through the process group's store rather than a plain barrier: a rank that fails says so
+   (:meth:`ShardJob.fail`, called by :class:`ChunkSink` and at exit), and the waiting ranks raise at once
+   instead of hanging.
+
+Before the first shard (:meth:`ShardJob.pending`) a job checks that it may write there: the destination takes
+a test write (a missing bucket fails now, not after a shard of work), a folder holding a dataset this
+project did not write is refused unless ``overwrite`` (an ``_info.json`` without our section, ``.tar`` files
+without our sidecars), and a local folder is locked per rank (``.{prefix}.rank{r}.lock``, ``flock``) so a
+second build of the same rank stops with "another build is writing here" instead of deleting the first
+one's temporary files. Object stores take no lock (their temporaries are local files with unique names).
+
+Test hook (tests only): ``RELABEL_SHARDS_TEST_PAUSE_AFTER`` = ``add:N`` (or ``N``) makes the process's writer
+stop after its N-th sample, or ``publish:N`` after its N-th shard is published but before its sidecar is
+written; it then creates the file named by ``RELABEL_SHARDS_TEST_PAUSE_FILE`` (if set) and sleeps until
+killed. Kill tests use it to kill at a known point on machines of any speed.
 
 :class:`SerialExecutor` runs the encoding and writing in one background thread so the producer never waits
 on compression, disk or uploads.
@@ -27,26 +42,36 @@ on compression, disk or uploads.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import json
 import logging
 import os
+import posixpath
 import queue
+import re
+import socket
 import threading
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from relabel_shards.dist import resolve_rank
 from relabel_shards.shards import (
     INFO_NAME,
     PartialShard,
     ShardError,
     ShardRecord,
     _is_local,
+    check_writable,
     file_sha256,
+    foreign_splits,
     join,
     json_bytes,
     make_split_info,
+    read_info,
     shard_name,
     temp_name,
     url_to_fs,
@@ -57,42 +82,41 @@ from relabel_shards.shards import (
 log = logging.getLogger(__name__)
 
 STATS_VERSION = 1
+PAUSE_ENV, PAUSE_FILE_ENV = "RELABEL_SHARDS_TEST_PAUSE_AFTER", "RELABEL_SHARDS_TEST_PAUSE_FILE"
+_pause_counts: dict[str, int] = {}
+_job_runs: dict[tuple[str, str, str], int] = {}  # (out, prefix, fingerprint) -> jobs made in this process
+
+
+class OutputInUseError(RuntimeError):
+    """Another process is writing the same rank's shards into this folder."""
+
+
+class ForeignOutputError(FileExistsError):
+    """The output folder holds a dataset this project did not write (refused unless ``overwrite``)."""
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of the job failed, so ``_info.json`` is not written."""
+
+
+def _test_pause(event: str) -> None:
+    """The kill tests' hook (see the module docstring); a no-op unless ``RELABEL_SHARDS_TEST_PAUSE_AFTER``."""
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    kind, _, n = spec.rpartition(":")
+    if (kind or "add") != event:
+        return
+    _pause_counts[event] = _pause_counts.get(event, 0) + 1
+    if _pause_counts[event] != int(n):
+        return
+    flag = os.environ.get(PAUSE_FILE_ENV)
+    if flag:
+        with open(flag, "w") as f:
+            f.write(f"{event}:{n}\n")
+    while True:  # until killed
+        time.sleep(3600)
 RESUME_CHECKS = ("sha256", "size")
-
-
-def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world_size): explicit arguments, else an initialized ``torch.distributed``, else torchrun's
-    ``RANK`` / ``WORLD_SIZE`` environment variables, else (0, 1).
-
-    Raises:
-        ValueError: only one of the two given, or ``rank`` outside ``[0, world_size)``.
-    """
-    if (rank is None) != (world_size is None):
-        raise ValueError(f"rank and world_size go together, got rank={rank}, world_size={world_size}")
-    if rank is None:
-        try:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                rank, world_size = dist.get_rank(), dist.get_world_size()
-        except ImportError:  # pragma: no cover
-            pass
-    if rank is None:
-        env_rank, env_world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-        if env_rank is not None and env_world is not None:
-            try:
-                rank, world_size = int(env_rank), int(env_world)
-            except ValueError:
-                raise ValueError(
-                    f"RANK/WORLD_SIZE must be integers, got {env_rank!r}/{env_world!r}"
-                ) from None
-        else:
-            rank, world_size = 0, 1
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size-1={world_size - 1}], got {rank!r}")
-    return rank, world_size
 
 
 @dataclass(frozen=True)
@@ -154,6 +178,7 @@ class ShardOutput:
         """Append one sample (its members adjacent, in the given order)."""
         self._shard.add(members)
         self._keys.append(key)
+        _test_pause("add")
 
     def fail(self, failure: dict) -> None:
         """Record an input that was skipped (JSON-able; e.g. ``{"source": ..., "reason": ...}``)."""
@@ -162,6 +187,7 @@ class ShardOutput:
     def commit(self, extra: dict | None = None) -> ShardStats:
         """Publish the shard, then its sidecar; ``extra`` (JSON-able) goes into the sidecar for finalize."""
         record = self._shard.commit()
+        _test_pause("publish")
         stats = ShardStats(
             record=record,
             keys=tuple(self._keys),
@@ -186,10 +212,14 @@ class ShardJob:
         num_shards: how many shards the whole job (all ranks) writes.
         fingerprint: digest of everything that decides the output bytes; sidecars carry it.
         rank, world_size: this rank (see :func:`resolve_rank`).
-        storage_options: fsspec options for ``out``.
+        storage_options: fsspec options for ``out`` (and ``read_deadline``, see ``relabel_shards.storage``).
         resume_check: how a shard with a sidecar is checked before it is skipped: ``"sha256"`` reads it once
             and compares size and digest (catches later damage too); ``"size"`` compares the size only (enough
             against kill -9, since a shard appears under its final name only whole; no read of large outputs).
+        overwrite: write into a folder that holds a dataset this project did not write (its ``_info.json``
+            splits are replaced; its other files are left as they are and listed in a warning).
+        wait_timeout: seconds rank 0 waits for the other ranks in :meth:`finalize` under
+            ``torch.distributed``; None: the process group's default (30 min).
     """
 
     def __init__(
@@ -203,6 +233,8 @@ class ShardJob:
         world_size: int | None = None,
         storage_options: dict | None = None,
         resume_check: str = "sha256",
+        overwrite: bool = False,
+        wait_timeout: float | None = None,
     ):
         if not isinstance(num_shards, int) or num_shards < 1:
             raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
@@ -217,7 +249,15 @@ class ShardJob:
             raise ValueError(f"resume_check must be one of {list(RESUME_CHECKS)}, got {resume_check!r}")
         self.resume_check = resume_check
         self.storage_options = storage_options
+        self.overwrite = bool(overwrite)
+        self.wait_timeout = wait_timeout
         self._fs, self._root = url_to_fs(self.out, storage_options)
+        self._lock: _RankLock | None = None
+        # which run of this job in this process: the same on every rank (they make the same jobs in order)
+        ident = (self.out, self.prefix, self.fingerprint)
+        self._seq = _job_runs[ident] = _job_runs.get(ident, -1) + 1
+        self._finished = False
+        self._failed_reported = False
 
     # names
     def filename(self, index: int) -> str:
@@ -236,10 +276,13 @@ class ShardJob:
     # resume
     def read_stats(self, index: int) -> ShardStats | None:
         """The sidecar of shard ``index``, or None when there is none (or it is unreadable: rewritten)."""
-        path = join(self._root, self.stats_name(index))
+        from relabel_shards.storage import StorageError, cat
+
         try:
-            raw = self._fs.cat_file(path)
-        except FileNotFoundError:
+            raw = cat(self.stats_url(index), self.storage_options)
+        except FileNotFoundError as e:
+            if isinstance(e, StorageError):  # the bucket, not the sidecar, is missing
+                raise
             return None
         try:
             stats = ShardStats.from_json(raw, join(self.out, self.stats_name(index)))
@@ -259,12 +302,14 @@ class ShardJob:
         stats = self.read_stats(index)
         if stats is None:
             return False
-        path = join(self._root, self.filename(index))
         try:
             if self.resume_check == "size":
-                size, digest = self._fs.size(path), stats.record.sha256
+                size, digest = self._size(index), stats.record.sha256
             else:
-                with self._fs.open(path, "rb") as f:
+                from relabel_shards.tarstream import RetryingReader, fsspec_opener
+
+                url = join(self.out, self.filename(index))
+                with RetryingReader(fsspec_opener(url, self.storage_options), url) as f:
                     size, digest = file_sha256(f)
         except FileNotFoundError:
             log.warning("%s: stats exist but the shard does not; writing it again", self.filename(index))
@@ -273,6 +318,55 @@ class ShardJob:
             log.warning("%s: size/sha256 disagree with its stats; writing it again", self.filename(index))
             return False
         return True
+
+    def _size(self, index: int) -> int:
+        """The byte size of shard ``index`` as stored (bounded by the read deadline)."""
+        from relabel_shards.storage import call, split_options
+
+        _, policy = split_options(self.storage_options)
+        return int(call(self._fs, "size", join(self._root, self.filename(index)),
+                        url=join(self.out, self.filename(index)), policy=policy))
+
+    def check_output(self) -> None:
+        """Refuse a folder holding a dataset this project did not write, unless ``overwrite``.
+
+        Foreign: an ``_info.json`` with a split that has no ``relabel_shards`` section (or that is not valid
+        JSON), or a ``.tar`` file without our ``_stats.json`` sidecar beside it (our own shard names are let
+        through: a killed run leaves its last shard without one).
+
+        Raises:
+            ForeignOutputError: naming what was found and the way out.
+        """
+        found: list[str] = []
+        try:
+            info = read_info(self.out, self.storage_options)
+            if foreign_splits(info):
+                found.append(f"{INFO_NAME} with splits {foreign_splits(info)} not written by relabel-shards")
+        except FileNotFoundError as e:
+            from relabel_shards.storage import StorageError
+
+            if isinstance(e, StorageError):
+                raise
+        except ShardError as e:
+            found.append(f"an {INFO_NAME} that is not ours ({e})")
+        try:
+            names = {posixpath.basename(n.rstrip("/")) for n in self._fs.ls(self._root, detail=False)}
+        except (FileNotFoundError, NotADirectoryError):
+            names = set()
+        ours = re.compile(re.escape(self.prefix) + r"-(\d{6})\.tar")
+        stray = sorted(n for n in names if n.endswith(".tar") and f"{n[:-4]}_stats.json" not in names
+                       and not ((m := ours.fullmatch(n)) and int(m[1]) < self.num_shards))
+        if stray:
+            found.append(f"{len(stray)} .tar file{'s' if len(stray) > 1 else ''} without relabel-shards "
+                         f"sidecars ({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''})")
+        if not found:
+            return
+        if self.overwrite:
+            log.warning("%s: writing over a dataset this project did not write (overwrite): %s; files of it "
+                        "that this job does not replace stay", self.out, "; ".join(found))
+            return
+        raise ForeignOutputError(f"{self.out} holds another dataset: {'; '.join(found)}. Write to an empty "
+                                 "folder, or pass overwrite=True (--overwrite) to write over it")
 
     def remove_stale_temps(self, indices: Sequence[int]) -> None:
         """Remove temporary files a killed run left for these shards (local outputs only)."""
@@ -289,13 +383,36 @@ class ShardJob:
                         pass
 
     def pending(self) -> list[int]:
-        """This rank's shards still to write, in order (stale temporary files of its shards are removed)."""
+        """This rank's shards still to write, in order (stale temporary files of its shards are removed).
+
+        First checks that the output may be written (:func:`relabel_shards.shards.check_writable`,
+        :meth:`check_output`) and takes this rank's lock on a local folder.
+
+        Raises:
+            OutputInUseError: another process holds this rank's lock ("another build is writing here").
+            ForeignOutputError: see :meth:`check_output`.
+            relabel_shards.storage.StorageError: the destination cannot be written (no bucket, access
+                denied, unreachable, stalled).
+        """
+        check_writable(self.out, self.storage_options)
+        self.check_output()
+        self._finished = False
+        if _is_local(self._fs) and self._lock is None:
+            self._lock = _RankLock(os.path.join(self._root, f".{self.prefix}.rank{self.rank}.lock"), self.out,
+                                   self.rank)
+            atexit.register(self._at_exit)
         owned = self.owned()
         self.remove_stale_temps(owned)
-        todo = [i for i in owned if not self.is_complete(i)]
+        try:
+            todo = [i for i in owned if not self.is_complete(i)]
+        except BaseException:
+            self._release()
+            raise
         log.info(
             "rank %d/%d: %d of its %d shards to write", self.rank, self.world_size, len(todo), len(owned)
         )
+        if not todo:
+            self._release()  # nothing to write: no need to keep others out
         return todo
 
     def open(self, index: int) -> ShardOutput:
@@ -319,15 +436,14 @@ class ShardJob:
             ValueError: a key appears in two shards.
         """
         try:
-            import torch.distributed as dist
+            return self._finalize(split, project, name)
+        finally:
+            self._finished = True
+            self._release()
 
-            use_dist = (
-                dist.is_available() and dist.is_initialized() and dist.get_world_size() == self.world_size
-            )
-        except ImportError:  # pragma: no cover
-            use_dist = False
-        if use_dist and self.world_size > 1:
-            dist.barrier()
+    def _finalize(self, split, project, name):
+        if self._dist() and self.world_size > 1:
+            self._meet()
             if self.rank != 0:
                 return None
         all_stats: list[ShardStats] = []
@@ -342,7 +458,7 @@ class ShardJob:
                 )
                 return None
             try:
-                size = self._fs.size(join(self._root, self.filename(i)))
+                size = self._size(i)
             except FileNotFoundError:
                 size = None
             if size != stats.record.bytes:
@@ -357,11 +473,11 @@ class ShardJob:
         split_info = make_split_info(split, [s.record for s in all_stats], proj)
         self._remove_stale_info_temps()
         try:
-            write_info(self.out, split_info, self.storage_options, name=name)
+            write_info(self.out, split_info, self.storage_options, name=name, drop_foreign=self.overwrite)
         except FileNotFoundError:
             # another rank finishing at the same moment removed our temporary file as stale; its _info.json
             # has the same bytes, but write ours again so that this call's promise holds
-            write_info(self.out, split_info, self.storage_options, name=name)
+            write_info(self.out, split_info, self.storage_options, name=name, drop_foreign=self.overwrite)
         log.info(
             "wrote %s (%d shards, %d samples, %d failures)",
             join(self.out, INFO_NAME),
@@ -370,6 +486,78 @@ class ShardJob:
             len(failures),
         )
         return split_info
+
+    # ranks
+    def _dist(self) -> bool:
+        try:
+            import torch.distributed as dist
+
+            return dist.is_available() and dist.is_initialized() and dist.get_world_size() == self.world_size
+        except ImportError:  # pragma: no cover
+            return False
+
+    def _key(self, what: str) -> str:
+        return f"relabel_shards/{self.out}/{self.prefix}/{self.fingerprint[:16]}/run{self._seq}/{what}"
+
+    def _meet(self) -> None:
+        """Wait until every rank has finished its shards; raise at once when one of them failed.
+
+        Each rank adds itself to a counter in the process group's store, and a rank that fails (:meth:`fail`)
+        sets a key with its error, which the waiting ranks poll for; once all have arrived, a plain barrier
+        (which can no longer hang on a failed rank).
+        """
+        import torch.distributed as dist
+        from torch.distributed import distributed_c10d as c10d
+
+        store = c10d._get_default_store()
+        timeout = self.wait_timeout
+        if timeout is None:
+            from torch.distributed.constants import default_pg_timeout
+
+            timeout = default_pg_timeout.total_seconds()
+        store.add(self._key("done"), 1)
+        end, delay = time.monotonic() + timeout, 0.05
+        while True:
+            if store.check([self._key("failed")]):
+                why = store.get(self._key("failed")).decode(errors="replace")
+                raise RankFailedError(f"{why}; {INFO_NAME} of {self.out} is not written: fix the cause and "
+                                      "rerun (complete shards are kept)")
+            done = store.add(self._key("done"), 0)
+            if done >= self.world_size:
+                # every rank is alive and done: a real barrier now, so that rank 0 (which hosts the store)
+                # cannot leave while another rank still polls
+                dist.barrier()
+                return
+            if time.monotonic() > end:
+                raise TimeoutError(f"rank {dist.get_rank()}: only {done} of {self.world_size} ranks finished "
+                                   f"their shards within {timeout:g} s; {INFO_NAME} of {self.out} is not "
+                                   "written")
+            time.sleep(delay)
+            delay = min(delay * 1.5, 1.0)
+
+    def fail(self, error: BaseException | str) -> None:
+        """Tell the other ranks that this rank failed (they stop waiting in :meth:`finalize`); unlock."""
+        self._finished = True
+        if not self._failed_reported and self.world_size > 1 and self._dist():
+            self._failed_reported = True
+            text = " ".join(str(error).split())[:500]
+            try:
+                from torch.distributed import distributed_c10d as c10d
+
+                c10d._get_default_store().set(self._key("failed"), f"rank {self.rank} failed: {text}")
+            except Exception as e:  # noqa: BLE001 - the store may be gone with the process group
+                log.debug("could not tell the other ranks: %s", e)
+        self._release()
+
+    def _at_exit(self) -> None:
+        if not self._finished:
+            self.fail("it exited before finishing its shards")
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        atexit.unregister(self._at_exit)
 
     def _remove_stale_info_temps(self) -> None:
         if not _is_local(self._fs):
@@ -380,6 +568,81 @@ class ShardJob:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
+
+
+_HELD_LOCKS: dict[str, list[int]] = {}  # lock path -> [fd, holders in this process, pid]
+_HELD_GUARD = threading.Lock()
+
+
+class _RankLock:
+    """An exclusive ``flock`` on ``path`` for this process, taken now; the file goes with the last holder.
+
+    Jobs of one process share it (tests and notebooks make several jobs on one folder); another process gets
+    :class:`OutputInUseError`. The lock file holds the owner's pid and host for that message. Taking it checks
+    that the locked file is still the one at ``path`` (a releasing owner may have just removed it). A killed
+    owner's lock file is taken over: ``flock`` locks die with their process.
+
+    Raises:
+        OutputInUseError: another process holds it.
+    """
+
+    def __init__(self, path: str, out: str, rank: int):
+        self.path = path
+        self._held = False
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - no flock (Windows): no lock
+            return
+        with _HELD_GUARD:
+            if path in _HELD_LOCKS:
+                _HELD_LOCKS[path][1] += 1
+            else:
+                _HELD_LOCKS[path] = [self._take(fcntl, path, out, rank), 1, os.getpid()]
+        self._held = True
+        self._finalizer = weakref.finalize(self, _unlock, path)
+
+    @staticmethod
+    def _take(fcntl, path: str, out: str, rank: int) -> int:
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise OutputInUseError(
+                    f"{out}: another build is writing here (rank {rank}, {holder}); wait for it to finish or "
+                    "stop it, then rerun") from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+                return fd
+            os.close(fd)  # the owner removed it between our open and our lock: try again
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._finalizer()
+
+
+def _unlock(path: str) -> None:
+    with _HELD_GUARD:
+        entry = _HELD_LOCKS.get(path)
+        if entry is None or entry[2] != os.getpid():  # a forked child never removes its parent's lock
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _HELD_LOCKS[path]
+    try:
+        os.unlink(path)  # while still holding it, so nobody locks a file that is about to vanish
+    except FileNotFoundError:
+        pass
+    os.close(entry[0])
 
 
 def _check_unique_keys(all_stats: Sequence[ShardStats]) -> None:
@@ -481,11 +744,16 @@ class ChunkSink:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except BaseException as e:
+                self.job.fail(e)
+                raise
             return
         self._writer.close(raise_errors=False)
         for shard in self._open.values():
             shard.abort()
+        self.job.fail(exc if exc is not None else exc_type.__name__)
 
 
 def take_failures(chunk: dict, *, strict: bool, job_name: str) -> list[dict]:

@@ -1,0 +1,75 @@
+"""The one rule for "which rank am I": used by the writer (build, convert) and the loader alike.
+
+In order of precedence:
+
+1. explicit ``rank`` and ``world_size`` arguments (``--rank/--world-size``: Slurm arrays, other schedulers);
+2. an initialized ``torch.distributed`` process group;
+3. torchrun's ``RANK`` and ``WORLD_SIZE`` environment variables, both or neither;
+4. a single process, ``(0, 1)``.
+
+Slurm's ``SLURM_PROCID`` / ``SLURM_NTASKS`` are not read: they are also set in a batch script's single
+process, which would then take itself for one of many ranks and write a fraction of the output. Under
+``srun`` pass ``--rank $SLURM_PROCID --world-size $SLURM_NTASKS`` (or use torchrun).
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["resolve_rank"]
+
+
+def _int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.integer):
+                return int(value)
+        except ImportError:  # pragma: no cover
+            pass
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world_size) by the rule in the module docstring.
+
+    Raises:
+        ValueError: only one of ``rank`` / ``world_size`` given (or only one of ``RANK`` / ``WORLD_SIZE``
+            set), a non-integer, ``world_size < 1``, or ``rank`` outside ``[0, world_size)``.
+    """
+    if (rank is None) != (world_size is None):
+        raise ValueError(
+            f"give both rank and world_size or neither, got rank={rank!r}, world_size={world_size!r}"
+        )
+    where = "rank/world_size"
+    if rank is None:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                rank, world_size = dist.get_rank(), dist.get_world_size()
+                where = "torch.distributed"
+        except ImportError:  # pragma: no cover - torch is optional for this module
+            pass
+    if rank is None:
+        env_rank, env_world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+        if (env_rank is None) != (env_world is None):
+            raise ValueError(
+                f"RANK={env_rank!r} and WORLD_SIZE={env_world!r}: set both (as torchrun does) "
+                "or neither, or pass rank and world_size"
+            )
+        if env_rank is None:
+            return 0, 1
+        where = "RANK/WORLD_SIZE"
+        try:
+            rank, world_size = int(env_rank), int(env_world)  # type: ignore[arg-type]
+        except ValueError:
+            raise ValueError(f"RANK/WORLD_SIZE must be integers, got {env_rank!r}/{env_world!r}") from None
+    rank, world_size = _int(rank, "rank"), _int(world_size, "world_size")
+    if world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r} (from {where})")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got rank={rank!r} (from {where})")
+    return rank, world_size

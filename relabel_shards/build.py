@@ -62,6 +62,7 @@ from relabel_shards.sources import (
     open_source,
     read_bytes,
 )
+from relabel_shards.storage import StorageError
 from relabel_shards.writer import ChunkSink, ShardJob, ShardStats, take_failures
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,9 @@ class _ChunkStream(IterableDataset):
                 continue
             try:
                 data = read_bytes(it.path, self.storage_options)
+            except StorageError as e:  # the storage failed, not the file: stop the build, say why
+                yield {**_failure(it.key, it.source, str(e)), "fatal": True, "storage": type(e).__name__}
+                continue
             except OSError as e:
                 yield _failure(it.key, it.source, f"cannot read file: {e.strerror or e}")
                 continue
@@ -206,6 +210,8 @@ class _ChunkStream(IterableDataset):
                 yield {"key": key, "members": kept, "tensor": tensor, "size": size}
         except DuplicateKeyError as e:
             yield {**_failure("", url, str(e)), "fatal": True}  # never a skip: keys must be unique
+        except StorageError as e:  # the storage failed, not the shard: stop the build, say why
+            yield {**_failure("", url, str(e)), "fatal": True, "storage": type(e).__name__}
         except (ShardError, OSError) as e:
             yield _failure("", url, f"input shard unreadable from here on: {e}")
 

@@ -51,6 +51,7 @@ from relabel_shards.shards import (
     url_to_fs,
 )
 from relabel_shards.sources import FileItem, Source, open_source, read_bytes
+from relabel_shards.storage import StorageError
 from relabel_shards.writer import ChunkSink, ShardJob, ShardStats, take_failures
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,8 @@ class _ConvertStream(IterableDataset):
             return _failure(it.key, it.source, f"image without a label map (no {mrel} in the release)")
         try:
             image = read_bytes(it.path, self.storage_options)
+        except StorageError as e:  # the storage failed, not the file: stop, say why
+            return {**_failure(it.key, it.source, str(e)), "fatal": True, "storage": type(e).__name__}
         except OSError as e:
             return _failure(it.key, it.source, f"cannot read file: {e.strerror or e}")
         try:
@@ -185,6 +188,8 @@ class _ConvertStream(IterableDataset):
             return _failure(it.key, it.source, str(e))
         try:
             raw = read_bytes(join(self.relabel_root, mrel), self.storage_options)
+        except StorageError as e:
+            return {**_failure(it.key, mrel, str(e)), "fatal": True, "storage": type(e).__name__}
         except OSError as e:
             return _failure(it.key, mrel, f"cannot read label map: {e.strerror or e}", image=it.source)
         try:

@@ -349,8 +349,12 @@ class ShardJob:
                 raise
         except ShardError as e:
             found.append(f"an {INFO_NAME} that is not ours ({e})")
+        from relabel_shards.storage import call, split_options
+
         try:
-            names = {posixpath.basename(n.rstrip("/")) for n in self._fs.ls(self._root, detail=False)}
+            listed = call(self._fs, "ls", self._root, detail=False, url=self.out,
+                          policy=split_options(self.storage_options)[1], what="listing")
+            names = {posixpath.basename(n.rstrip("/")) for n in listed}
         except (FileNotFoundError, NotADirectoryError):
             names = set()
         ours = re.compile(re.escape(self.prefix) + r"-(\d{6})\.tar")
@@ -761,12 +765,20 @@ def take_failures(chunk: dict, *, strict: bool, job_name: str) -> list[dict]:
 
     Raises:
         ValueError: an entry marked ``fatal``, or any failure when ``strict`` (naming the file and reason).
+        relabel_shards.storage.StorageError: an entry marked ``fatal`` with ``storage`` (its error's type).
     """
     failed = [e for e in chunk["entries"] if "reason" in e]
     if not failed:
         return failed
     fatal = [e for e in failed if e.get("fatal")]
     if fatal:
+        if fatal[0].get("storage"):  # a StorageError from a worker: raised again as its own type
+            from relabel_shards import storage
+
+            kind = getattr(storage, str(fatal[0]["storage"]), None)
+            if not (isinstance(kind, type) and issubclass(kind, storage.StorageError)):
+                kind = storage.StorageError
+            raise kind(fatal[0]["reason"])
         raise ValueError(fatal[0]["reason"])
     if strict:
         f = failed[0]

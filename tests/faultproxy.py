@@ -79,7 +79,9 @@ class FaultProxy:
             try:
                 client, _ = self._sock.accept()
             except OSError:
-                return
+                if self._stop.is_set():
+                    return
+                continue  # e.g. ECONNABORTED: a client reset the connection before it was accepted
             self.connections += 1
             self._track(client)
             mode = self.mode

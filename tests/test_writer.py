@@ -481,3 +481,14 @@ def test_finalize_does_not_hang_the_other_ranks_when_one_fails(tmp_path):
     assert float(outs[0].rsplit(" after ", 1)[1].split()[0]) < 30  # the process group's timeout is 120 s
     assert not (tmp_path / "ds" / "_info.json").exists()
     assert (tmp_path / "ds" / "p-000000.tar").exists()  # rank 0's complete shard is kept for the rerun
+
+
+def test_a_storage_failure_stops_the_job_with_its_own_type():
+    """build/convert workers send a StorageError as a fatal failure: it comes back as that type, no skip."""
+    from relabel_shards.storage import StorageTimeoutError
+
+    reason = "s3://b/x.tar: read got no answer"
+    chunk = _chunk(0, True, [{"key": "k", "source": "s3://b/x.tar", "reason": reason, "fatal": True,
+                              "storage": "StorageTimeoutError"}])
+    with pytest.raises(StorageTimeoutError, match="s3://b/x.tar: read got no answer"):
+        take_failures(chunk, strict=False, job_name="build")

@@ -4,7 +4,8 @@ Three rules, applied to every fsspec filesystem this package creates (:func:`fil
 ``relabel_shards.shards.url_to_fs``):
 
 - **Timeouts on every request.** Connecting may take ``CONNECT_TIMEOUT`` s and a socket may stay silent for
-  ``READ_TIMEOUT`` s (both capped at the read deadline): aiohttp's ``ClientTimeout`` for HTTP and GCS,
+  ``READ_TIMEOUT`` s (capped at the read deadline, and at half of it for reads, so a stalled connection
+  leaves time for a retry): aiohttp's ``ClientTimeout`` for HTTP and GCS,
   botocore's ``connect_timeout`` / ``read_timeout`` for S3, whose own retries are cut down
   (``total_max_attempts`` 2, s3fs's retries 2) so that retrying is decided here, counted and logged.
 - **One deadline per read.** ``storage_options={"read_deadline": seconds}`` (default
@@ -12,7 +13,10 @@ Three rules, applied to every fsspec filesystem this package creates (:func:`fil
   (a block of a shard, a whole ``_info.json``) from its first attempt to its last retry: each attempt runs as
   a coroutine on fsspec's event loop under ``asyncio.wait_for`` with what is left of the deadline, and
   transient errors are retried with exponential back-off while time is left. A stalled server then costs
-  at most the deadline, and the error names the URL.
+  at most the deadline, and the error names the URL. Uploads (a shard, a sidecar, ``_info.json``) get the
+  deadline plus one second per MiB. Calls that other modules make on the filesystem directly (listing a
+  source folder: ``isdir``, ``walk``, ``find``) are bounded by the per-request timeouts and the cut-down
+  library retries only (S3: at most 4 attempts of connect + read timeout).
 - **Errors a user can act on.** :func:`explain` turns botocore / aiohttp / google-auth errors (no
   credentials, no bucket, access denied, endpoint unreachable, timeout) into a :class:`StorageError` whose
   one-line message names the URL and the likely fix. A timeout or a refused connection is never reported

@@ -37,7 +37,7 @@ class RetryingReader(io.RawIOBase):
         retries: how many re-opens one ``read`` may use before the error propagates.
         backoff: seconds before the first retry; doubled on each further one.
         deadline: seconds one ``read`` may take, all attempts and back-off included; None: the opener's
-            ``read_deadline`` (from its ``storage_options``), else ``storage.DEFAULT_READ_DEADLINE``.
+            ``read_deadline`` (from its ``storage_options``), else the default (``relabel_shards.storage``).
 
     Attributes:
         retried: retries used so far (each is also logged as a warning).
@@ -55,7 +55,7 @@ class RetryingReader(io.RawIOBase):
         self.retries = retries
         self.backoff = backoff
         if deadline is None:
-            deadline = getattr(opener, "read_deadline", None) or Policy().read_deadline
+            deadline = getattr(opener, "read_deadline", None) or split_options(None)[1].read_deadline
         self.policy = Policy(read_deadline=float(deadline), retries=retries, backoff=backoff)
         self._bounded = bool(getattr(opener, "bounded", False))
         self.pos = 0

@@ -458,7 +458,11 @@ try:
     job.finalize("train", {})
     print("finished")
 except Exception as e:
-    print(f"{type(e).__name__}: {e} after {time.monotonic() - start:.1f} s")
+    print(f"{type(e).__name__}: {e} after {time.monotonic() - start:.1f} s", flush=True)
+if rank == 1:  # a failed rank that stays alive (a caller that catches the error, a slow teardown)
+    import os
+    while not os.path.exists(sys.argv[4]) and time.monotonic() - start < 45:
+        time.sleep(0.1)
 """
 
 
@@ -473,9 +477,13 @@ def test_finalize_does_not_hang_the_other_ranks_when_one_fails(tmp_path):
     env = _env()
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
-    procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), port, str(tmp_path / "ds")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=100)[0].strip() for p in procs]
+    release = tmp_path / "release"
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), port, str(tmp_path / "ds"), str(release)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [procs[0].communicate(timeout=100)[0].strip()]
+    release.touch()
+    outs.append(procs[1].communicate(timeout=100)[0].strip())
     assert outs[1].startswith("ValueError: rank 1 broke on purpose"), outs
     assert outs[0].startswith("RankFailedError: rank 1 failed: rank 1 broke on purpose; _info.json of "), outs
     assert float(outs[0].rsplit(" after ", 1)[1].split()[0]) < 30  # the process group's timeout is 120 s

@@ -62,7 +62,7 @@ from relabel_shards.sources import (
     open_source,
     read_bytes,
 )
-from relabel_shards.storage import StorageError
+from relabel_shards.storage import StorageError, named_errors
 from relabel_shards.writer import ChunkSink, ShardJob, ShardStats, take_failures
 
 log = logging.getLogger(__name__)
@@ -374,7 +374,9 @@ def build_shards(
     """
     prefix = _check_args(shard_size, batch_size, num_workers, encoding, split, prefix)
     out = os.fspath(out)
-    src = open_source(source, storage_options)
+    where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "::".join(map(str, source))
+    with named_errors(str(where)):
+        src = open_source(source, storage_options)
     from relabel_shards.annotator import create_annotator
     from relabel_shards.labelmap import encode_label_map
 

@@ -51,7 +51,7 @@ from relabel_shards.shards import (
     url_to_fs,
 )
 from relabel_shards.sources import FileItem, Source, open_source, read_bytes
-from relabel_shards.storage import StorageError
+from relabel_shards.storage import StorageError, named_errors
 from relabel_shards.writer import ChunkSink, ShardJob, ShardStats, take_failures
 
 log = logging.getLogger(__name__)
@@ -322,14 +322,16 @@ def convert_official(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
     out, relabel_root = os.fspath(out), os.fspath(relabel_root)
-    src = open_source(images, storage_options)
+    with named_errors(str(images)):
+        src = open_source(images, storage_options)
     if src.kind != "folder":
         raise ValueError(f"images must be an ImageFolder directory (class/image files), got a {src.kind} "
                          f"source: {src.url!r}")
     if src.classes is not None and len(src.classes) != NUM_CLASSES:
         log.warning("images has %d class folders, not %d: .cls holds the folder's index, while the label "
                     "maps use ImageNet-1k's class indices", len(src.classes), NUM_CLASSES)
-    maps = _map_files(relabel_root, storage_options)
+    with named_errors(relabel_root):
+        maps = _map_files(relabel_root, storage_options)
     missing, orphans, n_orphans = _pair(src, maps)
     if strict and (missing or orphans):
         what = (f"{missing[0].source}: image without a label map (no {map_relpath(missing[0].source)} in the "

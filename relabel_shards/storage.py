@@ -29,7 +29,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -420,6 +421,20 @@ def retrying(
 
 def _text(e: BaseException) -> str:
     return " ".join(str(e).split())[:200] or "no message"
+
+
+@contextmanager
+def named_errors(url: str) -> Iterator[None]:
+    """Raise a storage backend error from the block as the :class:`StorageError` of :func:`explain`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:
+        mapped = explain(e, url)
+        if mapped is None:
+            raise
+        raise mapped from e
 
 
 def call(

@@ -125,7 +125,8 @@ def test_verify_against_a_server_that_stalls_mid_shard(http_dataset, proxy):
     assert took < DEADLINE + SLACK
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+# with workers, torch's DataLoader takes 2 x 5 s to shut its workers down after one of them raised
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_loader_over_http_stalled_mid_shard(http_dataset, proxy, num_workers):
     from relabel_shards.loader import make_loader
 
@@ -456,3 +457,35 @@ def test_gcs_that_stalls(gcs_endpoint, monkeypatch):
         )
         assert took < DEADLINE + SLACK
     gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.mark.slow
+def test_build_and_convert_from_a_folder_on_s3_that_stalls(s3_dataset, tmp_path):
+    """Listing a source folder goes through s3fs directly: bounded by the per-request timeouts and the
+    cut-down retries (about twice the deadline), and raised as a StorageError naming the source."""
+    from relabel_shards.build import build_shards
+    from relabel_shards.convert import convert_official
+
+    url, proxy, opts = s3_dataset
+    proxy.mode = "stall"
+    took, _ = _timed(
+        lambda: build_shards(
+            f"{url}-src",
+            str(tmp_path / "out"),
+            model="test_efficientnet",
+            input_size=64,
+            num_workers=0,
+            storage_options=opts,
+        ),
+        StorageTimeoutError,
+        rf"{url}-src: no answer",
+    )
+    assert took < 2 * DEADLINE + SLACK + 10  # + creating the model
+    took, _ = _timed(
+        lambda: convert_official(
+            f"{url}-src", str(tmp_path / "maps"), str(tmp_path / "c"), num_workers=0, storage_options=opts
+        ),
+        StorageTimeoutError,
+        rf"{url}-src: no answer",
+    )
+    assert took < 2 * DEADLINE + SLACK

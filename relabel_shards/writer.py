@@ -404,7 +404,8 @@ class ShardJob:
         if _is_local(self._fs) and self._lock is None:
             self._lock = _RankLock(os.path.join(self._root, f".{self.prefix}.rank{self.rank}.lock"), self.out,
                                    self.rank)
-            atexit.register(self._at_exit)
+        atexit.unregister(self._at_exit)
+        atexit.register(self._at_exit)  # a rank that dies of an exception still tells the others
         owned = self.owned()
         self.remove_stale_temps(owned)
         try:

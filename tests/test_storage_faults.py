@@ -405,7 +405,7 @@ def test_make_loader_passes_timeout_and_worker_init_fn(tmp_path):
 
 
 def _slow_init(worker_id: int) -> None:
-    time.sleep(4)
+    time.sleep(3)
 
 
 def test_deadline_from_the_environment(monkeypatch, http_dataset, proxy):

@@ -7,6 +7,9 @@ In order of precedence:
 3. torchrun's ``RANK`` and ``WORLD_SIZE`` environment variables, both or neither;
 4. a single process, ``(0, 1)``.
 
+:func:`meet_ranks` and :func:`report_failure` are the writer's end-of-job meeting under ``torch.distributed``:
+a store-based barrier that a failed rank can call off, so the other ranks raise instead of hanging.
+
 Slurm's ``SLURM_PROCID`` / ``SLURM_NTASKS`` are not read: they are also set in a batch script's single
 process, which would then take itself for one of many ranks and write a fraction of the output. Under
 ``srun`` pass ``--rank $SLURM_PROCID --world-size $SLURM_NTASKS`` (or use torchrun).
@@ -14,9 +17,17 @@ process, which would then take itself for one of many ranks and write a fraction
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 
-__all__ = ["resolve_rank"]
+__all__ = ["RankFailedError", "distributed_world", "meet_ranks", "report_failure", "resolve_rank"]
+
+log = logging.getLogger(__name__)
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of the job failed (the message says which and why)."""
 
 
 def _int(value: object, name: str) -> int:
@@ -73,3 +84,65 @@ def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tupl
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got rank={rank!r} (from {where})")
     return rank, world_size
+
+
+def distributed_world() -> int | None:
+    """The world size of an initialized ``torch.distributed`` process group, else None."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return None
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
+
+
+def _store():
+    from torch.distributed import distributed_c10d as c10d
+
+    return c10d._get_default_store()  # the process group's own key-value store (TCPStore under torchrun)
+
+
+def meet_ranks(key: str, world_size: int, timeout: float | None = None) -> None:
+    """Wait until all ``world_size`` ranks have called this with ``key``; raise once one reports failure.
+
+    Each rank adds itself to a counter in the process group's store and polls it, and the ``{key}/failed``
+    key that :func:`report_failure` sets. Once all have arrived, a plain ``barrier`` (which can no longer
+    hang on a failed rank) keeps rank 0, which hosts the store, from leaving while another rank still polls.
+
+    Args:
+        key: the same on every rank, unique to this meeting.
+        timeout: seconds to wait; None: the process group's default (30 min).
+
+    Raises:
+        RankFailedError: a rank reported failure (the message is its report).
+        TimeoutError: not every rank arrived within ``timeout``.
+    """
+    import torch.distributed as dist
+
+    store = _store()
+    if timeout is None:
+        from torch.distributed.constants import default_pg_timeout
+
+        timeout = default_pg_timeout.total_seconds()
+    store.add(f"{key}/done", 1)
+    end, delay = time.monotonic() + timeout, 0.05
+    while True:
+        if store.check([f"{key}/failed"]):
+            raise RankFailedError(store.get(f"{key}/failed").decode(errors="replace"))
+        done = store.add(f"{key}/done", 0)
+        if done >= world_size:
+            dist.barrier()
+            return
+        if time.monotonic() > end:
+            raise TimeoutError(f"rank {dist.get_rank()}: only {done} of {world_size} ranks arrived within "
+                               f"{timeout:g} s")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1.0)
+
+
+def report_failure(key: str, message: str) -> None:
+    """Tell the ranks waiting in :func:`meet_ranks` with ``key`` that this rank failed (best effort)."""
+    text = " ".join(str(message).split())[:500]
+    try:
+        _store().set(f"{key}/failed", text)
+    except Exception as e:  # noqa: BLE001 - the store may be gone with the process group
+        log.debug("could not tell the other ranks: %s", e)

@@ -50,15 +50,14 @@ import os
 import posixpath
 import queue
 import re
-import socket
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from relabel_shards.dist import resolve_rank
+from relabel_shards.dist import RankFailedError, distributed_world, meet_ranks, report_failure, resolve_rank
+from relabel_shards.outlock import RankLock
 from relabel_shards.shards import (
     INFO_NAME,
     PartialShard,
@@ -87,16 +86,8 @@ _pause_counts: dict[str, int] = {}
 _job_runs: dict[tuple[str, str, str], int] = {}  # (out, prefix, fingerprint) -> jobs made in this process
 
 
-class OutputInUseError(RuntimeError):
-    """Another process is writing the same rank's shards into this folder."""
-
-
 class ForeignOutputError(FileExistsError):
     """The output folder holds a dataset this project did not write (refused unless ``overwrite``)."""
-
-
-class RankFailedError(RuntimeError):
-    """Another rank of the job failed, so ``_info.json`` is not written."""
 
 
 def _test_pause(event: str) -> None:
@@ -252,7 +243,7 @@ class ShardJob:
         self.overwrite = bool(overwrite)
         self.wait_timeout = wait_timeout
         self._fs, self._root = url_to_fs(self.out, storage_options)
-        self._lock: _RankLock | None = None
+        self._lock: RankLock | None = None
         # which run of this job in this process: the same on every rank (they make the same jobs in order)
         ident = (self.out, self.prefix, self.fingerprint)
         self._seq = _job_runs[ident] = _job_runs.get(ident, -1) + 1
@@ -393,7 +384,8 @@ class ShardJob:
         :meth:`check_output`) and takes this rank's lock on a local folder.
 
         Raises:
-            OutputInUseError: another process holds this rank's lock ("another build is writing here").
+            relabel_shards.outlock.OutputInUseError: another process holds this rank's lock ("another
+                build is writing here").
             ForeignOutputError: see :meth:`check_output`.
             relabel_shards.storage.StorageError: the destination cannot be written (no bucket, access
                 denied, unreachable, stalled).
@@ -402,7 +394,7 @@ class ShardJob:
         self.check_output()
         self._finished = False
         if _is_local(self._fs) and self._lock is None:
-            self._lock = _RankLock(os.path.join(self._root, f".{self.prefix}.rank{self.rank}.lock"), self.out,
+            self._lock = RankLock(os.path.join(self._root, f".{self.prefix}.rank{self.rank}.lock"), self.out,
                                    self.rank)
         atexit.unregister(self._at_exit)
         atexit.register(self._at_exit)  # a rank that dies of an exception still tells the others
@@ -494,64 +486,27 @@ class ShardJob:
 
     # ranks
     def _dist(self) -> bool:
-        try:
-            import torch.distributed as dist
+        return distributed_world() == self.world_size
 
-            return dist.is_available() and dist.is_initialized() and dist.get_world_size() == self.world_size
-        except ImportError:  # pragma: no cover
-            return False
-
-    def _key(self, what: str) -> str:
-        return f"relabel_shards/{self.out}/{self.prefix}/{self.fingerprint[:16]}/run{self._seq}/{what}"
+    def _key(self) -> str:
+        return f"relabel_shards/{self.out}/{self.prefix}/{self.fingerprint[:16]}/run{self._seq}"
 
     def _meet(self) -> None:
-        """Wait until every rank has finished its shards; raise at once when one of them failed.
-
-        Each rank adds itself to a counter in the process group's store, and a rank that fails (:meth:`fail`)
-        sets a key with its error, which the waiting ranks poll for; once all have arrived, a plain barrier
-        (which can no longer hang on a failed rank).
-        """
-        import torch.distributed as dist
-        from torch.distributed import distributed_c10d as c10d
-
-        store = c10d._get_default_store()
-        timeout = self.wait_timeout
-        if timeout is None:
-            from torch.distributed.constants import default_pg_timeout
-
-            timeout = default_pg_timeout.total_seconds()
-        store.add(self._key("done"), 1)
-        end, delay = time.monotonic() + timeout, 0.05
-        while True:
-            if store.check([self._key("failed")]):
-                why = store.get(self._key("failed")).decode(errors="replace")
-                raise RankFailedError(f"{why}; {INFO_NAME} of {self.out} is not written: fix the cause and "
-                                      "rerun (complete shards are kept)")
-            done = store.add(self._key("done"), 0)
-            if done >= self.world_size:
-                # every rank is alive and done: a real barrier now, so that rank 0 (which hosts the store)
-                # cannot leave while another rank still polls
-                dist.barrier()
-                return
-            if time.monotonic() > end:
-                raise TimeoutError(f"rank {dist.get_rank()}: only {done} of {self.world_size} ranks finished "
-                                   f"their shards within {timeout:g} s; {INFO_NAME} of {self.out} is not "
-                                   "written")
-            time.sleep(delay)
-            delay = min(delay * 1.5, 1.0)
+        """Wait until every rank has finished its shards; raise at once when one of them failed."""
+        try:
+            meet_ranks(self._key(), self.world_size, self.wait_timeout)
+        except RankFailedError as e:
+            raise RankFailedError(f"{e}; {INFO_NAME} of {self.out} is not written: fix the cause and rerun "
+                                  "(complete shards are kept)") from None
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; {INFO_NAME} of {self.out} is not written") from None
 
     def fail(self, error: BaseException | str) -> None:
         """Tell the other ranks that this rank failed (they stop waiting in :meth:`finalize`); unlock."""
         self._finished = True
         if not self._failed_reported and self.world_size > 1 and self._dist():
             self._failed_reported = True
-            text = " ".join(str(error).split())[:500]
-            try:
-                from torch.distributed import distributed_c10d as c10d
-
-                c10d._get_default_store().set(self._key("failed"), f"rank {self.rank} failed: {text}")
-            except Exception as e:  # noqa: BLE001 - the store may be gone with the process group
-                log.debug("could not tell the other ranks: %s", e)
+            report_failure(self._key(), f"rank {self.rank} failed: {error}")
         self._release()
 
     def _at_exit(self) -> None:
@@ -573,81 +528,6 @@ class ShardJob:
                 os.unlink(p)
             except FileNotFoundError:
                 pass
-
-
-_HELD_LOCKS: dict[str, list[int]] = {}  # lock path -> [fd, holders in this process, pid]
-_HELD_GUARD = threading.Lock()
-
-
-class _RankLock:
-    """An exclusive ``flock`` on ``path`` for this process, taken now; the file goes with the last holder.
-
-    Jobs of one process share it (tests and notebooks make several jobs on one folder); another process gets
-    :class:`OutputInUseError`. The lock file holds the owner's pid and host for that message. Taking it checks
-    that the locked file is still the one at ``path`` (a releasing owner may have just removed it). A killed
-    owner's lock file is taken over: ``flock`` locks die with their process.
-
-    Raises:
-        OutputInUseError: another process holds it.
-    """
-
-    def __init__(self, path: str, out: str, rank: int):
-        self.path = path
-        self._held = False
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - no flock (Windows): no lock
-            return
-        with _HELD_GUARD:
-            if path in _HELD_LOCKS:
-                _HELD_LOCKS[path][1] += 1
-            else:
-                _HELD_LOCKS[path] = [self._take(fcntl, path, out, rank), 1, os.getpid()]
-        self._held = True
-        self._finalizer = weakref.finalize(self, _unlock, path)
-
-    @staticmethod
-    def _take(fcntl, path: str, out: str, rank: int) -> int:
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise OutputInUseError(
-                    f"{out}: another build is writing here (rank {rank}, {holder}); wait for it to finish or "
-                    "stop it, then rerun") from None
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-                return fd
-            os.close(fd)  # the owner removed it between our open and our lock: try again
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._finalizer()
-
-
-def _unlock(path: str) -> None:
-    with _HELD_GUARD:
-        entry = _HELD_LOCKS.get(path)
-        if entry is None or entry[2] != os.getpid():  # a forked child never removes its parent's lock
-            return
-        entry[1] -= 1
-        if entry[1] > 0:
-            return
-        del _HELD_LOCKS[path]
-    try:
-        os.unlink(path)  # while still holding it, so nobody locks a file that is about to vanish
-    except FileNotFoundError:
-        pass
-    os.close(entry[0])
 
 
 def _check_unique_keys(all_stats: Sequence[ShardStats]) -> None:

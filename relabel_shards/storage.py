@@ -372,12 +372,15 @@ def retrying(
     limit = policy.read_deadline if deadline is None else deadline
     end = time.monotonic() + limit
     tries = 0
+    refused: StorageError | None = None  # an earlier attempt could not connect: say that, not "no answer"
     while True:
         try:
             return attempt(max(end - time.monotonic(), 1e-3))
         except Exception as e:  # noqa: BLE001 - classified right below
             left = end - time.monotonic()
             transient = is_transient(e)
+            if transient and refused is None and any(_is_connect_failure(c) for c in _chain(e)):
+                refused = explain(e, url)
             delay = min(policy.backoff * (2**tries), max(left, 0.0))
             if transient and tries < policy.retries and left - delay > 0.05:
                 tries += 1
@@ -397,6 +400,8 @@ def retrying(
                 continue
             retried = f"{tries} retr{'y' if tries == 1 else 'ies'}"
             mapped = explain(e, url, fallback=not transient)
+            if transient and refused is not None:
+                mapped = refused
             if (
                 transient
                 and not (mapped is not None and "cannot connect" in str(mapped))

@@ -26,10 +26,11 @@ How a job runs (every rank runs the same code with the same arguments):
 
 Before the first shard (:meth:`ShardJob.pending`) a job checks that it may write there: the destination takes
 a test write (a missing bucket fails now, not after a shard of work), a folder holding a dataset this
-project did not write is refused unless ``overwrite`` (an ``_info.json`` without our section, ``.tar`` files
-without our sidecars), and a local folder is locked per rank (``.{prefix}.rank{r}.lock``, ``flock``) so a
-second build of the same rank stops with "another build is writing here" instead of deleting the first
-one's temporary files. Object stores take no lock (their temporaries are local files with unique names).
+project did not write is refused unless ``overwrite`` (an ``_info.json`` without our section,
+``{prefix}-*.tar`` files without our sidecars), and a local folder is locked per rank
+(``relabel_shards.outlock``) so a second build of the same rank stops with "another build is writing here"
+instead of deleting the first one's temporary files. Object stores take no lock (their temporaries are
+local files with unique names).
 
 Test hook (tests only): ``RELABEL_SHARDS_TEST_PAUSE_AFTER`` = ``add:N`` (or ``N``) makes the process's writer
 stop after its N-th sample, or ``publish:N`` after its N-th shard is published but before its sidecar is
@@ -322,8 +323,9 @@ class ShardJob:
         """Refuse a folder holding a dataset this project did not write, unless ``overwrite``.
 
         Foreign: an ``_info.json`` with a split that has no ``relabel_shards`` section (or that is not valid
-        JSON), or a ``.tar`` file without our ``_stats.json`` sidecar beside it (our own shard names are let
-        through: a killed run leaves its last shard without one).
+        JSON), or a ``{prefix}-*.tar`` file without our ``_stats.json`` sidecar beside it, other than this
+        job's own shard names (a killed run leaves its last shard without one). Tars under other names are
+        left alone: nothing this job writes lands on them.
 
         Raises:
             ForeignOutputError: naming what was found and the way out.
@@ -349,7 +351,8 @@ class ShardJob:
         except (FileNotFoundError, NotADirectoryError):
             names = set()
         ours = re.compile(re.escape(self.prefix) + r"-(\d{6})\.tar")
-        stray = sorted(n for n in names if n.endswith(".tar") and f"{n[:-4]}_stats.json" not in names
+        stray = sorted(n for n in names if n.startswith(f"{self.prefix}-") and n.endswith(".tar")
+                       and f"{n[:-4]}_stats.json" not in names
                        and not ((m := ours.fullmatch(n)) and int(m[1]) < self.num_shards))
         if stray:
             found.append(f"{len(stray)} .tar file{'s' if len(stray) > 1 else ''} without relabel-shards "

@@ -374,7 +374,7 @@ def test_connection_refused_is_not_a_missing_info_json(scheme, s3_endpoint, clea
     assert not isinstance(err, FileNotFoundError) and took < 10
     result = CliRunner().invoke(
         cli,
-        ["info", url, "--read-deadline", "3"],
+        ["info", url, "--read-deadline", "3" if scheme == "http" else "10"],
         env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"},
     )
     assert (

@@ -296,14 +296,15 @@ def test_a_folder_holding_another_dataset_is_refused_unless_overwrite(tmp_path):
     assert (tmp_path / "ds" / "p-000005.tar").read_bytes() == before["p-000005.tar"]  # left, not deleted
 
 
-def test_tars_without_our_sidecars_are_another_dataset(tmp_path):
-    (tmp_path / "imagenet1k-train-0000.tar").write_bytes(b"\0" * 1024)
-    with pytest.raises(FileExistsError, match=r"1 \.tar file without relabel-shards sidecars "
-                                              r"\(imagenet1k-train-0000\.tar\)"):
+def test_tars_under_our_prefix_without_our_sidecars_are_another_dataset(tmp_path):
+    (tmp_path / "p-000007.tar").write_bytes(b"\0" * 1024)  # a longer foreign dataset with our names
+    with pytest.raises(FileExistsError, match=r"1 \.tar file without relabel-shards sidecars \(p-000007"):
         ShardJob(str(tmp_path), prefix="p", num_shards=1, fingerprint="f").pending()
-    # our own shard name without its sidecar is what a killed run leaves: not foreign
-    (tmp_path / "imagenet1k-train-0000.tar").unlink()
+    # our own shard name without its sidecar is what a killed run leaves: not foreign; other names are not
+    # written over, so they do not count either
+    (tmp_path / "p-000007.tar").unlink()
     (tmp_path / "p-000000.tar").write_bytes(b"\0" * 1024)
+    (tmp_path / "imagenet1k-train-0000.tar").write_bytes(b"\0" * 1024)
     assert ShardJob(str(tmp_path), prefix="p", num_shards=1, fingerprint="f").pending() == [0]
 
 

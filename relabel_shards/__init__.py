@@ -13,6 +13,8 @@ Annotator and batch job (``relabel_shards.annotator``, ``relabel_shards.build``)
     ``create_annotator``, ``build_shards``
 Shards (``relabel_shards.shards``)
     ``ShardError``, ``read_info``
+Object storage errors (``relabel_shards.storage``)
+    ``StorageError``, ``StorageTimeoutError``
 Crop geometry and the streaming loader (``relabel_shards.crops``, ``relabel_shards.loader``)
     ``random_resized_crop_params``, ``ReLabelDataset``, ``make_loader``
 Import of the official release (``relabel_shards.convert``)
@@ -49,6 +51,8 @@ _EXPORTS: dict[str, str] = {
     "build_shards": "relabel_shards.build",
     "ShardError": "relabel_shards.shards",
     "read_info": "relabel_shards.shards",
+    "StorageError": "relabel_shards.storage",
+    "StorageTimeoutError": "relabel_shards.storage",
     "random_resized_crop_params": "relabel_shards.crops",
     "ReLabelDataset": "relabel_shards.loader",
     "make_loader": "relabel_shards.loader",
@@ -84,6 +88,8 @@ __all__ = [
     "build_shards",
     "ShardError",
     "read_info",
+    "StorageError",
+    "StorageTimeoutError",
     "random_resized_crop_params",
     "ReLabelDataset",
     "make_loader",
@@ -138,4 +144,5 @@ if TYPE_CHECKING:  # static tools see the real names
     from relabel_shards.pooling import LabelPooling, SparseTargets, label_pooling, reference_label_pooling
     from relabel_shards.publish import publish
     from relabel_shards.shards import ShardError, read_info
+    from relabel_shards.storage import StorageError, StorageTimeoutError
     from relabel_shards.transforms import CenterCrop, Compose, Lighting, RandomResizedCropFlip

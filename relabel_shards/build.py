@@ -74,6 +74,7 @@ from relabel_shards.sources import (
     open_source,
     read_bytes,
 )
+from relabel_shards.storage import StorageError, named_errors
 from relabel_shards.writer import ChunkSink, ShardJob, ShardStats
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,9 @@ class _ChunkStream(IterableDataset):
                 continue
             try:
                 data = read_bytes(it.path, self.storage_options)
+            except StorageError as e:  # the storage failed, not the file: stop the build, say why
+                yield {**_failure(it.key, it.source, str(e)), "fatal": True, "storage": type(e).__name__}
+                continue
             except OSError as e:
                 yield _failure(it.key, it.source, f"cannot read file: {e.strerror or e}")
                 continue
@@ -244,6 +248,8 @@ class _ChunkStream(IterableDataset):
                 }
         except DuplicateKeyError as e:
             yield {**_failure("", url, str(e)), "fatal": True}  # never a skip: keys must be unique
+        except StorageError as e:  # the storage failed, not the shard: stop the build, say why
+            yield {**_failure("", url, str(e)), "fatal": True, "storage": type(e).__name__}
         except (ShardError, OSError) as e:
             yield _failure("", url, f"input shard unreadable from here on: {e}")
         for e in repeated:
@@ -422,6 +428,7 @@ def build_shards(
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     key_from: str = "stem",
     labels_only: bool = False,
+    overwrite: bool = False,
 ) -> BuildSummary:
     """Annotate every image of ``source`` and write WebDataset shards with label maps to ``out``.
 
@@ -464,6 +471,8 @@ def build_shards(
             image shards, label shard i holds exactly the keys of input shard i in order (an image that
             fails keeps its place with an empty ``key.rlm`` and is listed in the failures) and
             ``_info.json`` names the image shards it pairs with (``relabel_shards.pairing``).
+        overwrite: write into a folder that holds a dataset this project did not write (refused otherwise;
+            ``relabel_shards.writer.ShardJob.check_output``).
 
     Returns:
         BuildSummary of this rank's work; ``info`` is the split written to ``_info.json`` by this call,
@@ -479,7 +488,9 @@ def build_shards(
     prefix = _check_args(shard_size, batch_size, num_workers, encoding, split, prefix)
     check_max_pixels(max_image_pixels, "max_image_pixels")
     out = os.fspath(out)
-    src = open_source(source, storage_options, key_from=key_from)
+    where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "::".join(map(str, source))
+    with named_errors(str(where)):
+        src = open_source(source, storage_options, key_from=key_from)
     from relabel_shards.annotator import create_annotator
     from relabel_shards.labelmap import encode_label_map
 
@@ -522,6 +533,7 @@ def build_shards(
         world_size=world_size,
         storage_options=storage_options,
         resume_check=resume_check,
+        overwrite=overwrite,
     )
     todo = job.pending()
     summary = BuildSummary(

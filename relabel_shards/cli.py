@@ -23,7 +23,11 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, P
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Run a command body, turning the library's user-facing errors into ``click.ClickException``."""
+    """Run a command body, turning the library's user-facing errors into ``click.ClickException``.
+
+    Object-storage errors (botocore, aiohttp, google-auth: no credentials, no bucket, access denied,
+    unreachable, stalled) become one line naming the URL and the likely fix (``relabel_shards.storage``).
+    """
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -31,10 +35,42 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except USER_ERRORS as e:
-            raise click.ClickException(str(e)) from e
+        except Exception as e:
+            storage = _storage_error(e, kwargs)
+            if storage is not None:
+                raise click.ClickException(storage) from e
+            if isinstance(e, USER_ERRORS):
+                raise click.ClickException(str(e)) from e
+            raise
 
     return wrapper
+
+
+def _storage_error(e: BaseException, kwargs: dict) -> str | None:
+    """The one-line message for a storage backend error, naming the command's remote URL when the error
+    does not; None for other errors."""
+    from relabel_shards.storage import StorageError, explain
+
+    if isinstance(e, StorageError):
+        return str(e)
+    urls = [v for k, v in kwargs.items() if k in ("url", "source", "out", "images", "relabel_root")
+            for v in (v if isinstance(v, tuple) else (v,)) if isinstance(v, str) and "://" in v]
+    mapped = explain(e, urls[0] if len(urls) == 1 else None)
+    return None if mapped is None else str(mapped)
+
+
+def _read_deadline_option(fn: Callable) -> Callable:
+    """``--read-deadline SECONDS``: one read's time limit on object storage, retries included."""
+    from relabel_shards.storage import DEADLINE_ENV, DEFAULT_READ_DEADLINE
+
+    return click.option("--read-deadline", type=click.FloatRange(min=0, min_open=True), default=None,
+                        help="Seconds one read from object storage or HTTP may take, retries included, "
+                             f"before the command fails naming the URL [default: ${DEADLINE_ENV}, else "
+                             f"{DEFAULT_READ_DEADLINE:g}].")(fn)
+
+
+def _storage_options(read_deadline: float | None) -> dict | None:
+    return None if read_deadline is None else {"read_deadline": read_deadline}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -145,8 +181,11 @@ def _echo_summary(summary, out: str) -> None:
 @click.option("--key-from", type=click.Choice(["stem", "path"]), default="stem",
               help="Sample keys from the file name, or from the relative path ('cls/image_0001.jpg' -> "
                    "'cls_image_0001') where names repeat across classes.")
+@click.option("--overwrite", is_flag=True,
+              help="Write into a folder holding a dataset relabel-shards did not write (refused otherwise).")
+@_read_deadline_option
 @user_errors
-def build(source: tuple[str, ...], out: str, progress: bool, **kwargs) -> None:
+def build(source: tuple[str, ...], out: str, progress: bool, read_deadline: float | None, **kwargs) -> None:
     """Annotate SOURCE's images with a timm classifier and write label-map shards to OUT.
 
     SOURCE is an ImageFolder directory, a 'path<TAB>label' list file, or WebDataset shards (paths, brace
@@ -161,7 +200,8 @@ def build(source: tuple[str, ...], out: str, progress: bool, **kwargs) -> None:
     src: str | list[str] = source[0] if len(source) == 1 else list(source)
     kwargs["shuffle"] = not kwargs.pop("no_shuffle")
     with _ProgressBar("build", progress) as bar:
-        summary = build_shards(src, out, progress=bar.callback, **kwargs)
+        summary = build_shards(src, out, progress=bar.callback,
+                               storage_options=_storage_options(read_deadline), **kwargs)
     _echo_summary(summary, out)
 
 
@@ -213,8 +253,10 @@ def demo_command(out: str, input_size: int, topk: int, device: str) -> None:
 @click.option("--shards", "max_shards", default=4, type=click.IntRange(min=0),
               help="Shards listed by name per split.")
 @click.option("--json", "as_json", is_flag=True, help="Print _info.json itself instead of the summary.")
+@_read_deadline_option
 @user_errors
-def info_command(url: str, split: str | None, max_shards: int, as_json: bool) -> None:
+def info_command(url: str, split: str | None, max_shards: int, as_json: bool, read_deadline: float | None
+                 ) -> None:
     """What a dataset's _info.json says: splits, samples, shards, annotator, k/h/w/C, failures, sizes.
 
     URL is the dataset directory or URL prefix (local, s3://, gs://, http(s)://), or one shard (.tar).
@@ -225,11 +267,12 @@ def info_command(url: str, split: str | None, max_shards: int, as_json: bool) ->
 
         from relabel_shards.shards import read_info
 
-        click.echo(json.dumps(read_info(url), indent=1, sort_keys=True))
+        click.echo(json.dumps(read_info(url, _storage_options(read_deadline)), indent=1, sort_keys=True))
         return
     from relabel_shards.describe import describe
 
-    click.echo(describe(url, split=split, max_shards=max_shards))
+    click.echo(describe(url, split=split, max_shards=max_shards,
+                        storage_options=_storage_options(read_deadline)))
 
 
 @cli.command("verify")
@@ -241,9 +284,10 @@ def info_command(url: str, split: str | None, max_shards: int, as_json: bool) ->
 @click.option("--images", default=None,
               help="For label shards: the image shards they pair with (folder or URL prefix); each record's "
                    "image binding is checked against its image (length, sha256, width and height).")
+@_read_deadline_option
 @user_errors
-def verify_command(url: str, split: str | None, max_problems: int, progress: bool,
-                   images: str | None) -> None:
+def verify_command(url: str, split: str | None, max_problems: int, progress: bool, images: str | None,
+                   read_deadline: float | None) -> None:
     """Read every shard and check it against _info.json; exit 1 and list what is wrong.
 
     Checks each sample's members (image, .cls, .json, .rlm; adjacent; unique keys without dots), that every
@@ -257,12 +301,14 @@ def verify_command(url: str, split: str | None, max_problems: int, progress: boo
     from relabel_shards.shards import get_split, read_info
     from relabel_shards.verify import verify_shards
 
-    s = (shard_split(url, split)[2] or {}) if is_shard_url(url) else get_split(read_info(url), split, url)
+    storage_options = _storage_options(read_deadline)
+    s = ((shard_split(url, split, storage_options)[2] or {}) if is_shard_url(url)
+         else get_split(read_info(url, storage_options), split, url))
     total = sum(r.get("bytes", 0) for r in (s.get("relabel_shards") or {}).get("shards", []))
     with tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
               disable=not progress, file=sys.stderr) as bar:
         report = verify_shards(url, split=split, max_problems=max_problems, progress=bar.update,
-                               images=images)
+                               images=images, storage_options=storage_options)
     for problem in report.problems:
         click.echo(problem)
     for warning in report.warnings:
@@ -335,8 +381,12 @@ def show_command(url: str, key: str | None, out: str, topk: int, split: str | No
 @click.option("--no-shuffle", "no_shuffle", is_flag=True,
               help="Write the images in path order (class-sorted shards: batches of few classes).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (images/s, ETA).")
+@click.option("--overwrite", is_flag=True,
+              help="Write into a folder holding a dataset relabel-shards did not write (refused otherwise).")
+@_read_deadline_option
 @user_errors
-def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) -> None:
+def convert(images: str, relabel_root: str, out: str, progress: bool, read_deadline: float | None,
+            **kwargs) -> None:
     """Import the official ReLabel release: IMAGES' JPEGs with RELABEL_ROOT's .pt maps, as shards in OUT.
 
     IMAGES is the ImageNet train folder (class/image.JPEG), RELABEL_ROOT the extracted relabel_imagenet.tar
@@ -353,9 +403,11 @@ def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) 
             for unused in ("shard_size", "check_images", "shuffle", "shuffle_seed"):  # image shards' order
                 kwargs.pop(unused)
             summary = convert_official_labels(images, relabel_root, out, match_by=match_by,
-                                              progress=bar.callback, **kwargs)
+                                              progress=bar.callback,
+                                              storage_options=_storage_options(read_deadline), **kwargs)
         else:
-            summary = convert_official(images, relabel_root, out, progress=bar.callback, **kwargs)
+            summary = convert_official(images, relabel_root, out, progress=bar.callback,
+                                       storage_options=_storage_options(read_deadline), **kwargs)
     _echo_summary(summary, out)
     layout = kwargs["layout"]
     click.echo(f"layout {layout}: label_pooling(..., swap_xy={layout == 'hw'}) reproduces the official "

@@ -64,6 +64,7 @@ from relabel_shards.shards import (
     url_to_fs,
 )
 from relabel_shards.sources import FileItem, Source, open_source, read_bytes
+from relabel_shards.storage import StorageError, named_errors
 from relabel_shards.writer import ChunkSink, ShardJob, ShardStats
 
 log = logging.getLogger(__name__)
@@ -214,6 +215,8 @@ class _ConvertStream(IterableDataset):
             return _failure(it.key, it.source, f"image without a label map (no {mrel} in the release)")
         try:
             image = read_bytes(it.path, self.storage_options)
+        except StorageError as e:  # the storage failed, not the file: stop, say why
+            return {**_failure(it.key, it.source, str(e)), "fatal": True, "storage": type(e).__name__}
         except OSError as e:
             return _failure(it.key, it.source, f"cannot read file: {e.strerror or e}")
         try:
@@ -227,6 +230,8 @@ class _ConvertStream(IterableDataset):
         try:
             raw = read_map_file(join(self.relabel_root, mrel), self.storage_options)  # big: refused unread
             t = load_official_map(raw)
+        except StorageError as e:
+            return {**_failure(it.key, mrel, str(e)), "fatal": True, "storage": type(e).__name__}
         except OSError as e:
             return _failure(it.key, mrel, f"cannot read label map: {e.strerror or e}", image=it.source)
         except OfficialMapError as e:
@@ -335,6 +340,7 @@ def convert_official(
     name: str | None = None,
     shuffle: bool = True,
     shuffle_seed: int = 0,
+    overwrite: bool = False,
 ) -> ConvertSummary:
     """Pair each image of an ImageFolder with its official ReLabel map and write label-map shards to ``out``.
 
@@ -361,6 +367,7 @@ def convert_official(
         shuffle: write the images in a seeded global permutation, so that every shard holds a fair sample
             of the classes; False keeps the folder's path order (class-sorted shards).
         shuffle_seed: the permutation's seed (``relabel_shards.plan.permutation``).
+        overwrite: write into a folder that holds a dataset this project did not write (refused otherwise).
 
     Returns:
         ConvertSummary (``BuildSummary``) of this rank's work; ``info`` is the split written to ``_info.json``
@@ -377,7 +384,8 @@ def convert_official(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
     out, relabel_root = os.fspath(out), os.fspath(relabel_root)
-    src = open_source(images, storage_options)
+    with named_errors(str(images)):
+        src = open_source(images, storage_options)
     if src.kind != "folder":
         raise ValueError(f"images must be an ImageFolder directory (class/image files), got a {src.kind} "
                          f"source: {src.url!r}")
@@ -386,7 +394,8 @@ def convert_official(
     if src.classes is not None and len(src.classes) != NUM_CLASSES:
         log.warning("images has %d class folders, not %d: .cls holds the folder's index, while the label "
                     "maps use ImageNet-1k's class indices", len(src.classes), NUM_CLASSES)
-    maps = _map_files(relabel_root, storage_options)
+    with named_errors(relabel_root):
+        maps = _map_files(relabel_root, storage_options)
     missing, orphans, n_orphans = _pair(src, maps)
     if missing and len(missing) == sum(it.error is None for it in src.items):
         raise AllInputsFailedError(_nothing_paired(src, maps, relabel_root, os.fspath(images)))
@@ -405,7 +414,7 @@ def convert_official(
     fingerprint = job_fingerprint(description)
     check_output(out, prefix, fingerprint, description, storage_options)
     job = ShardJob(out, prefix=prefix, num_shards=n, fingerprint=fingerprint, rank=rank,
-                   world_size=world_size, storage_options=storage_options)
+                   world_size=world_size, storage_options=storage_options, overwrite=overwrite)
     todo = job.pending()
     summary = ConvertSummary(rank=job.rank, world_size=job.world_size, num_shards=n, written=list(todo),
                              skipped=[i for i in job.owned() if i not in set(todo)])
@@ -564,6 +573,7 @@ def convert_official_labels(
     storage_options: dict | None = None,
     progress: ProgressFn | None = None,
     name: str | None = None,
+    overwrite: bool = False,
 ):
     """The official release as label shards aligned to image shards (``convert --labels-only``).
 
@@ -574,7 +584,7 @@ def convert_official_labels(
     Args:
         images: image shards (paths, brace patterns, URLs), e.g. ``timm/imagenet-1k-wds``'s train shards.
         relabel_root, out, layout, encoding, prefix, split, num_workers, rank, world_size, strict,
-            storage_options, progress, name: as in :func:`convert_official`.
+            storage_options, progress, name, overwrite: as in :func:`convert_official`.
         match_by: ``"key"``: a sample's key is the ImageNet file stem (``n01440764_10026``); ``"json:FIELD"``:
             the stem of the file name in the sample's ``.json`` field FIELD (e.g. ``json:filename``).
 
@@ -624,4 +634,4 @@ def convert_official_labels(
                        split=split, num_workers=num_workers, rank=rank, world_size=world_size, strict=strict,
                        storage_options=storage_options, progress=progress, name=name,
                        unused=lambda stats: _maps_without_image(by_key, stats), match_by=match_by,
-                       description=description)
+                       description=description, overwrite=overwrite)

@@ -344,6 +344,7 @@ def join_labels(
     storage_options: dict | None = None,
     progress: Callable[[int, int | None], None] | None = None,
     name: str | None = None,
+    overwrite: bool = False,
 ) -> JoinSummary:
     """Pair the label set ``labels`` with ``images`` by sample key and write full shards or label shards.
 
@@ -362,6 +363,7 @@ def join_labels(
         strict: an image without a label, a label without an image or a mismatched record is an error.
         storage_options: fsspec options for every URL.
         progress: called as ``progress(images_done, images_total)`` (total None when unknown).
+        overwrite: write into a folder that holds a dataset this project did not write (refused otherwise).
 
     Returns:
         JoinSummary of this rank; ``info`` is the split written to ``_info.json``, if this rank wrote it.
@@ -417,6 +419,7 @@ def join_labels(
         name=name,
         unused=lambda stats: _labels_without_image(index, stats),
         description=description,
+        overwrite=overwrite,
     )
 
 
@@ -441,6 +444,7 @@ def run_aligned(
     unused: Callable[[list], list[dict]] | None = None,
     match_by: str = "key",
     description: dict | None = None,
+    overwrite: bool = False,
 ) -> JoinSummary:
     """The job behind ``join`` and ``convert --labels-only``: one output shard per image shard (or folder
     chunk), each image given ``labeler``'s record, through ``ShardJob`` (ranks, resume, ``_info.json``).
@@ -464,6 +468,7 @@ def run_aligned(
         rank=rank,
         world_size=world_size,
         storage_options=storage_options,
+        overwrite=overwrite,
     )
     todo = job.pending()
     summary = JoinSummary(

@@ -435,7 +435,8 @@ class ReLabelLoader:
 
 
 def make_loader(urls: str | Sequence[str], batch_size: int, num_workers: int = 4, *, pin_memory: bool = False,
-                prefetch_factor: int | None = None, multiprocessing_context: Any = None,
+                prefetch_factor: int | None = None, multiprocessing_context: Any = None, timeout: float = 0,
+                worker_init_fn: Any = None, persistent_workers: bool = False,
                 **dataset_options: Any) -> ReLabelLoader:
     """A batch loader over ReLabel shards: ``ReLabelDataset(urls, **dataset_options)`` in a DataLoader.
 
@@ -443,20 +444,32 @@ def make_loader(urls: str | Sequence[str], batch_size: int, num_workers: int = 4
         urls: see :class:`ReLabelDataset`.
         batch_size: samples per batch (each worker's last batch of an epoch may be smaller).
         num_workers: DataLoader worker processes (0: read in this process).
-        pin_memory, prefetch_factor, multiprocessing_context: passed to ``torch.utils.data.DataLoader``.
+        pin_memory, prefetch_factor, multiprocessing_context, timeout, worker_init_fn: passed to
+            ``torch.utils.data.DataLoader`` (``prefetch_factor``, ``multiprocessing_context`` and ``timeout``
+            only with workers). ``timeout`` bounds the wait for one batch from the workers; the reads
+            themselves are bounded by ``storage_options={"read_deadline": seconds}`` (each read of a shard,
+            retries included; ``relabel_shards.storage``).
+        persistent_workers: not supported (must be False): workers start afresh each epoch because they take
+            the epoch and the resume position with them.
         **dataset_options: keyword options of :class:`ReLabelDataset` (``seed``, ``image_size``,
             ``on_error``, ``rank``, ``storage_options``, ...).
 
     Returns:
         A :class:`ReLabelLoader`: iterate it for batch dicts; ``set_epoch``, ``state_dict``,
-        ``load_state_dict``, ``len``, ``skipped``. Workers start afresh each epoch (they take the epoch
-        and the resume position with them), so there is no ``persistent_workers``.
+        ``load_state_dict``, ``len``, ``skipped``.
 
     Raises:
         ValueError: bad options, or fewer shards than ranks x workers (the message gives the number needed).
     """
-    dl: dict[str, Any] = {"pin_memory": pin_memory}
+    if persistent_workers:
+        raise ValueError("persistent_workers=True is not supported: each epoch's workers take that epoch and "
+                         "the resume position with them, so they start afresh (the cost is one worker start "
+                         "per epoch)")
+    if timeout and num_workers == 0:
+        raise ValueError(f"timeout applies to DataLoader workers; got timeout={timeout!r} with num_workers=0")
+    dl: dict[str, Any] = {"pin_memory": pin_memory, "worker_init_fn": worker_init_fn}
     if num_workers > 0:
+        dl["timeout"] = timeout
         if prefetch_factor is not None:
             dl["prefetch_factor"] = prefetch_factor
         if multiprocessing_context is not None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
+
+from relabel_shards.dist import resolve_rank
 
 T = TypeVar("T")
 
@@ -23,26 +24,8 @@ def derive_seed(*parts: int | str) -> int:
 
 
 def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """(rank, world_size): explicit, else torch.distributed if initialized, else RANK/WORLD_SIZE, else (0, 1).
-
-    Raises:
-        ValueError: only one of the two is given, or ``rank`` is not in ``[0, world_size)``.
-    """
-    if (rank is None) != (world_size is None):
-        raise ValueError(f"give both rank and world_size or neither, got rank={rank}, "
-                         f"world_size={world_size}")
-    if rank is None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            rank, world_size = dist.get_rank(), dist.get_world_size()
-        else:
-            rank = int(os.environ.get("RANK", 0))
-            world_size = int(os.environ.get("WORLD_SIZE", 1))
-    assert world_size is not None
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got rank={rank}")
-    return int(rank), int(world_size)
+    """(rank, world_size): the package's one rule, ``relabel_shards.dist.resolve_rank``."""
+    return resolve_rank(rank, world_size)
 
 
 def assign_shards(lengths: Sequence[int], num_slots: int, seed: int, epoch: int) -> list[list[int]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tarfile
@@ -27,6 +28,8 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 INFO_NAME = "_info.json"
 LABELMAP_EXT = "rlm"
@@ -184,8 +187,10 @@ class PartialShard:
         self.filename = filename
         self.num_samples = 0
         self._fs, root = url_to_fs(out, storage_options)
+        self._url = join(out, filename)
         self._final = join(root, filename)
         self._local = _is_local(self._fs)
+        self._storage_options = storage_options
         if self._local:
             os.makedirs(root, exist_ok=True)
         prefix, suffix = temp_name(filename)
@@ -200,7 +205,11 @@ class PartialShard:
         self.num_samples += 1
 
     def commit(self) -> ShardRecord:
-        """Finish the tar, move or upload it under its final name, and describe it."""
+        """Finish the tar, move or upload it under its final name, and describe it.
+
+        An upload is retried after transient errors within ``read_deadline`` plus one second per MiB
+        (``relabel_shards.storage``); the temporary file is removed whatever happens.
+        """
         try:
             self._tar.close()
             self._file.flush()
@@ -212,17 +221,31 @@ class PartialShard:
                 _umask_mode(self._tmp)
                 os.replace(self._tmp, self._final)
             else:
-                self._fs.put_file(self._tmp, self._final)
+                from relabel_shards.storage import UPLOAD_MIN_RATE, call, split_options
+
+                _, policy = split_options(self._storage_options)
+                call(self._fs, "put_file", self._tmp, self._final, url=self._url, policy=policy,
+                     what="upload", deadline=policy.read_deadline + size / UPLOAD_MIN_RATE)
         finally:
             self.abort()
         return ShardRecord(filename=self.filename, num_samples=self.num_samples, bytes=size, sha256=digest)
 
     def abort(self) -> None:
-        """Drop the temporary file (a no-op after :meth:`commit`)."""
-        if not self._file.closed:
-            self._file.close()
-        if os.path.exists(self._tmp):
-            os.unlink(self._tmp)
+        """Drop the temporary file (a no-op after :meth:`commit`); never raises for a failing close.
+
+        Closing flushes what is buffered, which fails again on a full disk (ENOSPC): the file is removed
+        all the same, so a failed shard never keeps filling the disk.
+        """
+        try:
+            if not self._file.closed:
+                self._file.close()
+        except OSError as e:
+            log.warning("%s: closing the temporary file failed (%s); removing it", self.filename, e)
+        finally:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
 
 
 def write_shard(out: str, filename: str, samples: Iterable[Sequence[tuple[str, bytes]]],
@@ -260,7 +283,50 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = Non
             if os.path.exists(tmp):
                 os.unlink(tmp)
     else:
-        fs.pipe_file(path, data)
+        from relabel_shards.storage import UPLOAD_MIN_RATE, call, split_options
+
+        _, policy = split_options(storage_options)
+        call(fs, "pipe_file", path, data, url=url, policy=policy, what="upload",
+             deadline=policy.read_deadline + len(data) / UPLOAD_MIN_RATE)
+
+
+def check_writable(out: str, storage_options: dict | None = None) -> None:
+    """Write and remove a small probe object in ``out``, so a job fails before its first batch, not after.
+
+    Raises:
+        relabel_shards.storage.StorageError: no bucket, no credentials, access denied, unreachable, stalled
+            (the message names ``out`` and the likely fix); OSError: a local folder that cannot be written.
+    """
+    import uuid
+
+    fs, root = url_to_fs(out, storage_options)
+    if _is_local(fs):
+        os.makedirs(root, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+        return
+    from relabel_shards.storage import call, split_options
+
+    _, policy = split_options(storage_options)
+    name = f".relabel-shards-write-check-{uuid.uuid4().hex}"
+    path = join(root, name)
+    try:
+        call(fs, "pipe_file", path, b"", url=out, policy=policy, what="test write")
+    except FileNotFoundError as e:  # S3 says so for a missing bucket
+        raise _no_bucket(out, e) from e
+    try:
+        call(fs, "rm_file", path, url=out, policy=policy, what="delete of the test object")
+    except Exception as e:  # noqa: BLE001 - writing works, which is what was asked; say what is left
+        log.warning("%s: could not delete the test object %s (%s)", out, name, e)
+
+
+def _no_bucket(out: str, e: BaseException) -> Exception:
+    from relabel_shards.storage import StorageNotFoundError, explain
+
+    mapped = explain(e, out)
+    return mapped if mapped is not None else StorageNotFoundError(
+        f"{out}: cannot write there ({e}): does the bucket exist?", out)
 
 
 # ------------------------------------------------------------------------------------------ _info.json
@@ -286,11 +352,19 @@ def make_split_info(split: str, shards: Sequence[ShardRecord], project: dict[str
 
 
 def write_info(out: str, split_info: dict[str, Any], storage_options: dict | None = None,
-               name: str | None = None) -> dict[str, Any]:
-    """Add or replace one split in ``out/_info.json`` (other splits are kept) and write it atomically."""
+               name: str | None = None, drop_foreign: bool = False) -> dict[str, Any]:
+    """Add or replace one split in ``out/_info.json`` (other splits are kept) and write it atomically.
+
+    ``drop_foreign``: start afresh over an ``_info.json`` with splits this project did not write (no
+    ``relabel_shards`` section): those splits and the old name go.
+    """
     try:
         info = read_info(out, storage_options)
-    except FileNotFoundError:
+    except (FileNotFoundError, ShardError) as e:
+        if isinstance(e, ShardError) and not drop_foreign:
+            raise
+        info = {}
+    if drop_foreign and foreign_splits(info):
         info = {}
     if name is not None or "name" not in info:
         info["name"] = name or os.path.basename(out.rstrip("/")) or "dataset"
@@ -303,17 +377,23 @@ def write_info(out: str, split_info: dict[str, Any], storage_options: dict | Non
 def read_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
     """Read ``_info.json`` from a directory or URL prefix (or the file's own URL).
 
+    One read deadline bounds it (``storage_options["read_deadline"]``, see ``relabel_shards.storage``).
+
     Raises:
         FileNotFoundError: there is no ``_info.json`` there.
         ShardError: it is not valid JSON, or has no ``splits`` object.
+        relabel_shards.storage.StorageError: the storage cannot be reached, refuses access, or stalls (the
+            message names the URL and the likely fix).
     """
+    from relabel_shards.storage import cat
+
     if not url.rstrip("/").endswith(".json"):
         url = join(url, INFO_NAME)
-    fs, path = url_to_fs(url, storage_options)
     try:
-        with fs.open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
+        raw = cat(url, storage_options)
+    except FileNotFoundError as e:
+        if getattr(e, "url", None):  # a StorageNotFoundError: the bucket itself is missing
+            raise
         raise FileNotFoundError(f"no {INFO_NAME} at {url}") from None
     try:
         info = json.loads(raw)
@@ -322,6 +402,12 @@ def read_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
     if not isinstance(info, dict) or not isinstance(info.get("splits", {}), dict):
         raise ShardError(f"{url}: expected an object with a 'splits' object")
     return info
+
+
+def foreign_splits(info: dict[str, Any]) -> list[str]:
+    """The splits of an ``_info.json`` that this project did not write (no ``relabel_shards`` section)."""
+    return sorted(str(k) for k, v in (info.get("splits") or {}).items()
+                  if not isinstance(v, dict) or not isinstance(v.get("relabel_shards"), dict))
 
 
 def get_split(info: dict[str, Any], split: str | None, where: str = INFO_NAME) -> dict[str, Any]:
@@ -364,8 +450,14 @@ class StrictTarInfo(tarfile.TarInfo):
 
 
 def url_to_fs(url: str, storage_options: dict | None = None):
-    """(fsspec filesystem, path) for a local path or URL; a missing s3fs/gcsfs names its extra."""
+    """(fsspec filesystem, path) for a local path or URL; a missing s3fs/gcsfs names its extra.
+
+    Every remote filesystem gets connect and read timeouts (``relabel_shards.storage``); our own keys of
+    ``storage_options`` (``read_deadline``, ``retries``) are not passed to fsspec.
+    """
     import fsspec  # light, but keep ``import relabel_shards.shards`` free of it until needed
+
+    from relabel_shards.storage import filesystem_kwargs, split_options, tune_filesystem
 
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     if protocol in ("s3", "s3a"):
@@ -376,7 +468,9 @@ def url_to_fs(url: str, storage_options: dict | None = None):
         from relabel_shards._optional import require
 
         require("gcsfs", f"reading or writing {url}")
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    options, policy = split_options(storage_options)
+    fs, path = fsspec.core.url_to_fs(url, **filesystem_kwargs(protocol, options, policy))
+    tune_filesystem(fs)
     return fs, path
 
 

@@ -473,9 +473,9 @@ def read_bytes(path: str, storage_options: dict | None = None) -> bytes:
     if not _is_url(path):
         with open(path, "rb") as f:
             return f.read()
-    fs, p = url_to_fs(path, storage_options)
-    with fs.open(p, "rb") as f:
-        return f.read()
+    from relabel_shards.storage import cat
+
+    return cat(path, storage_options)  # one read deadline, retries (relabel_shards.storage)
 
 
 def iter_shard_samples(
@@ -499,7 +499,6 @@ def iter_shard_samples(
         DuplicateMemberError: a sample repeats an extension, and ``on_duplicate`` is None.
         ShardError: the tar is malformed, or a key comes back after another key (members not adjacent).
     """
-    fs, path = url_to_fs(url, storage_options)
     seen: set[str] = set()
     key: str | None = None
     members: list[tuple[str, bytes]] = []
@@ -507,7 +506,10 @@ def iter_shard_samples(
     bad = False  # the current sample repeated an extension: drop it whole
     last_done: str | None = None
     try:
-        with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*", tarinfo=StrictTarInfo) as tar:
+        from relabel_shards.tarstream import RetryingReader, fsspec_opener
+
+        raw = RetryingReader(fsspec_opener(url, storage_options), url).open_now()  # deadline + retries
+        with raw, tarfile.open(fileobj=raw, mode="r|*", tarinfo=StrictTarInfo) as tar:
             for ti in tar:
                 if not ti.isreg():
                     continue

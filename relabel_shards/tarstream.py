@@ -1,8 +1,10 @@
-"""Sequential tar reading over fsspec with retries: a stream of ``(key, {extension: bytes})`` samples.
+"""Sequential tar reading over fsspec with retries and a deadline: a stream of ``(key, {ext: bytes})``.
 
 One shard is read front to back once (no seeks in the normal case), the way object stores like it. A
-transient error (connection reset, timeout, 5xx surfacing as ``OSError``) re-opens the object and continues
-at the byte where it stopped, up to ``retries`` times with exponential back-off.
+transient error (connection reset, timeout, 5xx) re-opens the object and continues at the byte where it
+stopped, with exponential back-off, up to ``retries`` times and within one deadline per read
+(``read_deadline``, see ``relabel_shards.storage``); then an error names the URL. A timeout is never
+taken for a missing file.
 """
 
 from __future__ import annotations
@@ -12,73 +14,85 @@ import logging
 import tarfile
 import time
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from relabel_shards.shards import ShardError, StrictTarInfo, split_member_name, url_to_fs
+from relabel_shards.storage import Policy, is_async, is_transient, retrying, run, split_options
+
+__all__ = ["RetryingReader", "fsspec_opener", "is_transient", "iter_tar_samples"]
 
 log = logging.getLogger(__name__)
 
-# Errors that say "the data is not there" rather than "the connection hiccuped": never retried.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
-_TRANSIENT_MODULES = ("aiohttp", "botocore", "urllib3", "requests", "google", "fsspec", "s3fs", "gcsfs")
 _READ_BLOCK = 8 << 20  # 8 MiB range requests on object stores; sequential reads either way
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether an I/O error is worth a retry: network and timeout errors, not missing or forbidden files."""
-    if isinstance(exc, _PERMANENT) or isinstance(exc, ShardError):
-        return False
-    if isinstance(exc, (OSError, TimeoutError, ConnectionError)):
-        return True
-    return type(exc).__module__.split(".")[0] in _TRANSIENT_MODULES
 
 
 class RetryingReader(io.RawIOBase):
     """A read-only binary stream that re-opens its source at the current offset after transient errors.
 
     Args:
-        opener: ``opener(offset)`` returns a binary file positioned at byte ``offset`` of the object.
+        opener: ``opener(offset)`` returns a binary file positioned at byte ``offset`` of the object. An
+            opener from :func:`fsspec_opener` also takes ``timeout=`` (seconds), and so do its files'
+            ``read``: every attempt is then cut off when the read's deadline passes.
         name: the URL, for messages.
         retries: how many re-opens one ``read`` may use before the error propagates.
         backoff: seconds before the first retry; doubled on each further one.
+        deadline: seconds one ``read`` may take, all attempts and back-off included; None: the opener's
+            ``read_deadline`` (from its ``storage_options``), else the default (``relabel_shards.storage``).
+
+    Attributes:
+        retried: retries used so far (each is also logged as a warning).
+
+    Raises (from ``read``):
+        relabel_shards.storage.StorageTimeoutError: the deadline passed; StorageError: out of retries.
+        Errors that are not transient (``FileNotFoundError``, ...) at once.
     """
 
-    def __init__(self, opener: Callable[[int], BinaryIO], name: str, retries: int = 3, backoff: float = 0.5):
+    def __init__(self, opener: Callable[..., BinaryIO], name: str, retries: int = 3, backoff: float = 0.5,
+                 deadline: float | None = None):
         super().__init__()
         self._opener = opener
         self.name = name
         self.retries = retries
         self.backoff = backoff
+        if deadline is None:
+            deadline = getattr(opener, "read_deadline", None) or split_options(None)[1].read_deadline
+        self.policy = Policy(read_deadline=float(deadline), retries=retries, backoff=backoff)
+        self._bounded = bool(getattr(opener, "bounded", False))
         self.pos = 0
         self.retried = 0
-        self._f: BinaryIO | None = None
+        self._f: Any = None
 
     def readable(self) -> bool:
         return True
 
+    def _attempt(self, n: int, left: float) -> bytes:
+        try:
+            if self._f is None:
+                self._f = self._opener(self.pos, timeout=left) if self._bounded else self._opener(self.pos)
+            return self._f.read(n, timeout=left) if self._bounded else self._f.read(n)
+        except BaseException:
+            self._close_inner()
+            raise
+
+    def open_now(self) -> RetryingReader:
+        """Open the source now (with retries and the deadline) rather than at the first read: a missing
+        object raises ``FileNotFoundError`` here."""
+        if self._f is None:
+            retrying(lambda left: self._attempt(0, left), self.name, self.policy, "open",
+                     on_retry=self._count)
+        return self
+
+    def _count(self) -> None:
+        self.retried += 1
+
     def readinto(self, buf) -> int:  # noqa: D102
         view = memoryview(buf).cast("B")
-        attempt = 0
-        while True:
-            try:
-                if self._f is None:
-                    self._f = self._opener(self.pos)
-                data = self._f.read(len(view))
-            except Exception as e:  # noqa: BLE001 - classified right below
-                if attempt >= self.retries or not is_transient(e):
-                    raise
-                delay = self.backoff * (2**attempt)
-                attempt += 1
-                self.retried += 1
-                log.warning("%s: %s at byte %d; retry %d/%d in %.1f s", self.name, e, self.pos, attempt,
-                            self.retries, delay)
-                self._close_inner()
-                time.sleep(delay)
-                continue
-            n = len(data)
-            view[:n] = data
-            self.pos += n
-            return n
+        data = retrying(lambda left: self._attempt(len(view), left), self.name, self.policy,
+                        f"read at byte {self.pos}", on_retry=self._count)
+        n = len(data)
+        view[:n] = data
+        self.pos += n
+        return n
 
     def _close_inner(self) -> None:
         if self._f is not None:
@@ -93,33 +107,97 @@ class RetryingReader(io.RawIOBase):
         super().close()
 
 
-def fsspec_opener(url: str, storage_options: dict | None = None) -> Callable[[int], BinaryIO]:
-    """``opener(offset)`` for :class:`RetryingReader`: an fsspec file of ``url`` positioned at ``offset``.
+class _RangeFile:
+    """An object on an async object store (s3fs, gcsfs) read by range requests, each bounded in time."""
 
-    HTTP(S) is opened as a plain stream (no range requests, which simple servers ignore); object stores
-    get large sequential range reads.
+    def __init__(self, fs: Any, path: str, offset: int, timeout: float, block: int = _READ_BLOCK):
+        start = time.monotonic()
+        self._fs, self._path, self._block = fs, path, block
+        self._size = int(run(fs, "info", path, timeout=timeout)["size"])
+        self._pos = offset
+        self._buf = b""
+        self._left = timeout - (time.monotonic() - start)
+
+    def read(self, n: int = -1, timeout: float | None = None) -> bytes:
+        if not self._buf and self._pos < self._size:
+            end = min(self._pos + max(self._block, n if n > 0 else 0), self._size)
+            self._buf = run(self._fs, "cat_file", self._path, start=self._pos, end=end,
+                            timeout=timeout if timeout is not None else self._left)
+            self._pos += len(self._buf)
+        out, self._buf = (self._buf, b"") if n < 0 or n >= len(self._buf) else (self._buf[:n], self._buf[n:])
+        return out
+
+    def close(self) -> None:
+        self._buf = b""
+
+
+class _HttpStream:
+    """An HTTP(S) object read as one streamed GET (a ``Range`` from ``offset`` where the server honours it),
+    each step bounded in time. Simple servers (``python -m http.server``) ignore ranges; then the bytes before
+    ``offset`` are read and dropped."""
+
+    def __init__(self, fs: Any, url: str, offset: int, timeout: float):
+        from fsspec.asyn import sync
+
+        end = time.monotonic() + timeout
+        self._loop = fs.loop
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        self._f = sync(fs.loop, fs.open_async, url, "rb", size=-1, headers=headers, timeout=timeout)
+        self._read = lambda n, t: sync(self._loop, self._f.read, n, timeout=max(t, 1e-3))
+        try:
+            self._read(0, end - time.monotonic())  # sends the GET: 404 -> FileNotFoundError, status checked
+            status = getattr(self._f.r, "status", 200)
+            left = offset if offset and status != 206 else 0
+            while left:
+                chunk = self._read(min(left, 1 << 20), end - time.monotonic())
+                if not chunk:
+                    raise EOFError(f"{url}: ended at byte {offset - left} on re-open, expected {offset}")
+                left -= len(chunk)
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self, n: int = -1, timeout: float | None = None) -> bytes:
+        return self._read(n, timeout if timeout is not None else 60.0)
+
+    def close(self) -> None:
+        from fsspec.asyn import sync
+
+        r, self._f.r = getattr(self._f, "r", None), None
+        if r is not None:
+            self._loop.call_soon_threadsafe(r.close)
+        if not self._f.closed:
+            try:
+                sync(self._loop, self._f.close, timeout=1)
+            except Exception:  # noqa: BLE001 - closing a dead connection may fail; it is dropped either way
+                self._f.closed = True
+
+
+def fsspec_opener(url: str, storage_options: dict | None = None) -> Callable[..., BinaryIO]:
+    """``opener(offset, timeout=None)`` for :class:`RetryingReader`: ``url`` positioned at ``offset``.
+
+    HTTP(S) is opened as a plain stream; object stores get large sequential range reads; every request of
+    a remote object is cancelled when ``timeout`` (what is left of the read's deadline) runs out. The opener
+    carries ``read_deadline`` from ``storage_options`` for the reader.
     """
     fs, path = url_to_fs(url, storage_options)
+    _, policy = split_options(storage_options)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    kwargs: dict = {"block_size": 0} if protocol in ("http", "https") else {}
-    if protocol not in ("file", "local", "http", "https"):
-        kwargs = {"block_size": _READ_BLOCK, "cache_type": "readahead"}
+    remote = is_async(fs)
 
-    def opener(offset: int) -> BinaryIO:
-        f = fs.open(path, "rb", **kwargs)
+    def opener(offset: int, timeout: float | None = None) -> Any:
+        left = policy.read_deadline if timeout is None else timeout
+        if remote and protocol in ("http", "https"):
+            return _HttpStream(fs, path, offset, left)
+        if remote:
+            return _RangeFile(fs, path, offset, left)
+        f = fs.open(path, "rb")
         if offset:
-            try:
-                f.seek(offset)
-            except (io.UnsupportedOperation, ValueError, NotImplementedError):
-                left = offset  # a plain stream: read up to where we were
-                while left:
-                    chunk = f.read(min(left, 1 << 20))
-                    if not chunk:
-                        raise EOFError(f"{url}: ended at byte {offset - left} on re-open, expected {offset}"
-                                       ) from None
-                    left -= len(chunk)
-        return f
+            f.seek(offset)
+        return _Plain(f)
 
+    opener.bounded = True  # type: ignore[attr-defined]
+    opener.read_deadline = policy.read_deadline  # type: ignore[attr-defined]
     return opener
 
 
@@ -129,6 +207,19 @@ def duplicate_member_message(url: str, key: str, name: str) -> str:
         f"{url}: key {key!r}: member {name!r} repeats an extension of the same sample (two samples with "
         "the same key next to each other, or a member written twice); refusing to pick one copy"
     )
+
+
+class _Plain:
+    """A local (or synchronous fsspec) file with the ``read(n, timeout=)`` of the bounded openers."""
+
+    def __init__(self, f: Any):
+        self._f = f
+
+    def read(self, n: int = -1, timeout: float | None = None) -> bytes:
+        return self._f.read(n)
+
+    def close(self) -> None:
+        self._f.close()
 
 
 def iter_tar_samples(stream: BinaryIO, url: str) -> Iterator[tuple[str, dict[str, bytes]]]:

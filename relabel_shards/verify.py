@@ -37,6 +37,8 @@ from relabel_shards.shards import (
     split_member_name,
     url_to_fs,
 )
+from relabel_shards.storage import StorageError
+from relabel_shards.tarstream import RetryingReader, fsspec_opener
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +306,8 @@ class _SplitChecker:
                         add(f"{shard}: key {key!r}: member .{ext} appears twice")
                     members[ext] = data
                 finish()
+        except StorageError:
+            raise  # the storage failed, not the shard: stop with the storage's message
         except (tarfile.TarError, EOFError, OSError) as e:
             last = f" after key {current!r}" if current is not None else ""
             add(f"{shard}: unreadable tar{last} ({type(e).__name__}: {e}); truncated or corrupt")
@@ -498,9 +502,8 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
     observed: list[ShardClasses] = []  # each shard's class make-up, from its .cls (a few numbers per shard)
     for i, name in enumerate(filenames):
         shard_url = join(url, name)
-        fs, path = url_to_fs(shard_url, storage_options)
-        try:
-            f = fs.open(path, "rb")
+        try:  # retries and one deadline per read (relabel_shards.storage): a stalled server is an error
+            f = RetryingReader(fsspec_opener(shard_url, storage_options), shard_url).open_now()
         except FileNotFoundError:
             add(f"{name}: missing (listed in _info.json, not found at {shard_url})")
             continue

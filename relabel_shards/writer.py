@@ -19,7 +19,23 @@ How a job runs (every rank runs the same code with the same arguments):
    it; otherwise each rank looks for every sidecar and, if all are there, assembles ``_info.json`` from them.
    The last rank to finish therefore always writes it; two ranks finishing together write the same bytes
    (it holds nothing time- or host-dependent), so the race is harmless. Keys are checked to be unique across
-   shards here. Remote outputs get ``_info.json`` last, after every shard.
+   shards here. Remote outputs get ``_info.json`` last, after every shard. Under ``torch.distributed`` the
+   ranks meet through the process group's store rather than a plain barrier: a rank that fails says so
+   (:meth:`ShardJob.fail`, called by :class:`ChunkSink` and at exit), and the waiting ranks raise at once
+   instead of hanging.
+
+Before the first shard (:meth:`ShardJob.pending`) a job checks that it may write there: the destination takes
+a test write (a missing bucket fails now, not after a shard of work), a folder holding a dataset this
+project did not write is refused unless ``overwrite`` (an ``_info.json`` without our section,
+``{prefix}-*.tar`` files without our sidecars), and a local folder is locked per rank
+(``relabel_shards.outlock``) so a second build of the same rank stops with "another build is writing here"
+instead of deleting the first one's temporary files. Object stores take no lock (their temporaries are
+local files with unique names).
+
+Test hook (tests only): ``RELABEL_SHARDS_TEST_PAUSE_AFTER`` = ``add:N`` (or ``N``) makes the process's writer
+stop after its N-th sample, or ``publish:N`` after its N-th shard is published but before its sidecar is
+written; it then creates the file named by ``RELABEL_SHARDS_TEST_PAUSE_FILE`` (if set) and sleeps until
+killed. Kill tests use it to kill at a known point on machines of any speed.
 
 :class:`SerialExecutor` runs the encoding and writing in one background thread so the producer never waits
 on compression, disk or uploads.
@@ -27,26 +43,35 @@ on compression, disk or uploads.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import json
 import logging
 import os
+import posixpath
 import queue
+import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from relabel_shards.dist import RankFailedError, distributed_world, meet_ranks, report_failure, resolve_rank
+from relabel_shards.outlock import RankLock
 from relabel_shards.shards import (
     INFO_NAME,
     PartialShard,
     ShardError,
     ShardRecord,
     _is_local,
+    check_writable,
     file_sha256,
+    foreign_splits,
     join,
     json_bytes,
     make_split_info,
+    read_info,
     shard_name,
     temp_name,
     url_to_fs,
@@ -57,42 +82,33 @@ from relabel_shards.shards import (
 log = logging.getLogger(__name__)
 
 STATS_VERSION = 1
+PAUSE_ENV, PAUSE_FILE_ENV = "RELABEL_SHARDS_TEST_PAUSE_AFTER", "RELABEL_SHARDS_TEST_PAUSE_FILE"
+_pause_counts: dict[str, int] = {}
+_job_runs: dict[tuple[str, str, str], int] = {}  # (out, prefix, fingerprint) -> jobs made in this process
+
+
+class ForeignOutputError(FileExistsError):
+    """The output folder holds a dataset this project did not write (refused unless ``overwrite``)."""
+
+
+def _test_pause(event: str) -> None:
+    """The kill tests' hook (see the module docstring); a no-op unless ``RELABEL_SHARDS_TEST_PAUSE_AFTER``."""
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    kind, _, n = spec.rpartition(":")
+    if (kind or "add") != event:
+        return
+    _pause_counts[event] = _pause_counts.get(event, 0) + 1
+    if _pause_counts[event] != int(n):
+        return
+    flag = os.environ.get(PAUSE_FILE_ENV)
+    if flag:
+        with open(flag, "w") as f:
+            f.write(f"{event}:{n}\n")
+    while True:  # until killed
+        time.sleep(3600)
 RESUME_CHECKS = ("sha256", "size")
-
-
-def resolve_rank(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """(rank, world_size): explicit arguments, else an initialized ``torch.distributed``, else torchrun's
-    ``RANK`` / ``WORLD_SIZE`` environment variables, else (0, 1).
-
-    Raises:
-        ValueError: only one of the two given, or ``rank`` outside ``[0, world_size)``.
-    """
-    if (rank is None) != (world_size is None):
-        raise ValueError(f"rank and world_size go together, got rank={rank}, world_size={world_size}")
-    if rank is None:
-        try:
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                rank, world_size = dist.get_rank(), dist.get_world_size()
-        except ImportError:  # pragma: no cover
-            pass
-    if rank is None:
-        env_rank, env_world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
-        if env_rank is not None and env_world is not None:
-            try:
-                rank, world_size = int(env_rank), int(env_world)
-            except ValueError:
-                raise ValueError(
-                    f"RANK/WORLD_SIZE must be integers, got {env_rank!r}/{env_world!r}"
-                ) from None
-        else:
-            rank, world_size = 0, 1
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size-1={world_size - 1}], got {rank!r}")
-    return rank, world_size
 
 
 @dataclass(frozen=True)
@@ -154,6 +170,7 @@ class ShardOutput:
         """Append one sample (its members adjacent, in the given order)."""
         self._shard.add(members)
         self._keys.append(key)
+        _test_pause("add")
 
     def fail(self, failure: dict) -> None:
         """Record an input that was skipped (JSON-able; e.g. ``{"source": ..., "reason": ...}``)."""
@@ -162,6 +179,7 @@ class ShardOutput:
     def commit(self, extra: dict | None = None) -> ShardStats:
         """Publish the shard, then its sidecar; ``extra`` (JSON-able) goes into the sidecar for finalize."""
         record = self._shard.commit()
+        _test_pause("publish")
         stats = ShardStats(
             record=record,
             keys=tuple(self._keys),
@@ -186,10 +204,14 @@ class ShardJob:
         num_shards: how many shards the whole job (all ranks) writes.
         fingerprint: digest of everything that decides the output bytes; sidecars carry it.
         rank, world_size: this rank (see :func:`resolve_rank`).
-        storage_options: fsspec options for ``out``.
+        storage_options: fsspec options for ``out`` (and ``read_deadline``, see ``relabel_shards.storage``).
         resume_check: how a shard with a sidecar is checked before it is skipped: ``"sha256"`` reads it once
             and compares size and digest (catches later damage too); ``"size"`` compares the size only (enough
             against kill -9, since a shard appears under its final name only whole; no read of large outputs).
+        overwrite: write into a folder that holds a dataset this project did not write (its ``_info.json``
+            splits are replaced; its other files are left as they are and listed in a warning).
+        wait_timeout: seconds rank 0 waits for the other ranks in :meth:`finalize` under
+            ``torch.distributed``; None: the process group's default (30 min).
     """
 
     def __init__(
@@ -203,6 +225,8 @@ class ShardJob:
         world_size: int | None = None,
         storage_options: dict | None = None,
         resume_check: str = "sha256",
+        overwrite: bool = False,
+        wait_timeout: float | None = None,
     ):
         if not isinstance(num_shards, int) or num_shards < 1:
             raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}")
@@ -217,7 +241,15 @@ class ShardJob:
             raise ValueError(f"resume_check must be one of {list(RESUME_CHECKS)}, got {resume_check!r}")
         self.resume_check = resume_check
         self.storage_options = storage_options
+        self.overwrite = bool(overwrite)
+        self.wait_timeout = wait_timeout
         self._fs, self._root = url_to_fs(self.out, storage_options)
+        self._lock: RankLock | None = None
+        # which run of this job in this process: the same on every rank (they make the same jobs in order)
+        ident = (self.out, self.prefix, self.fingerprint)
+        self._seq = _job_runs[ident] = _job_runs.get(ident, -1) + 1
+        self._finished = False
+        self._failed_reported = False
 
     # names
     def filename(self, index: int) -> str:
@@ -236,10 +268,13 @@ class ShardJob:
     # resume
     def read_stats(self, index: int) -> ShardStats | None:
         """The sidecar of shard ``index``, or None when there is none (or it is unreadable: rewritten)."""
-        path = join(self._root, self.stats_name(index))
+        from relabel_shards.storage import StorageError, cat
+
         try:
-            raw = self._fs.cat_file(path)
-        except FileNotFoundError:
+            raw = cat(self.stats_url(index), self.storage_options)
+        except FileNotFoundError as e:
+            if isinstance(e, StorageError):  # the bucket, not the sidecar, is missing
+                raise
             return None
         try:
             stats = ShardStats.from_json(raw, join(self.out, self.stats_name(index)))
@@ -259,12 +294,14 @@ class ShardJob:
         stats = self.read_stats(index)
         if stats is None:
             return False
-        path = join(self._root, self.filename(index))
         try:
             if self.resume_check == "size":
-                size, digest = self._fs.size(path), stats.record.sha256
+                size, digest = self._size(index), stats.record.sha256
             else:
-                with self._fs.open(path, "rb") as f:
+                from relabel_shards.tarstream import RetryingReader, fsspec_opener
+
+                url = join(self.out, self.filename(index))
+                with RetryingReader(fsspec_opener(url, self.storage_options), url) as f:
                     size, digest = file_sha256(f)
         except FileNotFoundError:
             log.warning("%s: stats exist but the shard does not; writing it again", self.filename(index))
@@ -273,6 +310,61 @@ class ShardJob:
             log.warning("%s: size/sha256 disagree with its stats; writing it again", self.filename(index))
             return False
         return True
+
+    def _size(self, index: int) -> int:
+        """The byte size of shard ``index`` as stored (bounded by the read deadline)."""
+        from relabel_shards.storage import call, split_options
+
+        _, policy = split_options(self.storage_options)
+        return int(call(self._fs, "size", join(self._root, self.filename(index)),
+                        url=join(self.out, self.filename(index)), policy=policy))
+
+    def check_output(self) -> None:
+        """Refuse a folder holding a dataset this project did not write, unless ``overwrite``.
+
+        Foreign: an ``_info.json`` with a split that has no ``relabel_shards`` section (or that is not valid
+        JSON), or a ``{prefix}-*.tar`` file without our ``_stats.json`` sidecar beside it, other than this
+        job's own shard names (a killed run leaves its last shard without one). Tars under other names are
+        left alone: nothing this job writes lands on them.
+
+        Raises:
+            ForeignOutputError: naming what was found and the way out.
+        """
+        found: list[str] = []
+        try:
+            info = read_info(self.out, self.storage_options)
+            if foreign_splits(info):
+                found.append(f"{INFO_NAME} with splits {foreign_splits(info)} not written by relabel-shards")
+        except FileNotFoundError as e:
+            from relabel_shards.storage import StorageError
+
+            if isinstance(e, StorageError):
+                raise
+        except ShardError as e:
+            found.append(f"an {INFO_NAME} that is not ours ({e})")
+        from relabel_shards.storage import call, split_options
+
+        try:
+            listed = call(self._fs, "ls", self._root, detail=False, url=self.out,
+                          policy=split_options(self.storage_options)[1], what="listing")
+            names = {posixpath.basename(n.rstrip("/")) for n in listed}
+        except (FileNotFoundError, NotADirectoryError):
+            names = set()
+        ours = re.compile(re.escape(self.prefix) + r"-(\d{6})\.tar")
+        stray = sorted(n for n in names if n.startswith(f"{self.prefix}-") and n.endswith(".tar")
+                       and f"{n[:-4]}_stats.json" not in names
+                       and not ((m := ours.fullmatch(n)) and int(m[1]) < self.num_shards))
+        if stray:
+            found.append(f"{len(stray)} .tar file{'s' if len(stray) > 1 else ''} without relabel-shards "
+                         f"sidecars ({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''})")
+        if not found:
+            return
+        if self.overwrite:
+            log.warning("%s: writing over a dataset this project did not write (overwrite): %s; files of it "
+                        "that this job does not replace stay", self.out, "; ".join(found))
+            return
+        raise ForeignOutputError(f"{self.out} holds another dataset: {'; '.join(found)}. Write to an empty "
+                                 "folder, or pass overwrite=True (--overwrite) to write over it")
 
     def remove_stale_temps(self, indices: Sequence[int]) -> None:
         """Remove temporary files a killed run left for these shards (local outputs only)."""
@@ -289,13 +381,38 @@ class ShardJob:
                         pass
 
     def pending(self) -> list[int]:
-        """This rank's shards still to write, in order (stale temporary files of its shards are removed)."""
+        """This rank's shards still to write, in order (stale temporary files of its shards are removed).
+
+        First checks that the output may be written (:func:`relabel_shards.shards.check_writable`,
+        :meth:`check_output`) and takes this rank's lock on a local folder.
+
+        Raises:
+            relabel_shards.outlock.OutputInUseError: another process holds this rank's lock ("another
+                build is writing here").
+            ForeignOutputError: see :meth:`check_output`.
+            relabel_shards.storage.StorageError: the destination cannot be written (no bucket, access
+                denied, unreachable, stalled).
+        """
+        check_writable(self.out, self.storage_options)
+        self.check_output()
+        self._finished = False
+        if _is_local(self._fs) and self._lock is None:
+            self._lock = RankLock(os.path.join(self._root, f".{self.prefix}.rank{self.rank}.lock"), self.out,
+                                   self.rank)
+        atexit.unregister(self._at_exit)
+        atexit.register(self._at_exit)  # a rank that dies of an exception still tells the others
         owned = self.owned()
         self.remove_stale_temps(owned)
-        todo = [i for i in owned if not self.is_complete(i)]
+        try:
+            todo = [i for i in owned if not self.is_complete(i)]
+        except BaseException:
+            self._release()
+            raise
         log.info(
             "rank %d/%d: %d of its %d shards to write", self.rank, self.world_size, len(todo), len(owned)
         )
+        if not todo:
+            self._release()  # nothing to write: no need to keep others out
         return todo
 
     def open(self, index: int) -> ShardOutput:
@@ -319,15 +436,14 @@ class ShardJob:
             ValueError: a key appears in two shards.
         """
         try:
-            import torch.distributed as dist
+            return self._finalize(split, project, name)
+        finally:
+            self._finished = True
+            self._release()
 
-            use_dist = (
-                dist.is_available() and dist.is_initialized() and dist.get_world_size() == self.world_size
-            )
-        except ImportError:  # pragma: no cover
-            use_dist = False
-        if use_dist and self.world_size > 1:
-            dist.barrier()
+    def _finalize(self, split, project, name):
+        if self._dist() and self.world_size > 1:
+            self._meet()
             if self.rank != 0:
                 return None
         all_stats: list[ShardStats] = []
@@ -342,7 +458,7 @@ class ShardJob:
                 )
                 return None
             try:
-                size = self._fs.size(join(self._root, self.filename(i)))
+                size = self._size(i)
             except FileNotFoundError:
                 size = None
             if size != stats.record.bytes:
@@ -357,11 +473,11 @@ class ShardJob:
         split_info = make_split_info(split, [s.record for s in all_stats], proj)
         self._remove_stale_info_temps()
         try:
-            write_info(self.out, split_info, self.storage_options, name=name)
+            write_info(self.out, split_info, self.storage_options, name=name, drop_foreign=self.overwrite)
         except FileNotFoundError:
             # another rank finishing at the same moment removed our temporary file as stale; its _info.json
             # has the same bytes, but write ours again so that this call's promise holds
-            write_info(self.out, split_info, self.storage_options, name=name)
+            write_info(self.out, split_info, self.storage_options, name=name, drop_foreign=self.overwrite)
         log.info(
             "wrote %s (%d shards, %d samples, %d failures)",
             join(self.out, INFO_NAME),
@@ -370,6 +486,41 @@ class ShardJob:
             len(failures),
         )
         return split_info
+
+    # ranks
+    def _dist(self) -> bool:
+        return distributed_world() == self.world_size
+
+    def _key(self) -> str:
+        return f"relabel_shards/{self.out}/{self.prefix}/{self.fingerprint[:16]}/run{self._seq}"
+
+    def _meet(self) -> None:
+        """Wait until every rank has finished its shards; raise at once when one of them failed."""
+        try:
+            meet_ranks(self._key(), self.world_size, self.wait_timeout)
+        except RankFailedError as e:
+            raise RankFailedError(f"{e}; {INFO_NAME} of {self.out} is not written: fix the cause and rerun "
+                                  "(complete shards are kept)") from None
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; {INFO_NAME} of {self.out} is not written") from None
+
+    def fail(self, error: BaseException | str) -> None:
+        """Tell the other ranks that this rank failed (they stop waiting in :meth:`finalize`); unlock."""
+        self._finished = True
+        if not self._failed_reported and self.world_size > 1 and self._dist():
+            self._failed_reported = True
+            report_failure(self._key(), f"rank {self.rank} failed: {error}")
+        self._release()
+
+    def _at_exit(self) -> None:
+        if not self._finished:
+            self.fail("it exited before finishing its shards")
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        atexit.unregister(self._at_exit)
 
     def _remove_stale_info_temps(self) -> None:
         if not _is_local(self._fs):
@@ -481,11 +632,16 @@ class ChunkSink:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except BaseException as e:
+                self.job.fail(e)
+                raise
             return
         self._writer.close(raise_errors=False)
         for shard in self._open.values():
             shard.abort()
+        self.job.fail(exc if exc is not None else exc_type.__name__)
 
 
 def take_failures(chunk: dict, *, strict: bool, job_name: str) -> list[dict]:
@@ -493,12 +649,20 @@ def take_failures(chunk: dict, *, strict: bool, job_name: str) -> list[dict]:
 
     Raises:
         ValueError: an entry marked ``fatal``, or any failure when ``strict`` (naming the file and reason).
+        relabel_shards.storage.StorageError: an entry marked ``fatal`` with ``storage`` (its error's type).
     """
     failed = [e for e in chunk["entries"] if "reason" in e]
     if not failed:
         return failed
     fatal = [e for e in failed if e.get("fatal")]
     if fatal:
+        if fatal[0].get("storage"):  # a StorageError from a worker: raised again as its own type
+            from relabel_shards import storage
+
+            kind = getattr(storage, str(fatal[0]["storage"]), None)
+            if not (isinstance(kind, type) and issubclass(kind, storage.StorageError)):
+                kind = storage.StorageError
+            raise kind(fatal[0]["reason"])
         raise ValueError(fatal[0]["reason"])
     if strict:
         f = failed[0]

@@ -271,7 +271,7 @@ def test_bad_inputs_are_skipped_and_listed_or_fatal_with_strict(tmp_path):
         ({"model": "no_such_model_xyz"}, ValueError, r"unknown timm model name 'no_such_model_xyz'"),
         ({"shard_size": 0}, ValueError, r"shard_size must be an integer >= 1, got 0"),
         ({"encoding": "gzip"}, ValueError, r"encoding must be one of \['compact', 'lossless'\], got 'gzip'"),
-        ({"rank": 2, "world_size": 2}, ValueError, r"rank must be in \[0, world_size-1=1\], got 2"),
+        ({"rank": 2, "world_size": 2}, ValueError, r"rank must be in \[0, world_size=2\), got rank=2"),
     ],
 )
 def test_clear_errors(folder, tmp_path, kwargs, exc, match):

@@ -11,15 +11,14 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from killpoint import kill_at
 from PIL import Image
 
 from relabel_shards.convert import OFFICIAL_MODEL, convert_official
@@ -409,7 +408,7 @@ def test_bad_inputs_listed_and_skipped_or_fatal_with_strict(tmp_path):
     ({"layout": "xy"}, ValueError, r"layout must be one of \['hw', 'wh'\], got 'xy'"),
     ({"shard_size": 0}, ValueError, r"shard_size must be an integer >= 1, got 0"),
     ({"encoding": "gzip"}, ValueError, r"encoding must be one of \['compact', 'lossless'\], got 'gzip'"),
-    ({"rank": 2, "world_size": 2}, ValueError, r"rank must be in \[0, world_size-1=1\], got 2"),
+    ({"rank": 2, "world_size": 2}, ValueError, r"rank must be in \[0, world_size=2\), got rank=2"),
     ({"relabel_root": "missing"}, FileNotFoundError, r"relabel_root '.*missing' is not a directory"),
     ({"relabel_root": "empty"}, ValueError, r"relabel_root '.*empty' holds no \.pt label maps"),
     ({"images": "list"}, ValueError, r"images must be an ImageFolder directory \(class/image files\), got a "
@@ -451,7 +450,8 @@ def _cmd(images: Path, maps: Path, out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_kill_dash_nine_then_rerun_is_byte_identical(tmp_path):
-    """A light test_build_resume: kill the CLI mid-way once, rerun, compare every file's bytes."""
+    """A light test_build_resume: kill the CLI mid-way once (at a known point: tests/killpoint.py), rerun,
+    compare every file's bytes."""
     images, maps, _ = _make_release(tmp_path / "src", classes=("a", "b", "c"), per_class=8)
     args = dict(shard_size=1, num_workers=0)  # the CLI call's options below
     ref = tmp_path / "ref" / "ds"
@@ -462,23 +462,9 @@ def test_kill_dash_nine_then_rerun_is_byte_identical(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     out = tmp_path / "killed" / "ds"
-    for target in (4, 1):  # kill once this many shards are complete; fewer if the first run outran us
-        proc = subprocess.Popen(_cmd(images, maps, out), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            if out.exists() and sum(n.endswith("_stats.json") for n in os.listdir(out)) >= target:
-                break
-            time.sleep(0.002)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        if not (out / "_info.json").exists():
-            break
-        shutil.rmtree(out)
-    assert proc.returncode == -signal.SIGKILL and not (out / "_info.json").exists(), "never killed mid-way"
+    kill_at(_cmd(images, maps, out), env, "add:5", tmp_path / "paused")  # shards 0-3 complete, 4 open
     left = os.listdir(out)
-    assert 0 < sum(n.endswith("_stats.json") for n in left) < 24
+    assert sum(n.endswith("_stats.json") for n in left) == 4 and "_info.json" not in left
     again = convert_official(str(images), str(maps), str(out), **args)
     assert again.skipped and again.written
     assert _tree(out) == reference

@@ -6,6 +6,7 @@ import json
 import os
 import threading
 
+import numpy as np
 import pytest
 
 from relabel_shards.shards import read_info
@@ -31,20 +32,57 @@ def _tree(root) -> dict[str, bytes]:
     return {p: open(os.path.join(root, p), "rb").read() for p in sorted(os.listdir(root))}
 
 
-def test_resolve_rank(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert resolve_rank() == (0, 1)
+_RANK_ENV = ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS")
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "expected"),
+    [
+        ((None, None), {}, (0, 1)),
+        ((None, None), {"RANK": "3", "WORLD_SIZE": "4"}, (3, 4)),
+        ((1, 2), {"RANK": "3", "WORLD_SIZE": "4"}, (1, 2)),  # explicit beats the environment
+        ((None, None), {"SLURM_PROCID": "2", "SLURM_NTASKS": "4"}, (0, 1)),  # Slurm's variables are not read
+        ((np.int64(1), np.int64(2)), {}, (1, 2)),
+        ((None, None), {"RANK": "2", "WORLD_SIZE": "2"}, r"rank must be in \[0, world_size=2\), got rank=2 "
+                                                         r"\(from RANK/WORLD_SIZE\)"),
+        ((None, None), {"RANK": "1"}, r"RANK='1' and WORLD_SIZE=None: set both"),
+        ((None, None), {"WORLD_SIZE": "2"}, r"RANK=None and WORLD_SIZE='2': set both"),
+        ((None, None), {"RANK": "a", "WORLD_SIZE": "2"}, "RANK/WORLD_SIZE must be integers"),
+        ((2, 2), {}, r"rank must be in \[0, world_size=2\), got rank=2"),
+        ((1, None), {}, "give both rank and world_size or neither"),
+        ((0, 0), {}, "world_size must be an integer >= 1, got 0"),
+        ((0.5, 2), {}, "rank must be an integer, got 0.5"),
+    ],
+)
+def test_one_rank_rule_for_writer_and_loader(monkeypatch, args, env, expected):
+    """writer.resolve_rank and order.resolve_world are one function: same answers, same errors."""
+    from relabel_shards.order import resolve_world
+
+    for k in _RANK_ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for fn in (resolve_rank, resolve_world):
+        if isinstance(expected, tuple):
+            assert fn(*args) == expected
+        else:
+            with pytest.raises(ValueError, match=expected):
+                fn(*args)
+
+
+def test_rank_rule_prefers_initialized_torch_distributed(monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    from relabel_shards.order import resolve_world
+
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert resolve_rank() == (3, 4)
-    assert resolve_rank(1, 2) == (1, 2)  # explicit beats the environment
-    with pytest.raises(ValueError, match=r"rank must be in \[0, world_size-1=1\], got 2"):
-        resolve_rank(2, 2)
-    with pytest.raises(ValueError, match="rank and world_size go together"):
-        resolve_rank(1, None)
-    with pytest.raises(ValueError, match="world_size must be an integer >= 1, got 0"):
-        resolve_rank(0, 0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert resolve_rank() == resolve_world(None, None) == (0, 1)
+        assert resolve_rank(1, 2) == (1, 2)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_ownership_and_wrong_rank(tmp_path):
@@ -217,3 +255,249 @@ def test_take_failures_logs_or_raises(caplog):
     fatal = _chunk(0, False, [{"key": "c", "source": "s", "reason": "shard s is truncated", "fatal": True}])
     with pytest.raises(ValueError, match="^shard s is truncated$"):
         take_failures(fatal, strict=False, job_name="build")
+
+
+# ------------------------------------------------------------------------- nothing lost, nothing overwritten
+
+
+def _foreign_dataset(root):
+    """WebDataset shards and a timm-style _info.json that relabel-shards did not write."""
+    import io
+    import tarfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(6):
+        with tarfile.open(root / f"p-{i:06d}.tar", "w") as tar:
+            data = b"foreign %d" % i
+            ti = tarfile.TarInfo(f"k{i}.txt")
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    info = {"name": "someone-elses", "splits": {"train": {"name": "train", "num_samples": 6,
+                                                          "filenames": [f"p-{i:06d}.tar" for i in range(6)],
+                                                          "shard_lengths": [1] * 6}}}
+    (root / "_info.json").write_text(json.dumps(info))
+    return {p.name: p.read_bytes() for p in root.iterdir()}
+
+
+def test_a_folder_holding_another_dataset_is_refused_unless_overwrite(tmp_path):
+    before = _foreign_dataset(tmp_path / "ds")
+    job = ShardJob(str(tmp_path / "ds"), prefix="p", num_shards=2, fingerprint="f")
+    refused = r"ds holds another dataset: _info.json with splits \['train'\] not written by relabel-shards"
+    with pytest.raises(FileExistsError, match=refused + r".*overwrite=True \(--overwrite\)"):
+        job.pending()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()} == before  # nothing touched
+    job = ShardJob(str(tmp_path / "ds"), prefix="p", num_shards=2, fingerprint="f", overwrite=True)
+    for i in job.pending():
+        _write(job, i)
+    info = job.finalize("train", {})
+    assert info["filenames"] == ["p-000000.tar", "p-000001.tar"]
+    written = read_info(str(tmp_path / "ds"))
+    assert written["name"] == "ds" and list(written["splits"]) == ["train"]  # the foreign name is gone
+    assert (tmp_path / "ds" / "p-000005.tar").read_bytes() == before["p-000005.tar"]  # left, not deleted
+
+
+def test_tars_under_our_prefix_without_our_sidecars_are_another_dataset(tmp_path):
+    (tmp_path / "p-000007.tar").write_bytes(b"\0" * 1024)  # a longer foreign dataset with our names
+    with pytest.raises(FileExistsError, match=r"1 \.tar file without relabel-shards sidecars \(p-000007"):
+        ShardJob(str(tmp_path), prefix="p", num_shards=1, fingerprint="f").pending()
+    # our own shard name without its sidecar is what a killed run leaves: not foreign; other names are not
+    # written over, so they do not count either
+    (tmp_path / "p-000007.tar").unlink()
+    (tmp_path / "p-000000.tar").write_bytes(b"\0" * 1024)
+    (tmp_path / "imagenet1k-train-0000.tar").write_bytes(b"\0" * 1024)
+    assert ShardJob(str(tmp_path), prefix="p", num_shards=1, fingerprint="f").pending() == [0]
+
+
+def test_cli_build_refuses_a_foreign_folder(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from relabel_shards.cli import cli
+
+    (tmp_path / "src" / "c").mkdir(parents=True)
+    Image.new("RGB", (32, 24)).save(tmp_path / "src" / "c" / "a.jpg")
+    _foreign_dataset(tmp_path / "ds")
+    result = CliRunner().invoke(cli, ["build", str(tmp_path / "src"), str(tmp_path / "ds"), "--model",
+                                      "test_efficientnet", "--input-size", "64", "--num-workers", "0",
+                                      "--no-progress"])
+    assert result.exit_code == 1
+    assert "holds another dataset" in result.output and "--overwrite" in result.output
+
+
+_HOLDER = """
+import sys
+from relabel_shards.writer import ShardJob
+job = ShardJob(sys.argv[1], prefix="p", num_shards=1, fingerprint="f")
+todo = job.pending()
+out = job.open(todo[0])
+out.add("k", [("k.txt", b"x")])
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_second_build_of_the_same_rank_is_refused_and_keeps_the_first_ones_temporary(tmp_path):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True,
+                              env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        temps = [n for n in os.listdir(tmp_path) if n.startswith(".p-000000.tar.")]
+        assert len(temps) == 1
+        second = ShardJob(str(tmp_path), prefix="p", num_shards=1, fingerprint="f")
+        with pytest.raises(RuntimeError, match=rf"another build is writing here \(rank 0, pid {holder.pid} "):
+            second.pending()
+        assert [n for n in os.listdir(tmp_path) if n.startswith(".p-000000.tar.")] == temps  # not deleted
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    # the first one is gone: its lock goes with it, and its temporary is now stale
+    job = ShardJob(str(tmp_path), prefix="p", num_shards=1, fingerprint="f")
+    assert job.pending() == [0]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".p-000000.tar.")]
+    _write(job, 0)
+    job.finalize("train", {})
+    assert sorted(os.listdir(tmp_path)) == ["_info.json", "p-000000.tar", "p-000000_stats.json"]
+
+
+def _env() -> dict[str, str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+
+class _FullDisk:
+    """A file whose buffered bytes can no longer be written: flush (and so close) raise ENOSPC."""
+
+    def __init__(self, f):
+        self._f = f
+        self.closed = False
+
+    def flush(self):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self):
+        try:
+            self.flush()
+        finally:
+            self._f.close()
+            self.closed = True
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def test_abort_removes_the_temporary_even_when_flush_fails_with_enospc(tmp_path):
+    from relabel_shards.shards import PartialShard
+
+    shard = PartialShard(str(tmp_path), "p-000000.tar")
+    shard.add([("a.txt", b"x" * 4096)])
+    shard._file = _FullDisk(shard._file)
+    shard.abort()
+    assert os.listdir(tmp_path) == []
+    shard = PartialShard(str(tmp_path), "p-000000.tar")
+    shard.add([("a.txt", b"x" * 4096)])
+    shard._file = _FullDisk(shard._file)
+    shard._tar.fileobj = shard._file
+    with pytest.raises(OSError, match="No space left on device"):
+        shard.commit()
+    assert os.listdir(tmp_path) == []
+
+
+def test_enospc_on_a_small_tmpfs_leaves_no_temporary(tmp_path):
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
+                      ).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        job = ShardJob(str(mnt / "ds"), prefix="p", num_shards=1, fingerprint="f")
+        assert job.pending() == [0]
+        out = job.open(0)
+        with pytest.raises(OSError, match="No space left on device"):
+            for j in range(100):
+                out.add(f"k{j}", [(f"k{j}.bin", os.urandom(16384))])
+            out.commit()
+        out.abort()
+        job.fail("disk full")
+        assert os.listdir(mnt / "ds") == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+# ----------------------------------------------------------------------------------- one rank fails
+
+
+_RANK = """
+import sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from relabel_shards.writer import ChunkSink, ShardJob
+rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=timedelta(seconds=120))
+job = ShardJob(out, prefix="p", num_shards=2, fingerprint="f")
+todo = job.pending()
+
+def fill(shard, chunk):
+    if rank == 1:
+        time.sleep(1)  # rank 0 is waiting in finalize by now
+        raise ValueError("rank 1 broke on purpose")
+    shard.add("k0", [("k0.txt", b"x")])
+
+start = time.monotonic()
+try:
+    with ChunkSink(job, fill) as sink:
+        for i in todo:
+            sink.submit({"task": i, "end": True, "entries": []})
+    job.finalize("train", {})
+    print("finished")
+except Exception as e:
+    print(f"{type(e).__name__}: {e} after {time.monotonic() - start:.1f} s", flush=True)
+if rank == 1:  # a failed rank that stays alive (a caller that catches the error, a slow teardown)
+    import os
+    while not os.path.exists(sys.argv[4]) and time.monotonic() - start < 45:
+        time.sleep(0.1)
+"""
+
+
+@pytest.mark.slow
+def test_finalize_does_not_hang_the_other_ranks_when_one_fails(tmp_path):
+    import subprocess
+    import sys
+
+    from faultproxy import closed_port
+
+    port = str(closed_port())
+    env = _env()
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    release = tmp_path / "release"
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK, str(r), port, str(tmp_path / "ds"), str(release)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [procs[0].communicate(timeout=100)[0].strip()]
+    release.touch()
+    outs.append(procs[1].communicate(timeout=100)[0].strip())
+    assert outs[1].startswith("ValueError: rank 1 broke on purpose"), outs
+    assert outs[0].startswith("RankFailedError: rank 1 failed: rank 1 broke on purpose; _info.json of "), outs
+    assert float(outs[0].rsplit(" after ", 1)[1].split()[0]) < 30  # the process group's timeout is 120 s
+    assert not (tmp_path / "ds" / "_info.json").exists()
+    assert (tmp_path / "ds" / "p-000000.tar").exists()  # rank 0's complete shard is kept for the rerun
+
+
+def test_a_storage_failure_stops_the_job_with_its_own_type():
+    """build/convert workers send a StorageError as a fatal failure: it comes back as that type, no skip."""
+    from relabel_shards.storage import StorageTimeoutError
+
+    reason = "s3://b/x.tar: read got no answer"
+    chunk = _chunk(0, True, [{"key": "k", "source": "s3://b/x.tar", "reason": reason, "fatal": True,
+                              "storage": "StorageTimeoutError"}])
+    with pytest.raises(StorageTimeoutError, match="s3://b/x.tar: read got no answer"):
+        take_failures(chunk, strict=False, job_name="build")

@@ -457,7 +457,8 @@ def run_aligned(
     from torch.utils.data import DataLoader
 
     from relabel_shards.build import _input_shard_total, _plan
-    from relabel_shards.writer import ChunkSink, ShardJob, take_failures
+    from relabel_shards.plan import FailureTally
+    from relabel_shards.writer import ChunkSink, ShardJob
 
     plan = _plan(src, shard_size)
     job = ShardJob(
@@ -515,11 +516,12 @@ def run_aligned(
         )
         chunks = iter(loader)  # forks the workers before the writer thread exists
         done = 0
+        tally = FailureTally("join")
         with ChunkSink(job, fill, extra) as sink:
             if progress is not None:
                 progress(0, total)
             for chunk in chunks:
-                failed = take_failures(chunk, strict=strict, job_name="join")
+                failed = tally.take(chunk, strict=strict)
                 summary.failures.extend(failed)
                 sink.submit(chunk)
                 summary.images += len(chunk["entries"]) - len(failed)
@@ -527,6 +529,7 @@ def run_aligned(
                 done += len(chunk["entries"])
                 if progress is not None:
                     progress(done, total)
+        tally.log_total()
         if hasattr(labeler, "close"):
             labeler.close()
 

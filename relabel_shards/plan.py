@@ -161,8 +161,13 @@ def check_output(
 
     Raises:
         ValueError: ``out`` is an existing file, or a sidecar there has another fingerprint.
+        relabel_shards.storage.StorageError: a remote ``out`` cannot be written (``shards.check_writable``).
     """
+    from relabel_shards.shards import _is_local, check_writable
+
     fs, root = url_to_fs(out, storage_options)
+    if not _is_local(fs):  # a missing bucket or a stalled store: one clear error now, not a listing's
+        check_writable(out, storage_options)
     try:
         if fs.isfile(root):
             raise ValueError(f"OUT {out!r} is a file; give a directory (or URL prefix) for the shards")
@@ -235,12 +240,20 @@ class FailureTally:
 
         Raises:
             ValueError: an entry marked ``fatal``, or any failure when ``strict`` (naming file and reason).
+            relabel_shards.storage.StorageError: an entry marked ``fatal`` with ``storage`` (its error's type).
         """
         failed = [e for e in chunk["entries"] if "reason" in e]
         if not failed:
             return failed
         fatal = [e for e in failed if e.get("fatal")]
         if fatal:
+            if fatal[0].get("storage"):  # a StorageError from a worker: raised again as its own type
+                from relabel_shards import storage
+
+                kind = getattr(storage, str(fatal[0]["storage"]), None)
+                if not (isinstance(kind, type) and issubclass(kind, storage.StorageError)):
+                    kind = storage.StorageError
+                raise kind(fatal[0]["reason"])
             raise ValueError(fatal[0]["reason"])
         if strict:
             f = failed[0]

@@ -642,31 +642,3 @@ class ChunkSink:
         for shard in self._open.values():
             shard.abort()
         self.job.fail(exc if exc is not None else exc_type.__name__)
-
-
-def take_failures(chunk: dict, *, strict: bool, job_name: str) -> list[dict]:
-    """The failed entries of a chunk (those with a ``reason``), each logged as skipped.
-
-    Raises:
-        ValueError: an entry marked ``fatal``, or any failure when ``strict`` (naming the file and reason).
-        relabel_shards.storage.StorageError: an entry marked ``fatal`` with ``storage`` (its error's type).
-    """
-    failed = [e for e in chunk["entries"] if "reason" in e]
-    if not failed:
-        return failed
-    fatal = [e for e in failed if e.get("fatal")]
-    if fatal:
-        if fatal[0].get("storage"):  # a StorageError from a worker: raised again as its own type
-            from relabel_shards import storage
-
-            kind = getattr(storage, str(fatal[0]["storage"]), None)
-            if not (isinstance(kind, type) and issubclass(kind, storage.StorageError)):
-                kind = storage.StorageError
-            raise kind(fatal[0]["reason"])
-        raise ValueError(fatal[0]["reason"])
-    if strict:
-        f = failed[0]
-        raise ValueError(f"{f['source']}: {f['reason']} (strict: a bad input stops the {job_name})")
-    for f in failed:
-        log.warning("skipping %s: %s", f["source"], f["reason"])
-    return failed

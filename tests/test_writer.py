@@ -9,8 +9,9 @@ import threading
 import numpy as np
 import pytest
 
+from relabel_shards.plan import FailureTally
 from relabel_shards.shards import read_info
-from relabel_shards.writer import ChunkSink, SerialExecutor, ShardJob, resolve_rank, take_failures
+from relabel_shards.writer import ChunkSink, SerialExecutor, ShardJob, resolve_rank
 
 
 def _samples(index: int, n: int = 2):
@@ -245,16 +246,16 @@ def test_chunk_sink_aborts_open_shards_on_error(tmp_path):
     assert job.pending() == [0]
 
 
-def test_take_failures_logs_or_raises(caplog):
+def test_failure_tally_logs_or_raises(caplog):
     chunk = _chunk(0, False, [{"key": "a"}, {"key": "b", "source": "dir/b.jpg", "reason": "not an image"}])
     with caplog.at_level("WARNING"):
-        assert [f["key"] for f in take_failures(chunk, strict=False, job_name="build")] == ["b"]
-    assert "skipping dir/b.jpg: not an image" in caplog.text
+        assert [f["key"] for f in FailureTally("build").take(chunk, strict=False)] == ["b"]
+    assert "dir/b.jpg" in caplog.text and "not an image" in caplog.text
     with pytest.raises(ValueError, match=r"^dir/b\.jpg: not an image \(strict: a bad input stops the build"):
-        take_failures(chunk, strict=True, job_name="build")
+        FailureTally("build").take(chunk, strict=True)
     fatal = _chunk(0, False, [{"key": "c", "source": "s", "reason": "shard s is truncated", "fatal": True}])
     with pytest.raises(ValueError, match="^shard s is truncated$"):
-        take_failures(fatal, strict=False, job_name="build")
+        FailureTally("build").take(fatal, strict=False)
 
 
 # ------------------------------------------------------------------------- nothing lost, nothing overwritten
@@ -500,4 +501,4 @@ def test_a_storage_failure_stops_the_job_with_its_own_type():
     chunk = _chunk(0, True, [{"key": "k", "source": "s3://b/x.tar", "reason": reason, "fatal": True,
                               "storage": "StorageTimeoutError"}])
     with pytest.raises(StorageTimeoutError, match="s3://b/x.tar: read got no answer"):
-        take_failures(chunk, strict=False, job_name="build")
+        FailureTally("build").take(chunk, strict=False)

@@ -240,7 +240,7 @@ class FailureTally:
 
         Raises:
             ValueError: an entry marked ``fatal``, or any failure when ``strict`` (naming file and reason).
-            relabel_shards.storage.StorageError: an entry marked ``fatal`` with ``storage`` (its error's type).
+            relabel_shards.storage.StorageError: an entry marked ``fatal`` with ``storage`` (its type).
         """
         failed = [e for e in chunk["entries"] if "reason" in e]
         if not failed:

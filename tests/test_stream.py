@@ -1,0 +1,180 @@
+"""The shard stream's plan (no I/O): assignment, interleaving, the buffer, quotas, exact and elastic plans."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+
+import numpy as np
+import pytest
+
+from relabel_shards.order import assign_shards, derive_seed, shuffle_buffer
+from relabel_shards.stream import (
+    EpochPlan,
+    ShardSet,
+    Topology,
+    _interleave,
+    buffer_order,
+    equal_batch_quotas,
+    pack_bits,
+    read_stream,
+    unpack_bits,
+)
+
+
+def _scan_assign(lengths, num_slots, seed, epoch):
+    """The former assign_shards (a linear scan per shard): the oracle for the heap."""
+    order = list(range(len(lengths)))
+    random.Random(derive_seed("shards", seed, epoch)).shuffle(order)
+    loads, slots = [0] * num_slots, [[] for _ in range(num_slots)]
+    for i in order:
+        s = min(range(num_slots), key=lambda j: (loads[j], len(slots[j]), j))
+        slots[s].append(i)
+        loads[s] += lengths[i]
+    return slots
+
+
+def test_assign_shards_heap_equals_the_scan():
+    rng = random.Random(0)
+    for case in range(60):
+        lengths = [rng.randint(0, 30) for _ in range(rng.randint(1, 120))]
+        slots = rng.randint(1, len(lengths))
+        assert assign_shards(lengths, slots, case, 3) == _scan_assign(lengths, slots, case, 3)
+
+
+def test_assign_10k_shards_to_1024_readers_is_fast():
+    lengths = [1250] * 9000 + [1000] * 1000
+    assign_shards(lengths, 1024, 0, 0)  # warm
+    t0 = time.perf_counter()
+    slots = assign_shards(lengths, 1024, 0, 1)
+    took = time.perf_counter() - t0
+    loads = [sum(lengths[i] for i in s) for s in slots]
+    assert max(loads) - min(loads) <= 1250  # balanced to within one shard
+    assert took < 0.25  # goal 50 ms (bench_stream.py measures it; this bound leaves room for a busy machine)
+
+
+def test_buffer_order_is_the_shuffle_buffer():
+    for n, size in [(0, 5), (1, 5), (7, 1), (10, 4), (100, 13), (50, 80)]:
+        want = list(shuffle_buffer(range(n), size, random.Random(5)))
+        assert buffer_order(n, size, random.Random(5)).tolist() == want
+
+
+def _pieces(lengths):
+    return [(s, np.arange(n)) for s, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 4, 9])
+def test_interleave_reads_each_piece_in_order_with_at_most_k_open(in_flight):
+    lengths = [5, 3, 8, 1, 6, 4, 7]
+    shard_of, index_of = _interleave(_pieces(lengths), in_flight, random.Random(1))
+    assert len(shard_of) == sum(lengths)
+    spans = []
+    for s, n in enumerate(lengths):
+        at = np.flatnonzero(shard_of == s)
+        assert index_of[at].tolist() == list(range(n))  # front to back
+        spans.append((at[0], at[-1]))
+    for c in range(len(shard_of)):
+        assert sum(a <= c <= b for a, b in spans) <= in_flight
+    if in_flight == 1:
+        assert shard_of.tolist() == [s for s, n in enumerate(lengths) for _ in range(n)]
+    else:
+        assert max(sum(a <= c <= b for a, b in spans) for c in range(len(shard_of))) >= min(in_flight, 5)
+
+
+@pytest.mark.parametrize(
+    "total,world,workers,batch",
+    [
+        (40, 2, 2, 3),
+        (41, 2, 2, 4),
+        (17, 3, 1, 4),
+        (100, 4, 3, 8),
+        (9, 2, 2, 4),
+        (1000, 8, 4, 32),
+        (7, 2, 3, 2),
+    ],
+)
+def test_equal_batch_quotas(total, world, workers, batch):
+    q = equal_batch_quotas(total, world, workers, batch)
+    per_rank = [q[r * workers : (r + 1) * workers] for r in range(world)]
+    batches = {sum(-(-x // batch) for x in qs) for qs in per_rank}
+    assert len(batches) == 1  # every rank yields as many batches
+    assert sum(q) == total  # every sample once (these cases are all feasible)
+
+
+def test_equal_batch_quotas_corner_case_repeats_rather_than_unequal_batches():
+    # one worker per rank, 2 ranks, 9 samples, batch 4: 5 = 2 batches, 4 = 1 batch; the short rank repeats one
+    q = equal_batch_quotas(9, 2, 1, 4)
+    assert [-(-x // 4) for x in q] == [2, 2] and sum(q) == 10
+
+
+def _yields(plan, reader, quota):
+    """The sample ids a reader yields: its first ``quota`` positions over passes."""
+    out, pas = [], 0
+    while len(out) < quota:
+        p = plan.pass_plan(reader, pas)
+        out += (plan.offsets[p.shard_of[p.yields]] + p.index_of[p.yields]).tolist()
+        pas += 1
+    return out[:quota]
+
+
+def test_whole_epoch_plan_is_exactly_once_on_even_shards():
+    lengths = [10] * 12
+    plan = EpochPlan(lengths, 3, 1, Topology(2, 3, in_flight=2, buffer=7))
+    seen = [i for r in range(6) for i in _yields(plan, r, plan.quota(r))]
+    assert sorted(seen) == list(range(120))
+
+
+@pytest.mark.parametrize("old,new", [((2, 2), (3, 1)), ((1, 1), (2, 2)), ((3, 2), (1, 4)), ((2, 2), (2, 2))])
+def test_elastic_plan_takes_every_remaining_sample_once(old, new):
+    lengths = [9, 12, 7, 10, 11, 8, 13, 10]
+    total = sum(lengths)
+    before = EpochPlan(lengths, 0, 2, Topology(*old, in_flight=3, buffer=6))
+    rng = random.Random(4)
+    positions = {r: rng.randint(0, before.quota(r)) for r in range(old[0] * old[1])}
+    consumed = before.consumed_mask(positions)
+    done = sorted(i for r, p in positions.items() for i in _yields(before, r, p))
+    assert sorted(np.flatnonzero(consumed).tolist()) == sorted(set(done))
+    consumed = unpack_bits(pack_bits(consumed), total)  # through the checkpoint's text form
+    after = EpochPlan(lengths, 0, 2, Topology(*new, in_flight=2, buffer=5, batch_size=4), base=consumed)
+    readers = new[0] * new[1]
+    rest = [i for r in range(readers) for i in _yields(after, r, after.quota(r))]
+    left = np.flatnonzero(~consumed).tolist()
+    if new[1] > 1:
+        assert sorted(rest) == left  # each remaining sample once
+    else:  # one worker per rank: equal batches may need a few repeats (equal_batch_quotas' corner case)
+        assert sorted(set(rest)) == left and len(rest) - len(left) == sum(after.quotas) - len(left) < new[0]
+    batches = [sum(-(-after.quota(r * new[1] + w) // 4) for w in range(new[1])) for r in range(new[0])]
+    assert len(set(batches)) == 1
+
+
+def _fake_tar(lengths, opened):
+    def open_tar(url):
+        s = int(url.split("-")[1])
+        opened.append(s)
+        samples = ((f"s{s}_{i}", {"cls": b"0"}) for i in range(lengths[s]))
+        return samples, lambda: None
+
+    return open_tar
+
+
+def _raise(*args):
+    raise args[-1]
+
+
+def test_resume_opens_only_the_shards_still_needed():
+    lengths = [10] * 40
+    shards = ShardSet(tuple(f"mem://shard-{s}-.tar" for s in range(40)), tuple(lengths))
+    plan = EpochPlan(lengths, 0, 0, Topology(1, 1, in_flight=3, buffer=8))
+    opened: list[int] = []
+    stream = read_stream(shards, plan, 0, 0, _fake_tar(lengths, opened), _raise)
+    full = [(pos, item.key) for pos, _, item in itertools.islice(stream, 400)]
+    assert sorted(opened) == list(range(40))
+    opened.clear()
+    start = 360  # 90 % of the epoch
+    stream = read_stream(shards, plan, 0, start, _fake_tar(lengths, opened), _raise)
+    tail = [(pos, item.key) for pos, _, item in itertools.islice(stream, 400 - start)]
+    assert tail == full[start:]  # the same samples in the same order as the uninterrupted run
+    # opened once each: only the shards holding a sample still to come (in flight, buffered, or not yet read)
+    assert sorted(opened) == sorted({int(key[1:].split("_")[0]) for _, key in tail})
+    assert len(opened) <= 9  # of 40: 3 in flight, the rest of the epoch, and those with buffered samples

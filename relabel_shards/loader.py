@@ -442,14 +442,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         "images": (torch.uint8, (n, 3, *first["image"].shape[:2]), [s["image"] for s in samples]),
         "labels": (torch.int64, (n,), [s["label"] for s in samples]),
         "boxes": (torch.float32, (n, 4), [s["box"] for s in samples]),
-        "values": (torch.from_numpy(first["values"]).dtype, (n, *first["values"].shape),
-                   [s["values"] for s in samples]),
-        "indices": (torch.from_numpy(first["indices"]).dtype, (n, *first["indices"].shape),
-                    [s["indices"] for s in samples]),
         "flips": (torch.bool, (n,), [s["flip"] for s in samples]),
     }
-    if "values" not in first:  # a join of named label sets only
-        del parts["values"], parts["indices"]
+    if "values" in first:  # full shards, or a single joined label set
+        for name in ("values", "indices"):
+            parts[name] = (torch.from_numpy(first[name]).dtype, (n, *first[name].shape),
+                           [s[name] for s in samples])
     for name, (values, indices) in first.get("maps", {}).items():  # named label sets: batch[name][...]
         parts[(name, "values")] = (torch.from_numpy(values).dtype, (n, *values.shape),
                                    [s["maps"][name][0] for s in samples])

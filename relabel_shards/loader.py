@@ -33,7 +33,16 @@ from relabel_shards.decode import CropConfig, SampleError, decode_sample
 from relabel_shards.order import assign_shards, derive_seed, resolve_world
 from relabel_shards.shardlist import resolve_labels, resolve_shards
 from relabel_shards.shards import ShardError
-from relabel_shards.stream import EpochPlan, Missing, ShardSet, Topology, pack_bits, read_stream, unpack_bits
+from relabel_shards.stream import (
+    EpochPlan,
+    LengthMismatch,
+    Missing,
+    ShardSet,
+    Topology,
+    pack_bits,
+    read_stream,
+    unpack_bits,
+)
 from relabel_shards.tarstream import RetryingReader, fsspec_opener, iter_tar_samples
 
 __all__ = ["ReLabelDataset", "ReLabelLoader", "make_loader", "collate", "merge_state_dicts"]
@@ -133,7 +142,8 @@ class ReLabelDataset(IterableDataset):
             resolve_world(rank, world_size)  # validate now
         self.storage_options = storage_options
         self.retries = int(retries)
-        self.shards, self.geometry = resolve_shards(urls, split, storage_options)
+        self._splits: list[dict] = []  # the _info.json splits read (for the class-sorted warning)
+        self.shards, self.geometry = resolve_shards(urls, split, storage_options, self._splits)
         self.label_sets = [] if labels is None else resolve_labels(labels, self.shards, split,
                                                                    storage_options)
         self.shard_set = ShardSet(tuple(u for u, _ in self.shards), tuple(n for _, n in self.shards),
@@ -215,6 +225,15 @@ class ReLabelDataset(IterableDataset):
     def __len__(self) -> int:
         """Samples this rank yields per epoch (or, after an elastic resume, in the rest of the epoch)."""
         return sum(self._quotas())
+
+    def warn_if_class_sorted(self, batch_size: int) -> str | None:
+        """Log (once) and return the class-sorted warning for these shards at this batch size, if any."""
+        for sp in self._splits:
+            text = class_sorted_warning(sp, batch_size=batch_size, shards_in_flight=self.shards_in_flight)
+            if text:
+                log.warning("%s", text)
+                return text
+        return None
 
     def check_readers(self) -> None:
         """Raise ``ValueError`` now if there are too few shards for ranks x workers."""
@@ -351,7 +370,7 @@ class ReLabelDataset(IterableDataset):
             if self.on_error == "raise":
                 raise e
             if pas == 0:  # a later pass meets the same damage again; count each once per epoch
-                skipped["truncated_tar"] += 1
+                skipped["length_mismatch" if isinstance(e, LengthMismatch) else "truncated_tar"] += 1
                 log.warning("skipping the rest of a shard: %s", e)
 
         for pos, pas, item in read_stream(self.shard_set, plan, reader, int(start["pos"]), self._open_tar,
@@ -498,6 +517,7 @@ class ReLabelLoader:
         dataset.num_workers = num_workers
         dataset.batch_size = batch_size
         dataset.check_readers()
+        dataset.warn_if_class_sorted(batch_size)
 
     def __len__(self) -> int:
         """Batches this rank yields per epoch (after an elastic resume: in the rest of the epoch)."""

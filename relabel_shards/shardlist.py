@@ -28,13 +28,15 @@ def _length(value: object, where: str, name: str) -> int:
 
 
 def resolve_shards(urls: str | Sequence[str], split: str | None = None,
-                   storage_options: dict | None = None) -> tuple[list[tuple[str, int]], Geometry | None]:
+                   storage_options: dict | None = None, splits: list[dict] | None = None
+                   ) -> tuple[list[tuple[str, int]], Geometry | None]:
     """The shard URLs with their sample counts, and the label-map geometry, from ``_info.json``.
 
     Args:
         urls: a directory or URL prefix holding ``_info.json``; or shard URLs (brace patterns, lists,
             ``::``-joined), each listed in the ``_info.json`` of its own directory.
         split: which split of ``_info.json``; may be omitted when it holds only one.
+        splits: if given, each dataset directory's ``_info.json`` split is appended to it.
 
     Returns:
         ``([(url, num_samples), ...], geometry)``; geometry is None where ``_info.json`` does not give
@@ -53,6 +55,8 @@ def resolve_shards(urls: str | Sequence[str], split: str | None = None,
     for item in items:
         if _is_root(item):
             sp = get_split(read_info(item, storage_options), split, join(item, INFO_NAME))
+            if splits is not None:
+                splits.append(sp)
             names, lengths = sp.get("filenames", []), sp.get("shard_lengths", [])
             if len(names) != len(lengths):
                 raise ShardError(f"{join(item, INFO_NAME)}: {len(names)} filenames but "

@@ -40,6 +40,7 @@ from relabel_shards.shards import LABELMAP_EXT, ShardError
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "LengthMismatch",
     "ShardSet",
     "Topology",
     "EpochPlan",
@@ -98,6 +99,10 @@ class RawSample:
     members: dict[str, bytes]
     records: dict[str, tuple[str, str, bytes]]  # set name -> (label shard url, its key, record bytes)
     sample_id: int
+
+
+class LengthMismatch(ShardError):
+    """A shard holds another number of samples than ``_info.json`` lists (the epoch would change size)."""
 
 
 @dataclass
@@ -363,7 +368,7 @@ class _ShardCursor:
             try:
                 key, members = next(self.image)
             except StopIteration:
-                raise ShardError(
+                raise LengthMismatch(
                     f"{self.url}: _info.json says {self.length} samples, the shard holds "
                     f"{self.next} (truncated?)"
                 ) from None
@@ -372,7 +377,7 @@ class _ShardCursor:
                 try:
                     lkey, lmembers = next(it)
                 except StopIteration:
-                    raise ShardError(
+                    raise LengthMismatch(
                         f"{lurl}: label shard ends after {self.next} samples, before image shard "
                         f"{self.url}'s key {key!r}"
                     ) from None
@@ -404,7 +409,7 @@ class _ShardCursor:
         for url, it in [(self.url, self.image)] + [(u, it) for _, u, it in self.labels]:
             extra = next(it, None)
             if extra is not None:
-                raise ShardError(
+                raise LengthMismatch(
                     f"{url}: _info.json says {self.length} samples, the shard holds more "
                     f"(key {extra[0]!r} is sample {self.length + 1})"
                 )

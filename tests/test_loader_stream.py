@@ -205,3 +205,42 @@ def test_class_sorted_warning_is_logged_once(sorted_data, monkeypatch, caplog):
         make_loader(sorted_data, batch_size=16, num_workers=0, shards_in_flight=3)
     assert calls == [(168, 16, 3)]
     assert [r.getMessage() for r in caplog.records].count("class-sorted shards: ~2 classes per batch") == 1
+
+
+# ------------------------------------------------------------------------------------ bytes on resume
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_resume_at_90_percent_reads_again_at_most_5_percent_of_the_bytes(s3_bucket, monkeypatch):
+    """Bytes fetched from the S3 server on loopback (s3fs's range requests), per object."""
+    import s3fs
+
+    url = f"{s3_bucket}/resume"
+    make_shards(url, [6] * 100)
+    fetched: dict[str, int] = {}
+    real = s3fs.core.S3File._fetch_range
+
+    def counting(self, start, end):
+        data = real(self, start, end)
+        fetched[self.key] = fetched.get(self.key, 0) + len(data)
+        return data
+
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counting)
+    fs = s3fs.S3FileSystem()
+    epoch_bytes = sum(fs.size(p) for p in fs.glob(f"{url}/*.tar"))
+    opts = dict(batch_size=10, num_workers=0, image_size=8, seed=1, shards_in_flight=2, shuffle_buffer=4)
+    first = make_loader(url, **opts)
+    head = _head(first, 54)  # 540 of 600 samples: 90 %
+    state = json.loads(json.dumps(first.state_dict()))
+    before = {k: v for k, v in fetched.items() if k.endswith(".tar")}
+    assert sum(before.values()) >= 0.85 * epoch_bytes
+    fetched.clear()
+    second = make_loader(url, **opts)
+    second.load_state_dict(state)
+    tail = _keys(second)
+    assert sorted(head + tail) == [key_of(i) for i in range(600)]
+    after = {k: v for k, v in fetched.items() if k.endswith(".tar")}
+    again = sum(v for k, v in after.items() if k in before)  # shards read before the checkpoint, read again
+    assert again <= 0.05 * epoch_bytes, (again, epoch_bytes)
+    assert sum(after.values()) <= 0.2 * epoch_bytes  # the 10 % still to read, plus the shards read again

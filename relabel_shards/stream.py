@@ -277,6 +277,17 @@ class EpochPlan:
         ]
         remaining = int(sum(len(x) for x in left))
         self.quotas = equal_batch_quotas(remaining, topo.world, topo.workers, topo.batch_size)
+        if sum(self.quotas) > remaining:
+            log.warning(
+                "the rest of epoch %d (%d samples) cannot give %d ranks x %d workers equal batches of "
+                "%d each sample once: %d samples repeat",
+                self.epoch,
+                remaining,
+                topo.world,
+                topo.workers,
+                topo.batch_size,
+                sum(self.quotas) - remaining,
+            )
         order = [s for s in range(len(left)) if len(left[s])]
         random.Random(derive_seed("rest", self.seed, self.epoch, self.tag)).shuffle(order)
         heap = [(0, 0, j) for j in range(topo.readers)]

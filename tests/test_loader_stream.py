@@ -244,3 +244,23 @@ def test_resume_at_90_percent_reads_again_at_most_5_percent_of_the_bytes(s3_buck
     again = sum(v for k, v in after.items() if k in before)  # shards read before the checkpoint, read again
     assert again <= 0.05 * epoch_bytes, (again, epoch_bytes)
     assert sum(after.values()) <= 0.2 * epoch_bytes  # the 10 % still to read, plus the shards read again
+
+
+def test_record_header_checked_against_the_dataset_before_decoding(tmp_path, monkeypatch):
+    """A record whose header disagrees with _info.json's geometry is refused before its payload is touched
+    (a valid record of the largest declared size would cost seconds and hundreds of MB to decode)."""
+    import relabel_shards.decode as decode_mod
+    from relabel_shards.labelmap import encode_label_map
+
+    big = encode_label_map(np.ones((5, 30, 30), np.float32), np.zeros((5, 30, 30), np.int64), NUM_CLASSES)
+
+    def other(i, members):
+        return [(n, big if n.endswith(".rlm") and i == 2 else d) for n, d in members]
+
+    make_shards(tmp_path, [4, 4], transform=other)
+    decoded = []
+    real = decode_mod.decode_label_map
+    monkeypatch.setattr(decode_mod, "decode_label_map", lambda data: decoded.append(len(data)) or real(data))
+    loader = make_loader(str(tmp_path), batch_size=4, num_workers=0, image_size=8, on_error="skip")
+    assert len(_keys(loader)) == 8 and loader.skipped == {"labelmap_mismatch": 1}
+    assert len(decoded) == 8 and len(big) not in decoded  # the refused record was never decoded

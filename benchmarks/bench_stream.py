@@ -137,7 +137,23 @@ def resume_bytes(lengths, frac: float = 0.9) -> list[dict]:
     for r in range(topo.readers):
         for s, n in _resumed_reads(plan, r, pos[r]).items():
             after[s] = max(after.get(s, 0), n)
-    rows.append(_bytes_row("same 8 x 8", before, after))
+    rows.append(_bytes_row("same 8 x 8, shards from their start (no byte offsets)", before, after))
+    # same topology with the state's byte offsets: the buffered samples by their spans, open shards
+    # continue where they stood; what is read again is the samples read but not yet yielded
+    buffered = unread = 0
+    for r in range(topo.readers):
+        p = plan.pass_plan(r, 0)
+        cursor = int(p.yields[: pos[r]].max()) + 1
+        buffered += int((p.yields[pos[r] :] < cursor).sum())
+        unread += plan.quota(r) - cursor
+    rows.append(
+        {
+            "resume": "same 8 x 8, byte offsets (the default)",
+            "read_fraction": (unread + buffered) / TOTAL,
+            "read_again_fraction": buffered / TOTAL,
+            "shards_opened": None,
+        }
+    )
     # elastic: the consumed bitmap, planned afresh for 4 ranks x 8 workers
     consumed = plan.consumed_mask(pos)
     new = EpochPlan(lengths, 0, 0, Topology(4, 8, in_flight=4, buffer=1000, batch_size=BATCH), base=consumed)
@@ -145,7 +161,7 @@ def resume_bytes(lengths, frac: float = 0.9) -> list[dict]:
     for r in range(new.topology.readers):
         for s, take in new.pieces[r]:
             after[s] = max(after.get(s, 0), int(take[-1]) + 1)
-    rows.append(_bytes_row("elastic 8 x 8 -> 4 x 8", before, after))
+    rows.append(_bytes_row("elastic 8 x 8 -> 4 x 8 (shards from their start)", before, after))
     return rows
 
 

@@ -32,7 +32,7 @@ from relabel_shards.crops import check_scale_ratio
 from relabel_shards.decode import CropConfig, SampleError, decode_sample
 from relabel_shards.order import assign_shards, derive_seed, resolve_world
 from relabel_shards.shardlist import resolve_labels, resolve_shards
-from relabel_shards.shards import ShardError
+from relabel_shards.shards import ShardError, url_to_fs
 from relabel_shards.stream import (
     EpochPlan,
     LengthMismatch,
@@ -43,7 +43,7 @@ from relabel_shards.stream import (
     read_stream,
     unpack_bits,
 )
-from relabel_shards.tarstream import RetryingReader, fsspec_opener, iter_tar_samples
+from relabel_shards.tarstream import RetryingReader, fsspec_opener, is_transient
 
 __all__ = ["ReLabelDataset", "ReLabelLoader", "make_loader", "collate", "merge_state_dicts"]
 
@@ -251,9 +251,9 @@ class ReLabelDataset(IterableDataset):
             total.update(p["skipped"])
         return dict(total)
 
-    def _note(self, state: tuple[int, int, int, dict]) -> None:
-        wid, pos, good, skipped = state
-        self._progress[wid] = {"pos": pos, "good": good, "skipped": dict(skipped)}
+    def _note(self, state: tuple) -> None:
+        wid, pos, good, skipped, where = state
+        self._progress[wid] = {"pos": pos, "good": good, "skipped": dict(skipped), "where": where}
 
     def epoch_complete(self) -> bool:
         """Whether every reader of this rank has yielded its quota for the current epoch."""
@@ -272,6 +272,9 @@ class ReLabelDataset(IterableDataset):
         """
         rank, world, workers = self._readers()
         plan = self.plan(world, workers)
+        for p in self._progress.values():  # in this process, where() is evaluated when asked for
+            if callable(p.get("where")):
+                p["where"] = p["where"]()
         readers = {rank * workers + w: int(p["pos"]) for w, p in self._progress.items()}
         state = {"version": _STATE_VERSION, "seed": self.seed, "epoch": self.epoch, "total": self.total,
                  "world_size": world, "num_workers": workers, "shards_in_flight": self.shards_in_flight,
@@ -320,7 +323,7 @@ class ReLabelDataset(IterableDataset):
             self._base = None if state["base"] is None else unpack_bits(state["base"], self.total)
             mine = range(rank * workers, (rank + 1) * workers)
             self._progress = {r - rank * workers: {"pos": int(p["pos"]), "good": int(p["good"]),
-                                                   "skipped": dict(p["skipped"])}
+                                                   "skipped": dict(p["skipped"]), "where": p.get("where")}
                               for r, p in ((int(k), v) for k, v in state["readers"].items()) if r in mine}
         else:
             if sorted(state["ranks"]) != list(range(state["world_size"])):
@@ -337,9 +340,27 @@ class ReLabelDataset(IterableDataset):
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def _open_tar(self, url: str):
+    def _open_stream(self, url: str, offset: int) -> RetryingReader:
         reader = RetryingReader(fsspec_opener(url, self.storage_options), url, retries=self.retries)
-        return iter_tar_samples(reader, url), reader.close
+        reader.pos = offset  # the first open starts there
+        return reader
+
+    def _fetch(self, url: str, start: int, end: int | None) -> bytes:
+        """Bytes ``[start, end)`` of ``url`` (to its end for None): one ranged request on object stores."""
+        fs, path = url_to_fs(url, self.storage_options)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        if protocol in ("s3", "s3a", "gs", "gcs"):
+            for attempt in range(self.retries + 1):
+                try:
+                    return fs.cat_file(path, start=start, end=end)
+                except Exception as e:  # noqa: BLE001 - classified right below
+                    if attempt >= self.retries or not is_transient(e):
+                        raise
+        reader = self._open_stream(url, start)
+        try:
+            return reader.read() if end is None else reader.read(end - start)
+        finally:
+            reader.close()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -373,8 +394,11 @@ class ReLabelDataset(IterableDataset):
                 skipped["length_mismatch" if isinstance(e, LengthMismatch) else "truncated_tar"] += 1
                 log.warning("skipping the rest of a shard: %s", e)
 
-        for pos, pas, item in read_stream(self.shard_set, plan, reader, int(start["pos"]), self._open_tar,
-                                          on_shard_error):
+        where0 = start.get("where")
+        where0 = where0() if callable(where0) else where0
+        for pos, pas, item, where in read_stream(self.shard_set, plan, reader, int(start["pos"]),
+                                                 self._open_stream, on_shard_error, resume=where0,
+                                                 fetch=self._fetch):
             if isinstance(item, Missing):  # counted once per shard by on_shard_error
                 fails += 1
                 if fails > max(1000, 2 * quota):
@@ -403,7 +427,7 @@ class ReLabelDataset(IterableDataset):
             else:
                 geometry = geometry or got
             good += 1
-            state = (wid, pos + 1, good, dict(skipped))
+            state = (wid, pos + 1, good, dict(skipped), where)  # where(): evaluated by collate, per batch
             if in_worker:
                 sample["_state"] = state
             else:
@@ -495,8 +519,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             batch[name] = t
     batch["keys"] = [s["key"] for s in samples]
-    if "_state" in samples[-1]:
-        batch["_state"] = samples[-1]["_state"]  # the worker's position after this batch
+    if "_state" in samples[-1]:  # the worker's position after this batch, and what a resume re-reads
+        *head, where = samples[-1]["_state"]
+        batch["_state"] = (*head, where() if callable(where) else where)
     return batch
 
 

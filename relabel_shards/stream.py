@@ -27,15 +27,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import heapq
+import io
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from relabel_shards.order import assign_shards, derive_seed, samples_per_slot
-from relabel_shards.shards import LABELMAP_EXT, ShardError
+from relabel_shards.shards import LABELMAP_EXT, ShardError, split_member_name
+from relabel_shards.tarstream import iter_tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -353,81 +356,245 @@ class EpochPlan:
 # --------------------------------------------------------------------------------------------- reading
 
 
-class _ShardCursor:
-    """One open piece: the image shard and its label shards, read forward together in lockstep."""
+class _TarTap(io.RawIOBase):
+    """A tar stream passed through unchanged, noting where each sample starts (no extra reads, no seeks).
 
-    def __init__(self, shards: ShardSet, shard: int, open_tar: Callable):
+    It walks the 512-byte headers as the bytes go by: ``starts[key]`` is the offset of the first header
+    block (extended headers included) of the key's first member; ``end`` the offset of the end-of-archive
+    marker. A reader resumed at such an offset parses the tar from there (``RetryingReader`` re-opens at
+    any byte), which is how a resume reads again only what it needs.
+    """
+
+    def __init__(self, inner: Any, base: int = 0):
+        super().__init__()
+        self.inner = inner
+        self.pos = base  # offset of the next byte in the object
+        self.starts: dict[str, int] = {}
+        self.end: int | None = None
+        self._next = base  # offset of the next header block
+        self._hdr = bytearray()
+        self._ext_at: int | None = None  # first extended header of the member being described
+        self._ext_type = b""
+        self._ext_left = 0  # bytes of extended-header data still to collect
+        self._ext_data = bytearray()
+        self._ext_name: str | None = None
+        self._last_key: str | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # noqa: D102
+        n = self.inner.readinto(buf)
+        if n:
+            self._feed(memoryview(buf)[:n])
+        return n
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+    def _feed(self, data: memoryview) -> None:
+        i, n = 0, len(data)
+        while i < n and self.end is None:
+            at = self.pos + i
+            if self._ext_left:  # collect an extended header's data (a long name, pax records)
+                take = min(self._ext_left, n - i)
+                self._ext_data += data[i : i + take]
+                self._ext_left -= take
+                i += take
+                if not self._ext_left:
+                    self._ext_done()
+                continue
+            if at < self._next:  # member data: pass
+                i += min(self._next - at, n - i)
+                continue
+            take = min(512 - len(self._hdr), n - i)
+            self._hdr += data[i : i + take]
+            i += take
+            if len(self._hdr) == 512:
+                self._header(self.pos + i - 512)
+                self._hdr.clear()
+        self.pos += n
+
+    def _header(self, at: int) -> None:
+        h = bytes(self._hdr)
+        if not any(h):
+            self.end = at
+            return
+        field = h[124:136]
+        if field[0] & 0x80:  # base-256
+            size = int.from_bytes(field[1:], "big")
+        else:
+            text = field.split(b"\0", 1)[0].strip()
+            size = int(text, 8) if text else 0
+        typ = h[156:157]
+        data_end = at + 512 + size
+        self._next = data_end + (-size) % 512
+        if typ in (b"x", b"g", b"L", b"K"):
+            if self._ext_at is None:
+                self._ext_at = at
+            self._ext_type, self._ext_left, self._ext_data = typ, size, bytearray()
+            if not size:
+                self._ext_done()
+            return
+        name = h[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if h[257:263] == b"ustar\0" and h[345] != 0:
+            name = h[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        name = self._ext_name or name
+        start = self._ext_at if self._ext_at is not None else at
+        self._ext_at, self._ext_name = None, None
+        if typ in (b"0", b"\0", b"7"):  # regular files: the members iter_tar_samples groups
+            key = split_member_name(name)[0]
+            if key != self._last_key:
+                self.starts[key] = start
+                self._last_key = key
+
+    def _ext_done(self) -> None:
+        data = bytes(self._ext_data)
+        if self._ext_type == b"L":
+            self._ext_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+        elif self._ext_type == b"x":
+            for line in data.split(b"\n"):
+                _, _, rec = line.partition(b" ")
+                k, _, v = rec.partition(b"=")
+                if k == b"path":
+                    self._ext_name = v.decode("utf-8", "replace")
+
+
+class _Column:
+    """One tar of a piece (the image shard or a label shard), read forward from a sample boundary."""
+
+    def __init__(self, url: str, open_stream: Callable, offset: int):
+        self.url = url
+        self.tap = _TarTap(open_stream(url, offset), offset)
+        self.samples = iter_tar_samples(self.tap, url)
+
+    def span(self, key: str) -> tuple[int, int]:
+        """(start, end) byte offsets of the sample just read (it ends where the next one starts)."""
+        start = self.tap.starts.pop(key)
+        nxt = next(iter(self.tap.starts.values()), None)
+        return start, nxt if nxt is not None else (self.tap.end if self.tap.end is not None else -1)
+
+    def close(self) -> None:
+        self.tap.close()
+
+
+class _ShardCursor:
+    """One open piece: the image shard and its label shards, read forward together in lockstep.
+
+    ``offsets`` (one per column) start the reads at sample ``first`` instead of the shard's start.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        shard: int,
+        open_stream: Callable,
+        first: int = 0,
+        offsets: Sequence[int] | None = None,
+    ):
         self.shard = shard
         self.url = shards.urls[shard]
         self.length = shards.lengths[shard]
-        self.closers: list[Callable[[], None]] = []
-        self.image = self._open(open_tar, self.url)
-        self.labels = [(name, urls[shard], self._open(open_tar, urls[shard])) for name, urls in shards.labels]
-        self.next = 0
+        urls = [self.url] + [u[shard] for _, u in shards.labels]
+        offsets = list(offsets) if offsets is not None else [0] * len(urls)
+        self.names = [name for name, _ in shards.labels]
+        self.columns: list[_Column] = []
+        try:
+            for url, off in zip(urls, offsets, strict=True):
+                self.columns.append(_Column(url, open_stream, off))
+        except BaseException:
+            self.close()
+            raise
+        self.next = first
+        self.next_offsets = offsets
 
-    def _open(self, open_tar: Callable, url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-        samples, close = open_tar(url)
-        self.closers.append(close)
-        return samples
+    def take(self, index: int, sample_id: int) -> tuple[RawSample | ShardError, list[tuple[int, int]]]:
+        """Read forward to sample ``index``: the sample (or its per-sample pairing ``SampleError``) and its
+        byte span in each column."""
+        item: Any = None
+        spans: list[tuple[int, int]] = []
+        while self.next <= index:
+            item, spans = self._one(sample_id)
+            self.next += 1
+            self.next_offsets = [e for _, e in spans]
+        return item, spans
 
-    def take(self, index: int, sample_id: int) -> RawSample | ShardError:
-        """Read forward to sample ``index``; a per-sample pairing error comes back as a ``SampleError``."""
+    def _one(self, sample_id: int) -> tuple[RawSample | ShardError, list[tuple[int, int]]]:
         from relabel_shards.decode import SampleError
 
-        item: RawSample | ShardError | None = None
-        while self.next <= index:
+        image = self.columns[0]
+        try:
+            key, members = next(image.samples)
+        except StopIteration:
+            raise LengthMismatch(
+                f"{self.url}: _info.json says {self.length} samples, the shard holds {self.next} (truncated?)"
+            ) from None
+        spans = [image.span(key)]
+        records, err = {}, None
+        for name, col in zip(self.names, self.columns[1:], strict=True):
             try:
-                key, members = next(self.image)
+                lkey, lmembers = next(col.samples)
             except StopIteration:
                 raise LengthMismatch(
-                    f"{self.url}: _info.json says {self.length} samples, the shard holds "
-                    f"{self.next} (truncated?)"
+                    f"{col.url}: label shard ends after {self.next} samples, before image shard "
+                    f"{self.url}'s key {key!r}"
                 ) from None
-            records, err = {}, None
-            for name, lurl, it in self.labels:
-                try:
-                    lkey, lmembers = next(it)
-                except StopIteration:
-                    raise LengthMismatch(
-                        f"{lurl}: label shard ends after {self.next} samples, before image shard "
-                        f"{self.url}'s key {key!r}"
-                    ) from None
-                if lkey != key and err is None:
-                    err = SampleError(
-                        self.url,
-                        key,
-                        "key_mismatch",
-                        f"label shard {lurl} has key {lkey!r} where the image shard has {key!r} "
-                        f"(sample {self.next} of both)",
-                    )
-                elif set(lmembers) != {LABELMAP_EXT} and err is None:
-                    err = SampleError(
-                        lurl,
-                        lkey,
-                        "missing_member",
-                        f"a label-shard sample holds exactly one member .{LABELMAP_EXT}; it has "
-                        f"{sorted(lmembers)}",
-                    )
-                else:
-                    records[name] = (lurl, lkey, lmembers.get(LABELMAP_EXT, b""))
-            self.next += 1
-            item = err if err is not None else RawSample(self.url, key, members, records, sample_id)
-        assert item is not None
-        return item
+            spans.append(col.span(lkey))
+            if err is not None:
+                continue
+            if lkey != key:
+                err = SampleError(
+                    self.url,
+                    key,
+                    "key_mismatch",
+                    f"label shard {col.url} has key {lkey!r} where the image shard has {key!r} "
+                    f"(sample {self.next} of both)",
+                )
+            elif set(lmembers) != {LABELMAP_EXT}:
+                err = SampleError(
+                    col.url,
+                    lkey,
+                    "missing_member",
+                    f"a label-shard sample holds exactly one member .{LABELMAP_EXT}; it has "
+                    f"{sorted(lmembers)}",
+                )
+            else:
+                records[name] = (col.url, lkey, lmembers[LABELMAP_EXT])
+        item = err if err is not None else RawSample(self.url, key, members, records, sample_id)
+        return item, spans
 
     def check_end(self) -> None:
         """After the listed last sample: the shard (and each label shard) must end here."""
-        for url, it in [(self.url, self.image)] + [(u, it) for _, u, it in self.labels]:
-            extra = next(it, None)
+        for col in self.columns:
+            extra = next(col.samples, None)
             if extra is not None:
                 raise LengthMismatch(
-                    f"{url}: _info.json says {self.length} samples, the shard holds more "
+                    f"{col.url}: _info.json says {self.length} samples, the shard holds more "
                     f"(key {extra[0]!r} is sample {self.length + 1})"
                 )
 
     def close(self) -> None:
-        for close in self.closers:
-            close()
+        for col in self.columns:
+            col.close()
+
+
+def _fetch_one(
+    shards: ShardSet, shard: int, spans: Sequence[Sequence[int]], fetch: Callable, sample_id: int
+) -> RawSample | ShardError:
+    """One sample read again by its byte spans (one ranged read per column)."""
+
+    def opener(url: str, offset: int) -> io.BytesIO:
+        start, end = next(sp for u, sp in zip(urls, spans, strict=True) if u == url)
+        # the sample's members, then an end-of-archive marker (end < 0: the sample runs to the object's end)
+        return io.BytesIO(fetch(url, start, end if end >= 0 else None) + bytes(1024))
+
+    urls = [shards.urls[shard]] + [u[shard] for _, u in shards.labels]
+    cur = _ShardCursor(shards, shard, opener, 0, [sp[0] for sp in spans])
+    try:
+        return cur._one(sample_id)[0]
+    finally:
+        cur.close()
 
 
 def read_stream(
@@ -435,20 +602,29 @@ def read_stream(
     plan: EpochPlan,
     reader: int,
     start: int,
-    open_tar: Callable,
+    open_stream: Callable,
     on_shard_error: Callable[[int, int, ShardError], None],
-) -> Iterator[tuple[int, int, RawSample | ShardError | Missing]]:
-    """Yield ``(pos, pass, item)`` for ``reader``'s positions ``start, start + 1, ...`` (passes on end).
+    *,
+    resume: dict | None = None,
+    fetch: Callable | None = None,
+) -> Iterator[tuple[int, int, RawSample | ShardError | Missing, Callable[[], dict]]]:
+    """Yield ``(pos, pass, item, where)`` for ``reader``'s positions ``start, start + 1, ...`` over passes.
 
     ``item`` is a :class:`RawSample`, a per-sample ``SampleError`` (key mismatch between columns), or
-    :class:`Missing` (its shard could not be read that far; the error is a ``ShardError``). Only the
-    shards holding a sample at a position >= ``start`` are opened, each read up to the last such sample.
+    :class:`Missing` (its shard could not be read that far; the error is a ``ShardError``). ``where()``
+    gives, after that position, what a resume needs to read no more than the samples still to come: the
+    byte spans of the samples read but not yet yielded, and where each open shard stands (JSON-able).
+
+    Only the shards holding a sample at a position >= ``start`` are opened. With ``resume`` (a ``where()``
+    of the same plan at ``start``), buffered samples are read again by their byte spans and open shards
+    continue where they stood; without it, each such shard is read from its start.
 
     Args:
-        open_tar: ``open_tar(url) -> (iterator of (key, members), close)``.
+        open_stream: ``open_stream(url, offset) -> binary stream`` positioned at byte ``offset``.
         on_shard_error: ``(shard, pass, error)`` for a shard that cannot be read (truncated, damaged, or
             another sample count than ``_info.json`` lists); raise it to stop, return to go on without the
             shard's unread samples (their positions come as :class:`Missing`).
+        fetch: ``fetch(url, start, end) -> bytes``, a ranged read (for ``resume``).
     """
     base = 0
     for pas in range(1 << 30):
@@ -460,7 +636,8 @@ def read_stream(
             base += n
             continue
         j0 = max(0, start - base)
-        yield from _read_pass(shards, plan, p, j0, base, pas, open_tar, on_shard_error)
+        here = resume if resume is not None and resume.get("pass") == pas and j0 else None
+        yield from _read_pass(shards, plan, p, j0, base, pas, open_stream, on_shard_error, here, fetch)
         base += n
 
 
@@ -471,24 +648,40 @@ def _read_pass(
     j0: int,
     base: int,
     pas: int,
-    open_tar: Callable,
+    open_stream: Callable,
     on_shard_error: Callable,
-) -> Iterator[tuple[int, int, RawSample | ShardError | Missing]]:
+    resume: dict | None,
+    fetch: Callable | None,
+) -> Iterator[tuple[int, int, RawSample | ShardError | Missing, Callable[[], dict]]]:
     from relabel_shards.decode import SampleError
 
     n = len(p.yields)
     wanted = np.zeros(n, bool)
     wanted[p.yields[j0:]] = True
-    wanted_reads = np.flatnonzero(wanted)
-    last: dict[int, int] = {}
-    for c, s in zip(wanted_reads.tolist(), p.shard_of[wanted_reads].tolist(), strict=True):
-        last[s] = c
     shard_of, index_of = p.shard_of.tolist(), p.index_of.tolist()
     offsets = plan.offsets
     store: dict[int, RawSample | ShardError | Missing] = {}
+    spans: dict[int, list[tuple[int, int]]] = {}
     cursors: dict[int, _ShardCursor] = {}
     dead: dict[int, ShardError] = {}
+    refetch: dict[int, list] = {}
+    restart: dict[int, tuple[int, list[int]]] = {}
+    if resume is not None and fetch is not None:
+        refetch = {int(c): sp for c, sp in resume.get("buffered", []) if wanted[int(c)]}
+        restart = {int(s): (int(i), [int(o) for o in offs]) for s, i, offs in resume.get("open", [])}
+    last: dict[int, int] = {}
+    for c in np.flatnonzero(wanted).tolist():
+        if c not in refetch:
+            last[shard_of[c]] = c
     cursor = 0
+
+    def where() -> dict:
+        return {
+            "pass": pas,
+            "buffered": [[c, [list(x) for x in spans[c]]] for c in store if c in spans],
+            "open": [[s, cur.next, list(cur.next_offsets)] for s, cur in cursors.items()],
+        }
+
     try:
         for j in range(j0, n):
             r = int(p.yields[j])
@@ -502,10 +695,17 @@ def _read_pass(
                     store[c] = Missing(s, dead[s])
                     continue
                 try:
+                    if c in refetch:
+                        store[c] = _fetch_one(shards, s, refetch[c], fetch, int(offsets[s]) + i)
+                        spans[c] = [tuple(x) for x in refetch[c]]
+                        continue
                     cur = cursors.get(s)
                     if cur is None:
-                        cur = cursors[s] = _ShardCursor(shards, s, open_tar)
-                    store[c] = cur.take(i, int(offsets[s]) + i)
+                        first, offs = restart.get(s, (0, None))
+                        if i < first:  # a sample before where the shard stood: read it from the start
+                            first, offs = 0, None
+                        cur = cursors[s] = _ShardCursor(shards, s, open_stream, first, offs)
+                    store[c], spans[c] = cur.take(i, int(offsets[s]) + i)
                 except ShardError as e:
                     if isinstance(e, SampleError):
                         raise
@@ -515,7 +715,7 @@ def _read_pass(
                         cursors.pop(s).close()
                     on_shard_error(s, pas, e)
                     continue
-                if last[s] == c:
+                if last.get(s) == c:
                     cur = cursors.pop(s)
                     try:
                         if i == shards.lengths[s] - 1:
@@ -524,7 +724,8 @@ def _read_pass(
                         on_shard_error(s, pas, e)
                     finally:
                         cur.close()
-            yield base + j, pas, store.pop(r)
+            spans.pop(r, None)
+            yield base + j, pas, store.pop(r), where
     finally:
         for cur in cursors.values():
             cur.close()

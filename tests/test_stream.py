@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import random
 import time
 
@@ -148,33 +150,74 @@ def test_elastic_plan_takes_every_remaining_sample_once(old, new):
     assert len(set(batches)) == 1
 
 
-def _fake_tar(lengths, opened):
-    def open_tar(url):
-        s = int(url.split("-")[1])
-        opened.append(s)
-        samples = ((f"s{s}_{i}", {"cls": b"0"}) for i in range(lengths[s]))
-        return samples, lambda: None
+def _tars(lengths) -> dict[str, bytes]:
+    from relabel_shards.shards import write_tar
 
-    return open_tar
+    out = {}
+    for s, n in enumerate(lengths):
+        buf = io.BytesIO()
+        write_tar(buf, [[(f"s{s}_{i}.cls", b"0"), (f"s{s}_{i}.txt", bytes(100 + i))] for i in range(n)])
+        out[f"mem://shard-{s}-.tar"] = buf.getvalue()
+    return out
+
+
+def _fake_stream(tars, read):
+    """open_stream over in-memory tars, counting the bytes each URL serves."""
+
+    class Counting(io.BytesIO):
+        def __init__(self, url, offset):
+            super().__init__(tars[url])
+            self.url = url
+            self.seek(offset)
+
+        def readinto(self, b):
+            n = super().readinto(b)
+            read[self.url] = read.get(self.url, 0) + n
+            return n
+
+    return Counting
 
 
 def _raise(*args):
     raise args[-1]
 
 
-def test_resume_opens_only_the_shards_still_needed():
+def _run(shards, plan, start, count, tars, read, **kw):
+    stream = read_stream(shards, plan, 0, start, _fake_stream(tars, read), _raise, **kw)
+    got = list(itertools.islice(stream, count))
+    return [(pos, item.key) for pos, _, item, _ in got], (got[-1][3] if got else None)
+
+
+def test_resume_reads_again_only_what_it_needs():
     lengths = [10] * 40
-    shards = ShardSet(tuple(f"mem://shard-{s}-.tar" for s in range(40)), tuple(lengths))
+    tars = _tars(lengths)
+    shards = ShardSet(tuple(tars), tuple(lengths))
     plan = EpochPlan(lengths, 0, 0, Topology(1, 1, in_flight=3, buffer=8))
-    opened: list[int] = []
-    stream = read_stream(shards, plan, 0, 0, _fake_tar(lengths, opened), _raise)
-    full = [(pos, item.key) for pos, _, item in itertools.islice(stream, 400)]
-    assert sorted(opened) == list(range(40))
-    opened.clear()
+    read: dict[str, int] = {}
     start = 360  # 90 % of the epoch
-    stream = read_stream(shards, plan, 0, start, _fake_tar(lengths, opened), _raise)
-    tail = [(pos, item.key) for pos, _, item in itertools.islice(stream, 400 - start)]
+    head, where = _run(shards, plan, 0, start, tars, read)
+    state = json.loads(json.dumps(where()))
+    before = dict(read)
+    tail, _ = _run(shards, plan, start, 400 - start, tars, read)
+    full = head + tail
+    assert sorted(k for _, k in full) == sorted(f"s{s}_{i}" for s in range(40) for i in range(10))
+    # without byte offsets: only the shards holding a sample still to come are opened, each from its start
+    read.clear()
+    tail, _ = _run(shards, plan, start, 400 - start, tars, read)
     assert tail == full[start:]  # the same samples in the same order as the uninterrupted run
-    # opened once each: only the shards holding a sample still to come (in flight, buffered, or not yet read)
-    assert sorted(opened) == sorted({int(key[1:].split("_")[0]) for _, key in tail})
-    assert len(opened) <= 9  # of 40: 3 in flight, the rest of the epoch, and those with buffered samples
+    assert sorted(read) == sorted({f"mem://shard-{k[1:].split('_')[0]}-.tar" for _, k in tail})
+    whole_shards = sum(read.values())
+    # with the state's byte offsets: buffered samples by their spans, open shards from where they stood
+    read.clear()
+
+    def fetch(url, a, b):
+        read[url] = read.get(url, 0) + (b if b is not None else len(tars[url])) - a
+        return tars[url][a:b]
+
+    tail, _ = _run(shards, plan, start, 400 - start, tars, read, resume=state, fetch=fetch)
+    assert tail == full[start:]
+    unread = sum(len(t) for t in tars.values()) - sum(before.values())  # what the first run never read
+    buffered = sum(e - a for _, spans in state["buffered"] for a, e in spans)
+    assert 1 <= len(state["buffered"]) <= 8 and len(state["open"]) <= 3
+    assert sum(read.values()) <= unread + buffered + 3 * 10240  # + tarfile's read-ahead per reopened shard
+    assert sum(read.values()) < whole_shards

@@ -158,6 +158,9 @@ class ReLabelDataset(IterableDataset):
         self._progress: dict[int, dict[str, Any]] = {}  # worker -> {"pos", "good", "skipped"}
         self._base: np.ndarray | None = None  # samples consumed before this plan (elastic resume)
         self._plan_cache: tuple[tuple, EpochPlan] | None = None
+        # after an elastic resume: byte spans of the saved job's buffered samples, keyed (shard, index), and
+        # where its open shards stood, {shard: (next index, offsets)}: the new readers read no more again
+        self._known: tuple[dict, dict] | None = None
         self._resumed = False  # a loaded position that set_epoch(same epoch) must keep
 
     # -- epoch, plan, length, counters ------------------------------------------------------------
@@ -177,6 +180,7 @@ class ReLabelDataset(IterableDataset):
         self.epoch = int(epoch)
         self._progress = {}
         self._base = None
+        self._known = None
 
     def world(self) -> tuple[int, int]:
         """(rank, world_size) of this process, resolved once in the main process and kept for the workers."""
@@ -321,6 +325,7 @@ class ReLabelDataset(IterableDataset):
             same = state["batch_size"] == self.batch_size
         if same and rank in state["ranks"]:
             self._base = None if state["base"] is None else unpack_bits(state["base"], self.total)
+            self._known = None
             mine = range(rank * workers, (rank + 1) * workers)
             self._progress = {r - rank * workers: {"pos": int(p["pos"]), "good": int(p["good"]),
                                                    "skipped": dict(p["skipped"]), "where": p.get("where")}
@@ -333,10 +338,44 @@ class ReLabelDataset(IterableDataset):
                                  "states with merge_state_dicts")
             self._base = consumed
             self._progress = {}
+            self._known = self._known_offsets(state)
             log.info("elastic resume: %d of %d samples of epoch %d left for %d ranks x %d workers",
                      int((~consumed).sum()), self.total, self.epoch, world, workers)
         self._plan_cache = None
         self._resumed = True
+
+    def _known_offsets(self, state: dict[str, Any]) -> tuple[dict, dict]:
+        """What the saved job's readers had read but not yielded, by (shard, index), from their ``where``."""
+        base = None if state["base"] is None else unpack_bits(state["base"], self.total)
+        topo = Topology(int(state["world_size"]), int(state["num_workers"]), int(state["shards_in_flight"]),
+                        int(state["shuffle_buffer"]), int(state["batch_size"]) if base is not None else 1)
+        old = EpochPlan([n for _, n in self.shards], self.seed, self.epoch, topo,
+                        shuffle_shards=bool(state.get("shuffle_shards", True)),
+                        evaluation=self.crop.center_crop is not None, base=base)
+        spans: dict[tuple[int, int], list] = {}
+        opened: dict[int, tuple[int, list]] = {}
+        for k, p in state["readers"].items():
+            where = p.get("where")
+            if not where or where.get("pass") != 0:  # later passes repeat samples: nothing left to save
+                continue
+            pp = old.pass_plan(int(k), 0)
+            for c, sp in where["buffered"]:
+                spans[(int(pp.shard_of[c]), int(pp.index_of[c]))] = sp
+            for s, i, offs in where["open"]:
+                opened[int(s)] = (int(i), offs)
+        return spans, opened
+
+    def _elastic_where(self, plan: EpochPlan, reader: int) -> dict | None:
+        """``where`` for a reader of an elastic plan: its samples the saved job held, and open shards."""
+        if self._known is None:
+            return None
+        spans, opened = self._known
+        p = plan.pass_plan(reader, 0)
+        pairs = zip(p.shard_of.tolist(), p.index_of.tolist(), strict=True)
+        buffered = [[c, spans[si]] for c, si in enumerate(pairs) if si in spans]
+        mine = {s for s, _ in plan.pieces[reader]}
+        return {"pass": 0, "buffered": buffered,
+                "open": [[s, i, offs] for s, (i, offs) in opened.items() if s in mine]}
 
     # -- reading ----------------------------------------------------------------------------------
 
@@ -396,6 +435,8 @@ class ReLabelDataset(IterableDataset):
 
         where0 = start.get("where")
         where0 = where0() if callable(where0) else where0
+        if where0 is None and not int(start["pos"]):
+            where0 = self._elastic_where(plan, reader)
         for pos, pas, item, where in read_stream(self.shard_set, plan, reader, int(start["pos"]),
                                                  self._open_stream, on_shard_error, resume=where0,
                                                  fetch=self._fetch):

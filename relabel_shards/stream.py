@@ -636,7 +636,7 @@ def read_stream(
             base += n
             continue
         j0 = max(0, start - base)
-        here = resume if resume is not None and resume.get("pass") == pas and j0 else None
+        here = resume if resume is not None and resume.get("pass") == pas else None
         yield from _read_pass(shards, plan, p, j0, base, pas, open_stream, on_shard_error, here, fetch)
         base += n
 

@@ -246,6 +246,17 @@ def test_resume_at_90_percent_reads_again_at_most_5_percent_of_the_bytes(s3_buck
     again = sum(v for k, v in after.items() if k in before)  # shards read before the checkpoint, read again
     assert again <= 0.05 * epoch_bytes, (again, epoch_bytes)
     assert sum(after.values()) <= 0.2 * epoch_bytes  # the 10 % still to read, plus the shards read again
+    # elastic: the same state resumed by 2 ranks (the rest of the epoch dealt afresh)
+    fetched.clear()
+    tails = []
+    for rank in range(2):
+        loader = make_loader(url, rank=rank, world_size=2, **opts)
+        loader.load_state_dict(state)
+        tails += _keys(loader)
+    assert sorted(head + tails) == [key_of(i) for i in range(600)]
+    after = {k: v for k, v in fetched.items() if k.endswith(".tar")}
+    again = sum(v for k, v in after.items() if k in before)
+    assert again <= 0.05 * epoch_bytes, (again, epoch_bytes)
 
 
 def test_record_header_checked_against_the_dataset_before_decoding(tmp_path, monkeypatch):

@@ -384,6 +384,13 @@ class ReLabelDataset(IterableDataset):
         reader.pos = offset  # the first open starts there
         return reader
 
+    def _ranged(self) -> bool:
+        """Whether the shards' store serves byte ranges cheaply (local files, S3, GCS); plain HTTP streams
+        from the start, so a resume there reads each needed shard from its start instead."""
+        fs, _ = url_to_fs(self.shards[0][0], self.storage_options)
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        return protocol in ("file", "local", "s3", "s3a", "gs", "gcs")
+
     def _fetch(self, url: str, start: int, end: int | None) -> bytes:
         """Bytes ``[start, end)`` of ``url`` (to its end for None): one ranged request on object stores."""
         fs, path = url_to_fs(url, self.storage_options)
@@ -439,7 +446,7 @@ class ReLabelDataset(IterableDataset):
             where0 = self._elastic_where(plan, reader)
         for pos, pas, item, where in read_stream(self.shard_set, plan, reader, int(start["pos"]),
                                                  self._open_stream, on_shard_error, resume=where0,
-                                                 fetch=self._fetch):
+                                                 fetch=self._fetch if self._ranged() else None):
             if isinstance(item, Missing):  # counted once per shard by on_shard_error
                 fails += 1
                 if fails > max(1000, 2 * quota):

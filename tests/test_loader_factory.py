@@ -51,21 +51,25 @@ def label_map(i: int, k: int = K, h: int = MAP_H, w: int = MAP_W, num_classes: i
     return values, indices.reshape(k, h, w).astype(np.int64)
 
 
-def sample(i: int, *, min_side: int = 96, encoding: str = "compact", label: int | None = None
-           ) -> list[tuple[str, bytes]]:
-    from relabel_shards.labelmap import encode_label_map
+def sample(i: int, *, min_side: int = 96, encoding: str = "compact", label: int | None = None,
+           bind: bool = False) -> list[tuple[str, bytes]]:
+    """Sample i's members; ``bind``: the record carries its image's binding (labelmap.ImageBinding)."""
+    from relabel_shards import labelmap
 
     size = image_size_of(i, min_side)
     values, indices = label_map(i)
     label = i % NUM_CLASSES if label is None else label
-    return sample_members(key_of(i), image=coord_jpeg(i, size), image_ext="jpg", label=label,
+    jpeg = coord_jpeg(i, size)
+    extra = {"image": labelmap.ImageBinding.of(jpeg, *size)} if bind else {}
+    return sample_members(key_of(i), image=jpeg, image_ext="jpg", label=label,
                           meta={"source": f"{key_of(i)}.jpg", "width": size[0], "height": size[1]},
-                          labelmap=encode_label_map(values, indices, NUM_CLASSES, encoding=encoding))
+                          labelmap=labelmap.encode_label_map(values, indices, NUM_CLASSES, encoding=encoding,
+                                                             **extra))
 
 
 def make_shards(out: str | Path, lengths: list[int], *, split: str = "train",
                 storage_options: dict | None = None, prefix: str = "train",
-                transform: Any = None, label_of: Any = None) -> dict[str, Any]:
+                transform: Any = None, label_of: Any = None, bind: bool = False) -> dict[str, Any]:
     """Write shards of the given lengths (samples numbered across shards) and ``_info.json``.
 
     ``transform(i, members) -> members`` may damage a sample on its way into the shard. ``label_of(i)``
@@ -77,7 +81,7 @@ def make_shards(out: str | Path, lengths: list[int], *, split: str = "train",
     for j, n in enumerate(lengths):
         samples = []
         for _ in range(n):
-            members = sample(i, label=None if label_of is None else label_of(i))
+            members = sample(i, label=None if label_of is None else label_of(i), bind=bind)
             samples.append(transform(i, members) if transform else members)
             i += 1
         records.append(write_shard(out, shard_name(prefix, j), samples, storage_options))

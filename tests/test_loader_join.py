@@ -164,3 +164,67 @@ def test_join_from_s3(s3_bucket, tmp_path):
     remote = list(make_loader(f"{s3_bucket}/images", labels=f"{s3_bucket}/labels", **opts))
     for a, b in zip(local, remote, strict=True):
         assert a["keys"] == b["keys"] and torch.equal(a["values"], b["values"])
+
+
+# ------------------------------------------------------------------- records bound to their images
+
+
+def _needs_binding():
+    from relabel_shards import labelmap
+
+    if not hasattr(labelmap, "ImageBinding"):
+        pytest.skip("labelmap.ImageBinding (records bound to their image) has not landed")
+
+
+def _swap_records(a: int, b: int):
+    """Swap the .rlm of samples a and b (same shape): each image meets the other's label map."""
+    cache: dict = {}
+
+    def transform(i, members):
+        if i in (a, b):
+            from test_loader_factory import sample
+
+            other = sample(b if i == a else a, bind=True)
+            rec = next(d for n, d in other if n.endswith(".rlm"))
+            cache[i] = rec
+            return [(n, rec if n.endswith(".rlm") else d) for n, d in members]
+        return members
+
+    return transform
+
+
+def test_swapped_records_of_the_same_shape_are_caught(tmp_path):
+    _needs_binding()
+    make_shards(tmp_path, [5, 5], bind=True, transform=_swap_records(2, 3))
+    opts = dict(batch_size=2, image_size=16, shuffle_buffer=0)
+    with pytest.raises(
+        ValueError,
+        match=r"train-000000\.tar: sample 's00002': the label record \(\S+ key "
+        r"'s00002'\) was made for an image of \d+ bytes; the image \(\S+ key "
+        r"'s00002'\) has \d+",
+    ):
+        list(make_loader(str(tmp_path), num_workers=0, **opts))
+    loader = make_loader(str(tmp_path), num_workers=0, on_error="skip", **opts)
+    keys = _keys(loader)
+    assert not {"s00002", "s00003"} & set(keys) and loader.skipped == {"image_mismatch": 2}
+
+
+def test_join_checks_the_record_binding_against_the_image(tmp_path):
+    _needs_binding()
+    make_shards(tmp_path / "full", [5, 5], bind=True, transform=_swap_records(6, 7))
+    split_into_columns(tmp_path / "full", tmp_path / "images", tmp_path / "labels")
+    with pytest.raises(
+        ValueError,
+        match=r"images/train-000001\.tar: sample 's00006': the label record "
+        r"\(\S+labels/train-000001\.tar key 's00006'\) was made for an image",
+    ):
+        list(
+            make_loader(
+                str(tmp_path / "images"),
+                labels=str(tmp_path / "labels"),
+                batch_size=2,
+                num_workers=0,
+                image_size=16,
+                shuffle_buffer=0,
+            )
+        )

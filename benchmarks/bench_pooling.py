@@ -17,8 +17,16 @@ Every path runs the official box order (``swap_xy=True``), so each result is als
 output (``max_abs_diff``). Inputs: top-5 classes per cell from a 24-class palette per image, float16 values
 and int16 indices on the GPU by default (``--value-dtype``, ``--index-dtype``).
 
+``--output-size N`` (Token Labeling, issue 11): the TokenLabeling route (dense ``[B, 1000, 15, 15]`` scatter,
+roi_align to N x N, softmax over C) against ``label_pooling(..., output_size=N)`` at B=256 (CPU) or B in
+{256, 1024} (CUDA, where the PyTorch path and the Triton bins kernel run): time, and peak tensor memory beyond
+the ``[B, N, N, C]`` result both routes return. Goals on the CPU: >= 20x faster, >= 20x less memory beyond
+the output.
+
     python benchmarks/bench_pooling.py                 # CPU, about a minute on 2 cores
+    python benchmarks/bench_pooling.py --output-size 14                  # Token Labeling targets, CPU
     python benchmarks/bench_pooling.py --device cuda   # one GPU
+    python benchmarks/bench_pooling.py --device cuda --output-size 14
 """
 
 from __future__ import annotations
@@ -36,9 +44,10 @@ from torch.utils._pytree import tree_leaves
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, print_header, print_table, timeit, write_json  # noqa: E402
 
-from relabel_shards.pooling import (
-    label_pooling,  # noqa: E402
-    official,  # noqa: E402
+from relabel_shards.pooling import (  # noqa: E402
+    label_pooling,
+    official,
+    reference_label_pooling,
 )
 
 K, H, W, C = 5, 15, 15, 1000
@@ -152,6 +161,87 @@ def bench_cpu(args) -> dict:
     return {"rows": rows}
 
 
+def tokenlabeling_route(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, size: int,
+                        device: str = "cpu") -> torch.Tensor:
+    """Token Labeling's (LV-ViT) route: a dense ``[B, C, h, w]`` map scattered from the top-k, roi_align to
+    ``size x size``, softmax over C: Tensor[B, C, size, size] float32 (its layout)."""
+    from torchvision.ops import roi_align
+
+    batch = values.shape[0]
+    dense = torch.zeros(batch, C, H, W, device=device)
+    dense.scatter_(1, indices.to(device).long(), values.to(device).float())
+    rois = torch.cat([torch.arange(batch, device=device, dtype=torch.float32)[:, None],
+                      boxes.to(device) * torch.tensor([W, H, W, H], device=device) - 0.5], 1)
+    pooled = roi_align(dense, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1,
+                       aligned=False)
+    del dense
+    return torch.softmax(pooled, dim=1)
+
+
+def bench_cpu_tokens(args) -> dict:
+    """--output-size N: the TokenLabeling route against label_pooling(output_size=N), same inputs and run."""
+    from relabel_shards.pooling.torch_impl import label_pooling_bins_torch
+
+    size = args.output_size
+    rows = []
+    saved = torch.get_num_threads()
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        for batch in args.batches or (256,):
+            values, indices, boxes = make_batch(batch)
+            flips = torch.zeros(batch, dtype=torch.bool)
+
+            def run_tl(values=values, indices=indices, boxes=boxes):
+                return tokenlabeling_route(values, indices, boxes, size)
+
+            def run_ours(values=values, indices=indices, boxes=boxes, flips=flips):
+                return label_pooling(values, indices, boxes, C, output_size=size, flips=flips)
+
+            buf = torch.empty(batch, size, size, C)
+
+            def run_ours_out(values=values, indices=indices, boxes=boxes, flips=flips, buf=buf):
+                return label_pooling(values, indices, boxes, C, output_size=size, flips=flips, out=buf)
+
+            def run_ours_direct(values=values, indices=indices, boxes=boxes, flips=flips):
+                # the op's CPU kernel is opaque to the dispatch mode: the same PyTorch path called directly
+                return label_pooling_bins_torch(values, indices, boxes, C, (size, size), False, flips,
+                                                indices_checked=True)
+
+            # against the oracle on the first 32 images (the TokenLabeling route's own softmax along C of a
+            # [B, C, oh, ow] tensor rounds differently, up to about 3e-5)
+            n = min(batch, 32)
+            oracle = reference_label_pooling(values[:n], indices[:n], boxes[:n], C, output_size=size)
+            diff = (run_ours()[:n] - oracle).abs().max().item()
+            diff_tl = (run_tl()[:n].permute(0, 2, 3, 1) - oracle).abs().max().item()
+            t_tl = timeit(run_tl, repeats=max(2, args.repeats // 3), warmup=1)["median_s"]
+            t_our = timeit(run_ours, repeats=args.repeats, warmup=1)["median_s"]
+            t_out = timeit(run_ours_out, repeats=args.repeats, warmup=1)["median_s"]
+            out_bytes = batch * size * size * C * 4
+            m_tl = peak_cpu_bytes(run_tl) - out_bytes
+            m_our = peak_cpu_bytes(run_ours_direct) - out_bytes
+            rows.append({"threads": threads, "B": batch, "tokens": f"{size}x{size}",
+                         "tokenlabeling_ms": t_tl * 1e3, "ours_ms": t_our * 1e3, "speedup": t_tl / t_our,
+                         "ours_out_ms": t_out * 1e3, "speedup_out": t_tl / t_out,
+                         "tokenlabeling_extra_MiB": m_tl / 2**20, "ours_extra_MiB": m_our / 2**20,
+                         "memory_ratio": m_tl / max(m_our, 1), "output_MiB_f32": out_bytes / 2**20,
+                         "output_MiB_bf16": out_bytes / 2 / 2**20, "max_abs_diff": diff,
+                         "tokenlabeling_max_abs_diff": diff_tl})
+    torch.set_num_threads(saved)
+    print_table(rows, ["threads", "B", "tokens", "tokenlabeling_ms", "ours_ms", "speedup", "ours_out_ms",
+                       "speedup_out", "tokenlabeling_extra_MiB", "ours_extra_MiB", "memory_ratio",
+                       "output_MiB_f32", "output_MiB_bf16", "max_abs_diff", "tokenlabeling_max_abs_diff"])
+    print("# ours_out: label_pooling(..., out=buffer) reusing one result buffer (no first touch of pages)")
+    print("# extra MiB: peak tensor memory beyond the [B, oh, ow, C] float32 output both routes return")
+    print("# max_abs_diff: against the dense oracle (roi_align on the dense map, softmax), first 32 images")
+    goal = [r for r in rows if r["threads"] == 1 and r["B"] == 256]
+    if goal:
+        g = goal[0]
+        print(f"# goal B=256, {size}x{size}, one thread: speedup {g['speedup']:.1f}x with a fresh result, "
+              f"{g['speedup_out']:.1f}x into a reused buffer (>= 20), memory beyond the output "
+              f"{g['memory_ratio']:.1f}x less (>= 20)")
+    return {"rows": rows, "output_size": size}
+
+
 def _events_us(fn, iters: int, repeats: int) -> float:
     """Median microseconds per call of ``iters`` back-to-back calls, timed by CUDA events."""
     times = []
@@ -258,6 +348,57 @@ def bench_cuda(args) -> dict:
             "index_dtype": args.index_dtype}
 
 
+def _token_paths(v, i, b, flips, size: int) -> dict:
+    """name -> callable, for bench_cuda_tokens (the first is the baseline)."""
+    from relabel_shards.pooling.triton_impl import label_pooling_triton
+
+    def pool(backend: str):
+        return lambda: label_pooling(v, i, b, C, output_size=size, flips=flips, backend=backend)
+
+    return {
+        "TokenLabeling route (dense + roi_align + softmax)":
+            lambda: tokenlabeling_route(v, i, b, size, "cuda"),
+        "label_pooling backend=torch": pool("torch"),
+        "label_pooling backend=triton": pool("triton"),
+        "triton kernel only": lambda: label_pooling_triton(v, i, b, C, False, output_size=(size, size),
+                                                           flips=flips),
+    }
+
+
+def bench_cuda_tokens(args) -> dict:
+    """--device cuda --output-size N: the TokenLabeling route on the GPU against the PyTorch path and the
+    Triton bins kernel: microseconds per batch (CUDA events over back-to-back calls), peak GPU memory."""
+    dev = torch.device("cuda")
+    size = args.output_size
+    vdt, idt = getattr(torch, args.value_dtype), getattr(torch, args.index_dtype)
+    rows = []
+    for batch in args.batches or (256, 1024):
+        values, indices, boxes = make_batch(batch)
+        v, i, b = values.to(dev, vdt), indices.to(dev, idt), boxes.to(dev)
+        flips = torch.zeros(batch, dtype=torch.bool, device=dev)
+        paths = _token_paths(v, i, b, flips, size)
+        want = paths["TokenLabeling route (dense + roi_align + softmax)"]().permute(0, 2, 3, 1).float()
+        base_us = None
+        for name, fn in paths.items():
+            out = fn()
+            diff = ((out.permute(0, 2, 3, 1) if out.shape[1] == C else out).float() - want).abs().max().item()
+            del out
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            us = _events_us(fn, 10, 5)
+            peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+            base_us = us if base_us is None else base_us
+            rows.append({"path": name, "B": batch, "tokens": f"{size}x{size}", "us": us,
+                         "speedup": base_us / us, "gpu_peak_MiB": peak,
+                         "output_MiB_f32": batch * size * size * C * 4 / 2**20, "max_abs_diff": diff})
+            print(f"# {rows[-1]}", flush=True)
+    print_table(rows, ["path", "B", "tokens", "us", "speedup", "gpu_peak_MiB", "output_MiB_f32",
+                       "max_abs_diff"])
+    return {"rows": rows, "output_size": size, "value_dtype": args.value_dtype,
+            "index_dtype": args.index_dtype}
+
+
 def _sweep_warps(vdt: torch.dtype, idt: torch.dtype, batch: int = 1024) -> list[dict]:
     """Time the kernel alone with each num_warps (one compile each), to tune launch_config's default."""
     from relabel_shards.pooling.triton_impl import label_pooling_triton
@@ -293,15 +434,27 @@ def main(argv: list[str] | None = None) -> None:
                    help="indices as stored (cuda only)")
     p.add_argument("--sweep-warps", action="store_true",
                    help="cuda only: also time the Triton kernel at B=1024 with num_warps 2, 4, 8, 16")
-    p.add_argument("--out", help="JSON path (default benchmarks/results/bench_pooling_<device>.json)")
+    p.add_argument("--output-size", type=int, default=1,
+                   help="bins per side: above 1, Token Labeling targets (the TokenLabeling route against "
+                        "label_pooling(output_size=N), B=256 by default)")
+    p.add_argument("--out", help="JSON path (default: benchmarks/results/bench_pooling_<device>.json, "
+                                 "bench_pooling_<device>_tokens<N>.json with --output-size N)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA device")
     info = machine_info()
-    print_header(f"bench_pooling --device {args.device}: label_pooling vs the official dense path "
-                 f"(k={K}, {H}x{W}, C={C})", info)
-    result = bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
-    out = args.out or Path(__file__).resolve().parent / "results" / f"bench_pooling_{args.device}.json"
+    tokens = args.output_size > 1
+    what = (f"the TokenLabeling route, {args.output_size}x{args.output_size} bins" if tokens
+            else "the official dense path")
+    print_header(f"bench_pooling --device {args.device}: label_pooling vs {what} (k={K}, {H}x{W}, C={C})",
+                 info)
+    if tokens:
+        result = bench_cuda_tokens(args) if args.device == "cuda" else bench_cpu_tokens(args)
+    else:
+        result = bench_cuda(args) if args.device == "cuda" else bench_cpu(args)
+    suffix = f"_tokens{args.output_size}" if tokens else ""
+    name = f"bench_pooling_{args.device}{suffix}.json"
+    out = args.out or Path(__file__).resolve().parent / "results" / name
     write_json(out, {"benchmark": "bench_pooling", "device": args.device, "k": K, "h": H, "w": W,
                      "num_classes": C, "repeats": args.repeats, **result, "machine": info})
 

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# GPU check for LabelPooling, on one CUDA device, in under five minutes:
-#   1. the pooling tests (tests/test_pooling*.py): the CUDA cases compare every backend (auto / torch / triton)
-#      with the dense oracle on large batches; the Triton tests run the compiled kernel instead of the interpreter;
+# GPU check for LabelPooling, on one CUDA device, in under six minutes:
+#   1. the pooling tests (tests/test_pooling*.py, including test_pooling_bins.py): the CUDA cases compare every
+#      backend (auto / torch / triton) with the dense oracle on large batches, at 1x1 and at 7x7, 14x14 and 3x5
+#      bins (Token Labeling); the Triton tests (slow ones included) run the compiled kernels instead of the
+#      interpreter;
 #   2. benchmarks/bench_pooling.py --device cuda (official path as shipped, PyTorch path on the GPU, Triton kernel;
-#      B = 256, 1024, 4096).
+#      B = 256, 1024, 4096);
+#   3. benchmarks/bench_pooling.py --device cuda --output-size 14 (the TokenLabeling route against the PyTorch
+#      path and the Triton bins kernel; B = 256, 1024).
 # Everything lands in $OUT if set (else benchmarks/results/gpu_check/): env.txt, nvidia-smi.txt, tests.log,
-# tests.xml (JUnit), bench_pooling_cuda.log, bench_pooling_cuda.json. Both steps always run; the exit status is
-# non-zero if either failed or timed out.
+# tests.xml (JUnit), bench_pooling_cuda.{log,json}, bench_pooling_cuda_tokens14.{log,json}. Every step always
+# runs; the exit status is non-zero if any failed or timed out.
 #
 # Usage (from anywhere):  [PYTHON=python] [OUT=/some/dir] benchmarks/gpu_check.sh
 # Needs: a Python with torch (CUDA build), torchvision, triton, click and pytest; the package is used from this
@@ -43,18 +47,24 @@ if ! "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   exit 2
 fi
 
-echo "== 1/2 tests (limit 200 s)"
+echo "== 1/3 tests (limit 200 s)"
 timeout 200 "$py" -m pytest -q -p no:cacheprovider -rs --junitxml="$out/tests.xml" \
-  tests/test_pooling.py tests/test_pooling_triton.py 2>&1 | tee "$out/tests.log"
+  tests/test_pooling.py tests/test_pooling_bins.py tests/test_pooling_triton.py 2>&1 | tee "$out/tests.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] || { echo "gpu_check: tests failed or timed out (exit $rc)"; status=1; }
 grep -q "needs a CUDA device" "$out/tests.log" && { echo "gpu_check: CUDA tests were skipped"; status=1; }
 
-echo "== 2/2 bench_pooling --device cuda (limit $((290 - ($(date +%s) - start))) s)"
+echo "== 2/3 bench_pooling --device cuda (limit $((290 - ($(date +%s) - start))) s)"
 timeout $((290 - ($(date +%s) - start))) "$py" benchmarks/bench_pooling.py --device cuda --sweep-warps \
   --out "$out/bench_pooling_cuda.json" 2>&1 | tee "$out/bench_pooling_cuda.log"
 rc=${PIPESTATUS[0]}
 [ "$rc" -eq 0 ] || { echo "gpu_check: benchmark failed or timed out (exit $rc)"; status=1; }
+
+echo "== 3/3 bench_pooling --device cuda --output-size 14 (limit $((350 - ($(date +%s) - start))) s)"
+timeout $((350 - ($(date +%s) - start))) "$py" benchmarks/bench_pooling.py --device cuda --output-size 14 \
+  --out "$out/bench_pooling_cuda_tokens14.json" 2>&1 | tee "$out/bench_pooling_cuda_tokens14.log"
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] || { echo "gpu_check: token benchmark failed or timed out (exit $rc)"; status=1; }
 
 echo "gpu_check: done in $(($(date +%s) - start)) s, status $status, results in $out"
 exit $status

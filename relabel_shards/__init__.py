@@ -4,9 +4,11 @@ The public API, each name imported on first use so that ``import relabel_shards`
 (no torch, timm or triton until a name that needs them is touched):
 
 Label-map record (``relabel_shards.labelmap``)
-    ``LabelMap``, ``LabelMapError``, ``encode_label_map``, ``decode_label_map``
+    ``LabelMap``, ``LabelMapError``, ``encode_label_map``, ``decode_label_map``, ``ImageBinding``
 LabelPooling (``relabel_shards.pooling``)
-    ``label_pooling``, ``LabelPooling``, ``reference_label_pooling``
+    ``label_pooling``, ``LabelPooling``, ``reference_label_pooling``, ``SparseTargets``
+Soft-target losses without dense targets (``relabel_shards.losses``)
+    ``soft_target_cross_entropy``, ``token_labeling_loss``
 Annotator and batch job (``relabel_shards.annotator``, ``relabel_shards.build``)
     ``create_annotator``, ``build_shards``
 Shards (``relabel_shards.shards``)
@@ -15,6 +17,10 @@ Crop geometry and the streaming loader (``relabel_shards.crops``, ``relabel_shar
     ``random_resized_crop_params``, ``ReLabelDataset``, ``make_loader``
 Import of the official release (``relabel_shards.convert``)
     ``convert_official``
+Classes per batch (``relabel_shards.diversity``)
+    ``class_sorted_warning``
+Opening images and the sample transform (``relabel_shards.images``, ``relabel_shards.transforms``)
+    ``open_image``, ``ImageError``, ``RandomResizedCropFlip``, ``CenterCrop``, ``Compose``, ``Lighting``
 """
 
 from __future__ import annotations
@@ -30,9 +36,13 @@ _EXPORTS: dict[str, str] = {
     "LabelMapError": "relabel_shards.labelmap",
     "encode_label_map": "relabel_shards.labelmap",
     "decode_label_map": "relabel_shards.labelmap",
+    "ImageBinding": "relabel_shards.labelmap",
     "label_pooling": "relabel_shards.pooling",
     "LabelPooling": "relabel_shards.pooling",
     "reference_label_pooling": "relabel_shards.pooling",
+    "SparseTargets": "relabel_shards.pooling",
+    "soft_target_cross_entropy": "relabel_shards.losses",
+    "token_labeling_loss": "relabel_shards.losses",
     "create_annotator": "relabel_shards.annotator",
     "build_shards": "relabel_shards.build",
     "ShardError": "relabel_shards.shards",
@@ -41,6 +51,13 @@ _EXPORTS: dict[str, str] = {
     "ReLabelDataset": "relabel_shards.loader",
     "make_loader": "relabel_shards.loader",
     "convert_official": "relabel_shards.convert",
+    "class_sorted_warning": "relabel_shards.diversity",
+    "open_image": "relabel_shards.images",
+    "ImageError": "relabel_shards.images",
+    "RandomResizedCropFlip": "relabel_shards.transforms",
+    "CenterCrop": "relabel_shards.transforms",
+    "Compose": "relabel_shards.transforms",
+    "Lighting": "relabel_shards.transforms",
 }
 
 __all__ = [
@@ -49,9 +66,13 @@ __all__ = [
     "LabelMapError",
     "encode_label_map",
     "decode_label_map",
+    "ImageBinding",
     "label_pooling",
     "LabelPooling",
     "reference_label_pooling",
+    "SparseTargets",
+    "soft_target_cross_entropy",
+    "token_labeling_loss",
     "create_annotator",
     "build_shards",
     "ShardError",
@@ -60,6 +81,13 @@ __all__ = [
     "ReLabelDataset",
     "make_loader",
     "convert_official",
+    "class_sorted_warning",
+    "open_image",
+    "ImageError",
+    "RandomResizedCropFlip",
+    "CenterCrop",
+    "Compose",
+    "Lighting",
 ]
 assert set(__all__) == {"__version__", *_EXPORTS}, "__all__ and _EXPORTS must name the same API"
 
@@ -82,7 +110,17 @@ if TYPE_CHECKING:  # static tools see the real names
     from relabel_shards.build import build_shards
     from relabel_shards.convert import convert_official
     from relabel_shards.crops import random_resized_crop_params
-    from relabel_shards.labelmap import LabelMap, LabelMapError, decode_label_map, encode_label_map
+    from relabel_shards.diversity import class_sorted_warning
+    from relabel_shards.images import ImageError, open_image
+    from relabel_shards.labelmap import (
+        ImageBinding,
+        LabelMap,
+        LabelMapError,
+        decode_label_map,
+        encode_label_map,
+    )
     from relabel_shards.loader import ReLabelDataset, make_loader
-    from relabel_shards.pooling import LabelPooling, label_pooling, reference_label_pooling
+    from relabel_shards.losses import soft_target_cross_entropy, token_labeling_loss
+    from relabel_shards.pooling import LabelPooling, SparseTargets, label_pooling, reference_label_pooling
     from relabel_shards.shards import ShardError, read_info
+    from relabel_shards.transforms import CenterCrop, Compose, Lighting, RandomResizedCropFlip

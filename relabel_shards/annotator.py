@@ -40,7 +40,6 @@ EMBEDDED_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf7
 # platform (measured at 224 px, bicubic).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_FP16_MAX = 65504.0
 
 
 def _sha256_file(path: str) -> str:
@@ -310,20 +309,30 @@ class Annotator:
         return int(self.data_config["input_size"][1]), int(self.data_config["input_size"][2])
 
     def preprocess(self, image: Any) -> Tensor:
-        """Resize and normalize one image for this model: the whole image, no crop.
+        """Resize one image for this model: the whole image, no crop, not yet normalized.
 
         Args:
-            image: a PIL image (any mode; converted to RGB; turned upright by its EXIF orientation, which
-                is idempotent) or an RGB uint8 array ``[H0, W0, 3]``.
+            image: encoded image bytes (opened by ``relabel_shards.images.open_image``), an
+                ``UprightImage``, a PIL image (any mode; converted to RGB; turned upright by its EXIF
+                orientation, ``relabel_shards.images.upright``, which is idempotent) or an RGB uint8 array
+                ``[H0, W0, 3]``.
 
         Returns:
-            Tensor[3, H, W] float32, normalized with the model's mean/std. Without ``keep_aspect`` (H, W) is
-            :attr:`input_size` (the image squashed, as the paper does); with it the short side becomes
-            ``min(input_size)`` and the long side keeps the aspect ratio (rounded), with no padding.
+            Tensor[3, H, W] uint8 (a quarter of float32's bytes through the build workers' shared memory);
+            :meth:`dense_logits` normalizes it with the model's mean/std on the device. Without
+            ``keep_aspect`` (H, W) is :attr:`input_size` (the image squashed, as the paper does); with it
+            the short side becomes ``min(input_size)`` and the long side keeps the aspect ratio (rounded),
+            with no padding.
         """
-        from PIL import Image, ImageOps
+        from PIL import Image
         from timm.data.transforms import str_to_pil_interp
 
+        from relabel_shards.images import UprightImage, open_image, upright
+
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image = open_image(bytes(image))
+        if isinstance(image, UprightImage):
+            image = image.to_pil()
         if isinstance(image, np.ndarray):
             if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
                 raise ValueError(
@@ -331,32 +340,39 @@ class Annotator:
                 )
             image = Image.fromarray(np.ascontiguousarray(image[..., :3]))
         if not isinstance(image, Image.Image):
-            raise TypeError(f"image must be a PIL image or a uint8 numpy array, got {type(image).__name__}")
-        image = ImageOps.exif_transpose(image).convert("RGB")  # label maps describe the upright image
+            raise TypeError(
+                f"image must be bytes, a PIL image or a uint8 numpy array, got {type(image).__name__}"
+            )
+        image = upright(image)  # label maps describe the upright image
         h, w = self.input_size
         if self.keep_aspect:
             w0, h0 = image.size
             s = min(h, w) / min(w0, h0)
             w, h = max(1, round(w0 * s)), max(1, round(h0 * s))
         image = image.resize((w, h), resample=str_to_pil_interp(self.data_config["interpolation"]))
-        x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
-        mean = torch.tensor(self.data_config["mean"], dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.data_config["std"], dtype=torch.float32)[:, None, None]
-        return (x - mean) / std
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 images ``[B, 3, H, W]`` (any device) -> float32 ``(x / 255 - mean) / std``, same device."""
+        x = images.float().div_(255)
+        mean = torch.tensor(self.data_config["mean"], dtype=torch.float32, device=x.device)[:, None, None]
+        std = torch.tensor(self.data_config["std"], dtype=torch.float32, device=x.device)[:, None, None]
+        return x.sub_(mean).div_(std)
 
     def _check_images(self, images: Tensor) -> None:
         if not isinstance(images, Tensor):
             raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] < 1:
             raise ValueError(f"images must have shape [B>=1, 3, H, W], got {list(images.shape)}")
-        if not images.is_floating_point():
-            raise TypeError(f"images must be float (normalized by preprocess), got {images.dtype}")
+        if images.dtype != torch.uint8 and not images.is_floating_point():
+            raise TypeError(f"images must be uint8 (preprocess) or float (normalized), got {images.dtype}")
 
     def dense_logits(self, images: Tensor) -> Tensor:
         """The full per-position logits.
 
         Args:
-            images: Tensor[B, 3, H, W] float, normalized (:meth:`preprocess`), on any device.
+            images: Tensor[B, 3, H, W] uint8 from :meth:`preprocess` (normalized here, on :attr:`device`), or
+                float already normalized; on any device.
 
         Returns:
             Tensor[B, C, h, w] float32 raw logits on :attr:`device`; (h, w) is the feature grid
@@ -366,6 +382,8 @@ class Annotator:
         cuda = self.device.type == "cuda"
         with torch.inference_mode():
             x = images.to(self.device, non_blocking=True)
+            if x.dtype == torch.uint8:
+                x = self.normalize(x)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -395,17 +413,18 @@ class Annotator:
         """Top-k label maps of a batch.
 
         Args:
-            images: Tensor[B, 3, H, W] float, normalized (:meth:`preprocess`).
+            images: Tensor[B, 3, H, W] uint8 (:meth:`preprocess`) or float normalized.
 
         Returns:
-            (values, indices): values Tensor[B, k, h, w] float16 raw logits in descending order along k
-            (clamped to the float16 range), indices Tensor[B, k, h, w] int16 (C <= 32767) or int32 class
-            indices; both on the CPU. The top-k runs on :attr:`device`.
+            (values, indices): values Tensor[B, k, h, w] float32 raw logits in descending order along k
+            (the head's own float32: the record's encoding decides any rounding, so ``lossless`` is
+            lossless), indices Tensor[B, k, h, w] int16 (C <= 32767) or int32 class indices; both on the
+            CPU. The top-k runs on :attr:`device`.
         """
         logits = self.dense_logits(images)
         with torch.inference_mode():
             values, indices = logits.topk(self.topk, dim=1)  # (B, k, h, w), descending
-            values = values.clamp_(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+            values = values.float()
             indices = indices.to(self.index_dtype)
         return values.cpu(), indices.cpu()
 
@@ -423,6 +442,9 @@ class Annotator:
             "std": [float(v) for v in self.data_config["std"]],
             "keep_aspect": self.keep_aspect,
             "trunk_dtype": "bfloat16" if self.device.type == "cuda" else "float32",
+            # the logits handed to the record encoder (float16 before uint8 preprocessing): in the build
+            # fingerprint, so a build begun with float16 values is not resumed with float32 ones
+            "values_dtype": "float32",
             "spatial_mean_is_logits": self.plain_head,
         }
         if self.model_kwargs:
@@ -447,6 +469,90 @@ def _class_names(model: nn.Module, num_classes: int) -> list[str] | None:
     except Exception:  # a subset timm names but does not ship
         return None
     return list(names) if len(names) == num_classes else None
+
+
+PROBE_TIMEOUT_S = 5.0  # how long --pretrained waits to learn whether the weights' host answers at all
+
+
+def _unknown_model(name: str) -> ValueError:
+    """'unknown timm model name' with the closest names timm knows (difflib)."""
+    import difflib
+
+    import timm
+
+    base = name.split(".", 1)[0]
+    close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ValueError(f"unknown timm model name {name!r}{hint} (timm.list_models() lists the names)")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _probe(url: str) -> str | None:
+    """None when a TCP connection to ``url``'s host opens within ``PROBE_TIMEOUT_S``, else why not."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    host, port = u.hostname, u.port or (443 if u.scheme == "https" else 80)
+    if not host:
+        return None
+    result: list[str | None] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+            result.append(None)
+        except OSError as e:
+            result.append(f"{type(e).__name__}: {e}")
+
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    t.join(PROBE_TIMEOUT_S + 1)
+    return result[0] if result else f"no answer within {PROBE_TIMEOUT_S:.0f} s"
+
+
+def _check_pretrained_available(name: str) -> None:
+    """Fail fast when ``pretrained`` weights are neither cached nor downloadable (no long hub retries).
+
+    Raises:
+        ValueError: not in the Hugging Face (or torch hub) cache, and ``HF_HUB_OFFLINE`` is set or the
+            host does not answer; the message gives the CLI's flags and the library's arguments.
+    """
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or getattr(cfg, "file", None) or getattr(cfg, "state_dict", None):
+        return
+    hub_id, url = getattr(cfg, "hf_hub_id", None), getattr(cfg, "url", None)
+    if hub_id:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        fname = getattr(cfg, "hf_hub_filename", None)
+        for f in [fname] if fname else ["model.safetensors", "pytorch_model.bin"]:
+            if isinstance(try_to_load_from_cache(hub_id, f), str):
+                return
+        where = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+        what = f"{hub_id} on the Hugging Face Hub"
+    elif url:
+        if os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))):
+            return
+        where, what = url, url
+    else:
+        return
+    why = "HF_HUB_OFFLINE is set" if _offline() else None
+    if why is None:
+        failed = _probe(where)
+        why = None if failed is None else f"{where} is not reachable ({failed})"
+    if why is not None:
+        raise ValueError(
+            f"--pretrained: the weights of {name!r} ({what}) are not in the local cache and {why}. Run "
+            "once where the hub is reachable (the weights are then cached), or pass --checkpoint FILE with a "
+            "state dict (library: checkpoint=FILE instead of pretrained=True)"
+        )
 
 
 def _create_model(name: str, pretrained: bool, kwargs: dict[str, Any], dynamic: bool) -> nn.Module:
@@ -526,7 +632,9 @@ def create_annotator(
             raise ValueError(f"input_size must be an int or (H, W) of ints in [16, 8192], got {input_size!r}")
     name = model or EMBEDDED_MODEL
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model name {name!r}; see timm.list_models() for the names")
+        raise _unknown_model(name)
+    if pretrained:
+        _check_pretrained_available(name)
     dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
     kwargs = dict(model_kwargs or {})
 

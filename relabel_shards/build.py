@@ -2,11 +2,12 @@
 
 Data flow for one rank (all ranks run the same call; see ``relabel_shards.writer`` for ranks and resume)::
 
-    source items (sources.py)  ->  plan: shard i = items[i*shard_size:(i+1)*shard_size], or input shard i
+    source items (sources.py)  ->  plan (plan.py): the items in a seeded global permutation (--no-shuffle:
+      source order), shard i = ordered[i*shard_size:(i+1)*shard_size]; or input shard i (order kept)
       DataLoader workers: read bytes, decode, preprocess (annotator.preprocess), stack into chunks
-      # a chunk: {"task": i, "entries": [sample or failure, ...], "images": [Tensor[n,3,H,W], ...],
+      # a chunk: {"task": i, "entries": [sample or failure, ...], "images": [uint8 Tensor[n,3,H,W], ...],
       #           "end": bool}
-      main thread: annotator(images) on the device  ->  values/indices [n,k,h,w] on the CPU
+      main thread: annotator(images) on the device (normalized there)  ->  values/indices [n,k,h,w] on the CPU
       writer thread: encode_label_map, append to shard i's temporary tar, commit at "end"  (writer.py)
     after this rank's shards: ShardJob.finalize writes _info.json once every shard exists
 
@@ -33,10 +34,9 @@ instead.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,16 +44,27 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from relabel_shards.diversity import shard_classes_entry
+from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, check_size
+from relabel_shards.plan import (
+    FailureTally,
+    check_not_all_failed,
+    check_output,
+    items_digest,
+    job_fingerprint,
+    order_info,
+    plan_items,
+)
 from relabel_shards.shards import (
     FORMAT_VERSION,
     LABELMAP_EXT,
     ShardError,
-    json_bytes,
     sample_members,
     split_member_name,
 )
 from relabel_shards.sources import (
     DuplicateKeyError,
+    DuplicateMemberError,
     FileItem,
     Source,
     decode_image,
@@ -62,7 +73,7 @@ from relabel_shards.sources import (
     open_source,
     read_bytes,
 )
-from relabel_shards.writer import ChunkSink, ShardJob, ShardStats, take_failures
+from relabel_shards.writer import ChunkSink, ShardJob, ShardStats
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +122,22 @@ class _ChunkStream(IterableDataset):
         preprocess: Callable,
         batch_size: int,
         storage_options: dict | None,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         self.tasks = tasks
-        self.preprocess = preprocess
+        self.preprocess = preprocess  # image -> uint8 Tensor[3, H, W]: 1/4 of float32 in shared memory
         self.batch_size = batch_size
         self.storage_options = storage_options
+        self.max_image_pixels = max_image_pixels
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         for index, payload in self.tasks[wid::nw]:
-            samples = (
-                self._file_samples(payload) if isinstance(payload, list) else self._shard_samples(payload)
-            )
+            if isinstance(payload, str):
+                samples = self._shard_samples(payload)
+            else:  # a shard's FileItems (made here, in the worker, from the plan's indices)
+                samples = self._file_samples(list(payload))
             yield from self._chunks(index, samples)
 
     def _chunks(self, index: int, samples: Iterator[dict]) -> Iterator[dict]:
@@ -156,9 +170,13 @@ class _ChunkStream(IterableDataset):
         images = [torch.stack(g) for g in groups]  # each (n, 3, H, W)
         return {"task": index, "entries": entries, "images": images, "end": end}
 
-    def _decoded(self, key: str, source: str, data: bytes) -> tuple[Any, tuple[int, int]] | dict:
+    def _decoded(
+        self, key: str, source: str, data: bytes, meta: bytes | None = None
+    ) -> tuple[Any, tuple[int, int]] | dict:
         try:
-            img = decode_image(data)
+            img = decode_image(data, self.max_image_pixels)
+            if meta is not None:  # an input shard's .json: the loader checks it exactly, so check it here
+                check_size(img.size, _recorded_size(meta))
         except ValueError as e:
             return _failure(key, source, str(e))
         return self.preprocess(img), img.size
@@ -184,11 +202,15 @@ class _ChunkStream(IterableDataset):
             members = sample_members(
                 it.key, image=data, image_ext=it.image_ext, label=it.label, meta=meta, labelmap=b""
             )[:-1]  # the label map is appended by the writer thread
-            yield {"key": it.key, "members": members, "tensor": tensor, "size": (w, h)}
+            yield {"key": it.key, "members": members, "tensor": tensor, "size": (w, h), "label": it.label}
 
     def _shard_samples(self, url: str) -> Iterator[dict]:
+        repeated: list[DuplicateMemberError] = []  # samples that repeat a member: failures, listed in order
         try:
-            for key, members in iter_shard_samples(url, self.storage_options):
+            for key, members in iter_shard_samples(url, self.storage_options, on_duplicate=repeated.append):
+                while repeated:
+                    e = repeated.pop(0)
+                    yield _failure(e.key, f"{url}#{e.key}", str(e))
                 source = f"{url}#{key}"
                 kept = [(n, d) for n, d in members if split_member_name(n)[1] != LABELMAP_EXT]
                 img = image_member(kept)
@@ -198,27 +220,52 @@ class _ChunkStream(IterableDataset):
                     what = "no image member" if img is None else "no .cls member (the class index)"
                     yield _failure(key, source, f"{what} (members: {names})")
                     continue
-                dec = self._decoded(key, source, img[1])
+                meta = next((d for n, d in kept if split_member_name(n)[1] == "json"), None)
+                dec = self._decoded(key, source, img[1], meta)
                 if isinstance(dec, dict):
                     yield dec
                     continue
                 tensor, size = dec
-                yield {"key": key, "members": kept, "tensor": tensor, "size": size}
+                yield {"key": key, "members": kept, "tensor": tensor, "size": size, "label": _cls(kept)}
         except DuplicateKeyError as e:
             yield {**_failure("", url, str(e)), "fatal": True}  # never a skip: keys must be unique
         except (ShardError, OSError) as e:
             yield _failure("", url, f"input shard unreadable from here on: {e}")
+        for e in repeated:
+            yield _failure(e.key, f"{url}#{e.key}", str(e))
+
+
+def _recorded_size(meta: bytes) -> tuple[Any, Any] | None:
+    """``(width, height)`` from a sample's ``.json``, or None where it records none (or is not JSON)."""
+    import json
+
+    try:
+        d = json.loads(meta)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return (d.get("width"), d.get("height")) if isinstance(d, dict) else None
+
+
+def _cls(members: list[tuple[str, bytes]]) -> int | None:
+    """The class index of an input sample's ``.cls`` member, None when it has none or it is not an integer."""
+    for name, data in members:
+        if split_member_name(name)[1] == "cls":
+            try:
+                return int(data.decode("ascii").strip())
+            except (UnicodeDecodeError, ValueError):
+                return None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- plan
 
 
-def _plan(src: Source, shard_size: int) -> list[Any]:
-    """Payload per output shard: a list of FileItems (folder/list sources) or an input shard URL."""
+def _plan(src: Source, shard_size: int, shuffle: bool = True, shuffle_seed: int = 0) -> list[Any]:
+    """Payload per output shard: a list of FileItems (folder/list sources, in the written order) or an
+    input shard URL (input shards keep their order: output shard i pairs with input shard i)."""
     if src.kind == "shards":
         return list(src.shard_urls)
-    n = math.ceil(len(src.items) / shard_size)
-    return [list(src.items[i * shard_size : (i + 1) * shard_size]) for i in range(n)]
+    return plan_items(src.items, shard_size, shuffle, shuffle_seed)
 
 
 def _input_shard_total(src: Source, todo: list[int]) -> int | None:
@@ -243,25 +290,51 @@ def _input_shard_total(src: Source, todo: list[int]) -> int | None:
         return None
 
 
-def _fingerprint(src: Source, plan_settings: dict, annotator_config: dict) -> str:
-    h = hashlib.sha256()
+def _job_description(src: Source, plan_settings: dict, annotator_config: dict) -> dict:
+    """Everything that decides the output bytes; its digest is the fingerprint (``plan.job_fingerprint``)."""
     if src.kind == "shards":
-        for u in src.shard_urls:
-            h.update(u.encode() + b"\n")
+        import hashlib
+
+        items = hashlib.sha256("".join(u + "\n" for u in src.shard_urls).encode()).hexdigest()
     else:
-        for it in src.items:
-            h.update(f"{it.key}\t{it.source}\t{it.label}\t{it.class_name}\n".encode())
-    return hashlib.sha256(
-        json_bytes(
-            {
-                "format_version": FORMAT_VERSION,
-                "source": src.describe(),
-                "items": h.hexdigest(),
-                "settings": plan_settings,
-                "annotator": annotator_config,
-            }
-        )
-    ).hexdigest()
+        items = items_digest(src.items)
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": src.describe(),
+        "items": items,
+        "settings": plan_settings,
+        "annotator": annotator_config,
+    }
+
+
+def _class_mismatch(src: Source, ann) -> str | None:
+    """Why the dataset's classes (``.cls``) and the annotator's (label maps) differ, or None if they agree."""
+    num = ann.num_classes
+    if src.classes is not None:
+        if len(src.classes) != num:
+            return f"the source has {len(src.classes)} classes, the annotator {num}"
+        names = list(src.classes)
+        if ann.class_names is not None and names == list(ann.class_names):
+            return None
+        if num == 1000:
+            try:
+                from timm.data import ImageNetInfo
+
+                if names == list(ImageNetInfo("imagenet-1k").label_names()):
+                    return None  # ImageNet's synset folders (n01440764, ...) in timm's order
+            except Exception:  # noqa: BLE001 - names are a check, not a requirement
+                pass
+        if ann.class_names is None:
+            return None  # nothing to compare the names with
+        i = next((j for j, (a, b) in enumerate(zip(names, ann.class_names, strict=True)) if a != b), 0)
+        return (f"class {i} is {names[i]!r} in the source and {str(ann.class_names[i])!r} for the annotator "
+                "(the names differ)")
+    if src.kind != "shards":
+        labels = getattr(src.items, "labels", None)
+        top = int(labels.max()) if labels is not None else max((it.label for it in src.items), default=-1)
+        if top >= num:
+            return f"the source's labels go up to {top}, the annotator has {num} classes"
+    return None
 
 
 def _check_args(
@@ -324,6 +397,10 @@ def build_shards(
     seed: int = 0,
     name: str | None = None,
     resume_check: str = "sha256",
+    shuffle: bool = True,
+    shuffle_seed: int = 0,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    key_from: str = "stem",
 ) -> BuildSummary:
     """Annotate every image of ``source`` and write WebDataset shards with label maps to ``out``.
 
@@ -353,6 +430,15 @@ def build_shards(
         name: the dataset name in ``_info.json`` (default: the last component of ``out``).
         resume_check: ``"sha256"`` (read each complete shard once before skipping it) or ``"size"``
             (``relabel_shards.writer.ShardJob``).
+        shuffle: write a folder's or list's images in a seeded global permutation, so that every shard holds
+            a fair sample of the classes (a loader that streams shards cannot mix classes it is not given);
+            False keeps the source order. Input shards always keep theirs.
+        shuffle_seed: the permutation's seed (``relabel_shards.plan.permutation``); recorded in
+            ``_info.json``'s ``order``.
+        max_image_pixels: an image with more pixels is a failure naming the file (PIL's decompression-bomb
+            guard, made one per-file error); 0 or None: no limit.
+        key_from: sample keys from the file name (``"stem"``) or the relative path (``"path"``, for
+            layouts whose file names repeat across classes); see ``relabel_shards.sources``.
 
     Returns:
         BuildSummary of this rank's work; ``info`` is the split written to ``_info.json`` by this call,
@@ -361,11 +447,14 @@ def build_shards(
     Raises:
         FileNotFoundError: the source or a file it lists does not exist.
         ValueError: an empty source, duplicate keys, an unknown model, a bad argument, a bad input with
-            ``strict``, or an output directory that holds shards of a different build.
+            ``strict``, an output that is a file or holds shards of a different build (the message says
+            which settings differ).
+        AllInputsFailedError: every input failed (a ``ValueError``; the message counts them by kind).
     """
     prefix = _check_args(shard_size, batch_size, num_workers, encoding, split, prefix)
+    check_max_pixels(max_image_pixels, "max_image_pixels")
     out = os.fspath(out)
-    src = open_source(source, storage_options)
+    src = open_source(source, storage_options, key_from=key_from)
     from relabel_shards.annotator import create_annotator
     from relabel_shards.labelmap import encode_label_map
 
@@ -380,20 +469,28 @@ def build_shards(
             device=_default_device(device),
             keep_aspect=keep_aspect,
         )
-    plan = _plan(src, shard_size)
+    mismatch = _class_mismatch(src, ann)
+    if mismatch is not None:
+        log.warning("%s: .cls holds the source's class index, while the label maps use the annotator's "
+                    "classes; pooled targets and .cls then name different classes", mismatch)
+    plan = _plan(src, shard_size, shuffle, shuffle_seed)
     settings = {
         "encoding": encoding,
         "shard_size": shard_size if src.kind != "shards" else None,
         "prefix": prefix,
         "split": split,
         "seed": seed if ann.weights_sha256 is None else None,
+        "order": order_info(shuffle, shuffle_seed, src.kind),
     }
     ann_config = ann.config()
+    description = _job_description(src, settings, ann_config)
+    fingerprint = job_fingerprint(description)
+    check_output(out, prefix, fingerprint, description, storage_options)
     job = ShardJob(
         out,
         prefix=prefix,
         num_shards=len(plan),
-        fingerprint=_fingerprint(src, settings, ann_config),
+        fingerprint=fingerprint,
         rank=rank,
         world_size=world_size,
         storage_options=storage_options,
@@ -422,10 +519,13 @@ def build_shards(
             progress,
             total,
             summary,
+            description,
+            max_image_pixels,
         )
     summary.info = job.finalize(
         split, lambda stats: _project(stats, src, ann, ann_config, encoding, settings), name=name
     )
+    check_not_all_failed("build", summary.images, summary.failures, summary.info, out)
     return summary
 
 
@@ -442,8 +542,10 @@ def _run(
     progress: ProgressFn | None,
     total: int | None,
     summary: BuildSummary,
+    description: dict,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> None:
-    stream = _ChunkStream(tasks, ann.preprocess, batch_size, storage_options)
+    stream = _ChunkStream(tasks, ann.preprocess, batch_size, storage_options, max_image_pixels)
     cuda = getattr(ann, "device", None) is not None and torch.device(ann.device).type == "cuda"
     loader = DataLoader(
         stream,
@@ -455,6 +557,8 @@ def _run(
     )
     num_classes = ann.num_classes
     shapes: dict[int, set] = {}
+    classes: dict[int, Counter] = {}
+    tally = FailureTally("build")
 
     def fill(shard, chunk: dict, outputs: list) -> None:  # runs in the writer thread, chunks in order
         index = chunk["task"]
@@ -472,9 +576,15 @@ def _run(
                     f"{job.filename(index)} key {e['key']}: cannot encode its label map: {err}"
                 ) from err
             shard.add(e["key"], [*e["members"], (f"{e['key']}.{LABELMAP_EXT}", record)])
+            if e.get("label") is not None:
+                classes.setdefault(index, Counter())[e["label"]] += 1
 
     def extra(index: int) -> dict:
-        return {"map_shapes": sorted(list(s) for s in shapes.pop(index, ()))}
+        return {
+            "map_shapes": sorted(list(s) for s in shapes.pop(index, ())),
+            "classes": shard_classes_entry(classes.pop(index, Counter()), top=1 << 30),
+            "job": description,
+        }
 
     chunks = iter(loader)  # forks the workers before the writer thread exists (no lock held across a fork)
     done = 0
@@ -482,7 +592,7 @@ def _run(
         if progress is not None:
             progress(0, total)
         for chunk in chunks:
-            failed = take_failures(chunk, strict=strict, job_name="build")
+            failed = tally.take(chunk, strict=strict)
             summary.failures.extend(_failure(f["key"], f["source"], f["reason"]) for f in failed)
             outputs = [ann(images) for images in chunk["images"]]
             sink.submit(chunk, outputs)
@@ -490,6 +600,13 @@ def _run(
             summary.images += sum(len(g) for g in chunk["images"])
             if progress is not None:
                 progress(done, total)
+    tally.log_total()
+
+
+def _top_entry(stats: ShardStats) -> dict:
+    """A shard's ``shard_classes`` entry for ``_info.json`` from the full histogram in its sidecar."""
+    full = (stats.extra.get("classes") or {}).get("top") or {}
+    return shard_classes_entry({int(c): int(n) for c, n in full.items()})
 
 
 def _project(
@@ -511,6 +628,8 @@ def _project(
         "dataset_classes": list(src.classes) if src.classes is not None else None,
         "shard_size": settings["shard_size"],
         "seed": settings["seed"],
+        "order": settings["order"],
+        "shard_classes": [_top_entry(st) for st in stats],
     }
     if len(shapes) > 1:
         project["map_shapes"] = [list(s) for s in shapes]

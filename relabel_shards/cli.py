@@ -15,6 +15,7 @@ from functools import wraps
 import click
 
 from relabel_shards import __version__
+from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS
 
 # Library errors a user can act on: shown as one line, exit code 1, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError, ImportError,
@@ -48,6 +49,8 @@ def cli(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if verbose:  # also where logging was configured before (basicConfig then does nothing)
+        logging.getLogger().setLevel(max(level, logging.DEBUG))
 
 
 class _ProgressBar:
@@ -89,6 +92,12 @@ def _echo_summary(summary, out: str) -> None:
                    f"{info['relabel_shards']['num_failures']} failures listed in _info.json")
     else:
         click.echo("_info.json is left to the rank that finishes last")
+    if summary.failures:
+        from relabel_shards.plan import summarize_failures
+
+        click.echo("skipped inputs by kind (all are listed in _info.json's failures):")
+        for line in summarize_failures(summary.failures):
+            click.echo(f"  {line}")
 
 
 # ---- build / demo (issue 3) -------------------------------------------------------------------------
@@ -121,7 +130,18 @@ def _echo_summary(summary, out: str) -> None:
 @click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
 @click.option("--resume-check", type=click.Choice(["sha256", "size"]), default="sha256",
               help="How complete shards are checked before a rerun skips them.")
+@click.option("--shuffle-seed", type=click.IntRange(min=0), default=0,
+              help="Seed of the global permutation a folder's or list's images are written in (every shard "
+                   "then holds a fair sample of the classes).")
+@click.option("--no-shuffle", "no_shuffle", is_flag=True,
+              help="Write a folder or list in source order (class-sorted shards: batches of few classes). "
+                   "Input shards always keep their order.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (images/s, ETA).")
+@click.option("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+              help="Images with more pixels are failures naming the file (0: no limit).")
+@click.option("--key-from", type=click.Choice(["stem", "path"]), default="stem",
+              help="Sample keys from the file name, or from the relative path ('cls/image_0001.jpg' -> "
+                   "'cls_image_0001') where names repeat across classes.")
 @user_errors
 def build(source: tuple[str, ...], out: str, progress: bool, **kwargs) -> None:
     """Annotate SOURCE's images with a timm classifier and write label-map shards to OUT.
@@ -136,6 +156,7 @@ def build(source: tuple[str, ...], out: str, progress: bool, **kwargs) -> None:
         click.echo(f"warning: --model {kwargs['model']} without --pretrained or --checkpoint has random "
                    "weights: its label maps mean nothing (tests only)", err=True)
     src: str | list[str] = source[0] if len(source) == 1 else list(source)
+    kwargs["shuffle"] = not kwargs.pop("no_shuffle")
     with _ProgressBar("build", progress) as bar:
         summary = build_shards(src, out, progress=bar.callback, **kwargs)
     _echo_summary(summary, out)
@@ -193,7 +214,8 @@ def demo_command(out: str, input_size: int, topk: int, device: str) -> None:
 def info_command(url: str, split: str | None, max_shards: int, as_json: bool) -> None:
     """What a dataset's _info.json says: splits, samples, shards, annotator, k/h/w/C, failures, sizes.
 
-    URL is the dataset directory or URL prefix (local, s3://, gs://, http(s)://).
+    URL is the dataset directory or URL prefix (local, s3://, gs://, http(s)://), or one shard (.tar).
+    Warns when the shards are class-sorted (batches of few classes).
     """
     if as_json:
         import json
@@ -218,20 +240,25 @@ def verify_command(url: str, split: str | None, max_problems: int, progress: boo
     """Read every shard and check it against _info.json; exit 1 and list what is wrong.
 
     Checks each sample's members (image, .cls, .json, .rlm; adjacent; unique keys without dots), that every
-    label map decodes with one k/h/w/C, and the sample counts, byte sizes and sha256 in _info.json.
+    label map decodes with one k/h/w/C, and the sample counts, byte sizes and sha256 in _info.json. URL is the
+    dataset directory or URL prefix, or one shard (.tar). A split without samples fails; class-sorted shards
+    get a warning.
     """
     from tqdm import tqdm
 
+    from relabel_shards.describe import is_shard_url, shard_split
     from relabel_shards.shards import get_split, read_info
     from relabel_shards.verify import verify_shards
 
-    s = get_split(read_info(url), split, url)
+    s = (shard_split(url, split)[2] or {}) if is_shard_url(url) else get_split(read_info(url), split, url)
     total = sum(r.get("bytes", 0) for r in (s.get("relabel_shards") or {}).get("shards", []))
     with tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
               disable=not progress, file=sys.stderr) as bar:
         report = verify_shards(url, split=split, max_problems=max_problems, progress=bar.update)
     for problem in report.problems:
         click.echo(problem)
+    for warning in report.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if not report.ok:
         raise click.ClickException(report.summary())
     click.echo(report.summary())
@@ -239,23 +266,27 @@ def verify_command(url: str, split: str | None, max_problems: int, progress: boo
 
 @cli.command("show")
 @click.argument("url")
-@click.option("--key", required=True, help="The sample's key (e.g. n01440764_10026).")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The PNG to write.")
+@click.option("--key", default=None, help="The sample's key (e.g. n01440764_10026) [default: the first one].")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False),
+              help="The image to write; its suffix picks the format (.png, .jpg, .webp).")
 @click.option("--topk", default=5, type=click.IntRange(min=1), help="Classes drawn.")
 @click.option("--split", default=None, help="The split to search (default: the only one).")
 @click.option("--shard", default=None, help="Search only this shard file (faster on large datasets).")
 @click.option("--panel-size", default=320, type=click.IntRange(min=16), help="Panel image size in pixels.")
+@click.option("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
+              help="A larger image is an error (0: no limit).")
 @user_errors
-def show_command(url: str, key: str, out: str, topk: int, split: str | None, shard: str | None,
-                 panel_size: int) -> None:
+def show_command(url: str, key: str | None, out: str, topk: int, split: str | None, shard: str | None,
+                 panel_size: int, max_image_pixels: int) -> None:
     """Draw a sample: the image, then a heatmap of each of its top classes over it, each named."""
     from relabel_shards.show import SampleNotFoundError, show_sample
 
     try:
-        result = show_sample(url, key, out, topk=topk, split=split, shard=shard, panel_size=panel_size)
+        result = show_sample(url, key, out, topk=topk, split=split, shard=shard, panel_size=panel_size,
+                             max_image_pixels=max_image_pixels)
     except SampleNotFoundError as e:
         raise click.ClickException(str(e)) from e
-    click.echo(f"wrote {result.path} ({result.size[0]}x{result.size[1]}): {key} from {result.shard}")
+    click.echo(f"wrote {result.path} ({result.size[0]}x{result.size[1]}): {result.key} from {result.shard}")
     for c, name, p in result.classes:
         click.echo(f"  {p:7.2%}  {name} (#{c})")
 
@@ -282,6 +313,11 @@ def show_command(url: str, key: str, out: str, topk: int, split: str | None, sha
 @click.option("--check-images/--no-check-images", default=True,
               help="Decode every image (JPEGs at 1/8 scale) to catch broken files; off: read headers only.")
 @click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
+@click.option("--shuffle-seed", type=click.IntRange(min=0), default=0,
+              help="Seed of the global permutation the images are written in (every shard then holds a fair "
+                   "sample of the classes).")
+@click.option("--no-shuffle", "no_shuffle", is_flag=True,
+              help="Write the images in path order (class-sorted shards: batches of few classes).")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar (images/s, ETA).")
 @user_errors
 def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) -> None:
@@ -294,6 +330,7 @@ def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) 
     """
     from relabel_shards.convert import convert_official
 
+    kwargs["shuffle"] = not kwargs.pop("no_shuffle")
     with _ProgressBar("convert", progress) as bar:
         summary = convert_official(images, relabel_root, out, progress=bar.callback, **kwargs)
     _echo_summary(summary, out)
@@ -337,6 +374,21 @@ def pool(batch: int, num_classes: int, k: int, size: int, swap_xy: bool, backend
     click.echo(f"label_pooling ({r.backend}, {r.device}): {r.seconds * 1e3:.3f} ms for {batch} boxes, "
                f"k={k}, {size}x{size}, C={num_classes}; no dense map "
                f"(the official path builds {dense_mib:.1f} MiB)")
+
+
+# ---- -v after the subcommand (issue 12) ------------------------------------------------------------------
+
+
+def _verbosity(ctx: click.Context, _param: click.Parameter, count: int) -> None:
+    """``relabel-shards build -v ...`` counts like ``relabel-shards -v build ...`` (the two add up)."""
+    if count:
+        group = ctx.find_root().params.get("verbose") or 0
+        logging.getLogger().setLevel(max(logging.WARNING - 10 * (group + count), logging.DEBUG))
+
+
+for _command in cli.commands.values():  # every command registered above takes -v too
+    _command.params.append(click.Option(["-v", "--verbose"], count=True, expose_value=False, is_eager=True,
+                                        callback=_verbosity, help="More log output (-v info, -vv debug)."))
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 Data flow for one rank (all ranks run the same call; ``relabel_shards.writer`` does ranks and resume)::
 
     IMAGES (ImageFolder, sources.py) + RELABEL_ROOT (*.pt, official_maps.py), paired by relative path
-      plan: shard i = items[i*shard_size:(i+1)*shard_size] (+ the maps without an image that sort into it)
+      plan: the items in a seeded global permutation (plan.py; --no-shuffle: path order), shard
+        i = ordered[i*shard_size:(i+1)*shard_size] (+ its share of the maps without an image)
       DataLoader workers (CPU): read the JPEG, check it decodes, torch.load(weights_only=True) the map, check
         it, lay it out (hw | wh), encode the record; a chunk of whole samples or failures per yield
       # a chunk: {"task": i, "entries": [{"key", "members"} or {"key", "source", "reason", ...}],
@@ -19,18 +20,19 @@ Failures (``_info.json``'s ``failures``) name the file at fault in ``source``, r
 
 from __future__ import annotations
 
-import bisect
-import hashlib
+import dataclasses
 import io
 import logging
 import os
 import posixpath
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from relabel_shards.build import BuildSummary, ProgressFn, _check_args
+from relabel_shards.build import BuildSummary, ProgressFn, _check_args, _top_entry
+from relabel_shards.diversity import shard_classes_entry
 from relabel_shards.official_maps import (
     LAYOUTS,
     MAP_EXT,
@@ -39,19 +41,30 @@ from relabel_shards.official_maps import (
     OfficialMapError,
     load_official_map,
     map_relpath,
+    read_map_file,
     split_official_map,
+)
+from relabel_shards.plan import (
+    AllInputsFailedError,
+    FailureTally,
+    check_not_all_failed,
+    check_output,
+    cut,
+    items_digest,
+    job_fingerprint,
+    order_info,
+    ordered,
 )
 from relabel_shards.shards import (
     FORMAT_VERSION,
     LABELMAP_EXT,
     join,
-    json_bytes,
     key_from_path,
     sample_members,
     url_to_fs,
 )
 from relabel_shards.sources import FileItem, Source, open_source, read_bytes
-from relabel_shards.writer import ChunkSink, ShardJob, ShardStats, take_failures
+from relabel_shards.writer import ChunkSink, ShardJob, ShardStats
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +197,10 @@ class _ConvertStream(IterableDataset):
         except ValueError as e:
             return _failure(it.key, it.source, str(e))
         try:
-            raw = read_bytes(join(self.relabel_root, mrel), self.storage_options)
+            raw = read_map_file(join(self.relabel_root, mrel), self.storage_options)  # big: refused unread
+            t = load_official_map(raw)
         except OSError as e:
             return _failure(it.key, mrel, f"cannot read label map: {e.strerror or e}", image=it.source)
-        try:
-            t = load_official_map(raw)
         except OfficialMapError as e:
             return _failure(it.key, mrel, f"bad label map: {e}", image=it.source)
         values, indices = split_official_map(t, self.layout)  # (k, rows, cols) each
@@ -198,7 +210,7 @@ class _ConvertStream(IterableDataset):
             meta["class_name"] = it.class_name
         members = sample_members(it.key, image=image, image_ext=it.image_ext, label=it.label, meta=meta,
                                  labelmap=record)
-        return {"key": it.key, "members": members}
+        return {"key": it.key, "members": members, "label": it.label}
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -228,23 +240,37 @@ def _pair(src: Source, maps: set[str]) -> tuple[list[FileItem], list[dict], int]
 
 
 def _assign_orphans(plan: list[list[FileItem]], orphans: list[dict]) -> list[list[dict]]:
-    """Each map without an image goes to the shard its path sorts into (by each shard's first image)."""
-    starts = [map_relpath(items[0].source) for items in plan]
+    """The maps without an image (failures, in path order) spread evenly over the shards, in order."""
     out: list[list[dict]] = [[] for _ in plan]
-    for f in orphans:
-        out[max(0, bisect.bisect_right(starts, f["source"]) - 1)].append(f)
+    for j, f in enumerate(orphans):
+        out[j * len(plan) // len(orphans)].append(f)
     return out
 
 
-def _fingerprint(src: Source, relabel_root: str, maps: set[str], settings: dict) -> str:
-    h = hashlib.sha256()
-    for it in src.items:
-        h.update(f"{it.key}\t{it.source}\t{it.label}\t{it.class_name}\n".encode())
+def _job_description(src: Source, relabel_root: str, maps: set[str], settings: dict) -> dict:
+    """Everything that decides the output bytes; its digest is the fingerprint (``plan.job_fingerprint``)."""
+    import hashlib
+
     hm = hashlib.sha256("\n".join(sorted(maps)).encode())
-    return hashlib.sha256(json_bytes({
-        "format_version": FORMAT_VERSION, "job": "convert", "source": src.describe(),
-        "relabel_root": relabel_root, "items": h.hexdigest(), "maps": hm.hexdigest(),
-        "settings": settings})).hexdigest()
+    return {"format_version": FORMAT_VERSION, "job": "convert", "source": src.describe(),
+            "relabel_root": relabel_root, "items": items_digest(src.items), "maps": hm.hexdigest(),
+            "num_maps": len(maps), "settings": settings}
+
+
+def _nothing_paired(src: Source, maps: set[str], relabel_root: str, images: str) -> str:
+    """Why no image found its map, with a guess at the cause (a root one level too high or too low)."""
+    rels = [map_relpath(it.source) for it in src.items if it.error is None]
+    heads = {m.split("/", 1)[0] for m in maps if "/" in m}
+    hint = ""
+    inner = {m.split("/", 1)[1] for m in maps if "/" in m}
+    if any(r in inner for r in rels[:1000]):
+        hint = (f" RELABEL_ROOT looks one level too high: the maps sit under "
+                f"{join(relabel_root, sorted(heads)[0])}/")
+    elif any("/" in r and r.split("/", 1)[1] in maps for r in rels[:1000]):
+        hint = " RELABEL_ROOT looks one level too low: give the folder that holds the class folders."
+    example = rels[0] if rels else "?"
+    return (f"no image of {images} has a label map in {relabel_root} (e.g. no {example} there; "
+            f"{len(rels):,} images, {len(maps):,} maps, paired by relative path).{hint}")
 
 
 def _class_names() -> list[str] | None:
@@ -278,6 +304,8 @@ def convert_official(
     storage_options: dict | None = None,
     progress: ProgressFn | None = None,
     name: str | None = None,
+    shuffle: bool = True,
+    shuffle_seed: int = 0,
 ) -> ConvertSummary:
     """Pair each image of an ImageFolder with its official ReLabel map and write label-map shards to ``out``.
 
@@ -301,6 +329,9 @@ def convert_official(
         storage_options: fsspec options for the URLs.
         progress: called as ``progress(images_done, images_total)`` after each chunk of samples.
         name: the dataset name in ``_info.json`` (default: the last component of ``out``).
+        shuffle: write the images in a seeded global permutation, so that every shard holds a fair sample
+            of the classes; False keeps the folder's path order (class-sorted shards).
+        shuffle_seed: the permutation's seed (``relabel_shards.plan.permutation``).
 
     Returns:
         ConvertSummary (``BuildSummary``) of this rank's work; ``info`` is the split written to ``_info.json``
@@ -309,7 +340,9 @@ def convert_official(
     Raises:
         FileNotFoundError: ``images`` or ``relabel_root`` does not exist.
         ValueError: a bad argument, ``images`` not an ImageFolder, no maps, duplicate keys, a bad input with
-            ``strict``, or an output directory that holds shards of a different job.
+            ``strict``, an output that is a file or holds shards of a different job (saying what differs).
+        AllInputsFailedError: no image has a map (e.g. a release root one level too high: said so), or every
+            input failed; a ``ValueError``.
     """
     prefix = _check_args(shard_size, 1, num_workers, encoding, split, prefix)
     if layout not in LAYOUTS:
@@ -319,22 +352,29 @@ def convert_official(
     if src.kind != "folder":
         raise ValueError(f"images must be an ImageFolder directory (class/image files), got a {src.kind} "
                          f"source: {src.url!r}")
+    # the pairing walks the items several times: make the FileItems once (ImageNet-1k: 1.28M, ~0.5 GB)
+    src = dataclasses.replace(src, items=tuple(src.items))
     if src.classes is not None and len(src.classes) != NUM_CLASSES:
         log.warning("images has %d class folders, not %d: .cls holds the folder's index, while the label "
                     "maps use ImageNet-1k's class indices", len(src.classes), NUM_CLASSES)
     maps = _map_files(relabel_root, storage_options)
     missing, orphans, n_orphans = _pair(src, maps)
+    if missing and len(missing) == sum(it.error is None for it in src.items):
+        raise AllInputsFailedError(_nothing_paired(src, maps, relabel_root, os.fspath(images)))
     if strict and (missing or orphans):
         what = (f"{missing[0].source}: image without a label map (no {map_relpath(missing[0].source)} in the "
                 "release)" if missing else f"{orphans[0]['source']}: {orphans[0]['reason']}")
         raise ValueError(f"{what} (strict: {len(missing)} images without a map, {n_orphans} maps without "
                          "an image)")
-    n = -(-len(src.items) // shard_size)
-    plan = [list(src.items[i * shard_size:(i + 1) * shard_size]) for i in range(n)]
+    plan = cut(ordered(src.items, shuffle, shuffle_seed), shard_size)
+    n = len(plan)
     plan_orphans = _assign_orphans(plan, orphans)
     settings = {"layout": layout, "encoding": encoding, "shard_size": shard_size, "prefix": prefix,
-                "split": split, "check_images": bool(check_images)}
-    fingerprint = _fingerprint(src, relabel_root, maps, settings)
+                "split": split, "check_images": bool(check_images),
+                "order": order_info(shuffle, shuffle_seed, src.kind)}
+    description = _job_description(src, relabel_root, maps, settings)
+    fingerprint = job_fingerprint(description)
+    check_output(out, prefix, fingerprint, description, storage_options)
     job = ShardJob(out, prefix=prefix, num_shards=n, fingerprint=fingerprint, rank=rank,
                    world_size=world_size, storage_options=storage_options)
     todo = job.pending()
@@ -344,17 +384,21 @@ def convert_official(
         stream = _ConvertStream([(i, plan[i], plan_orphans[i]) for i in todo], relabel_root, frozenset(maps),
                                 layout, encoding, bool(check_images), storage_options)
         total = sum(len(plan[i]) for i in todo)
-        _run(job, stream, min(num_workers, len(todo)), strict, progress, total, summary)
+        _run(job, stream, min(num_workers, len(todo)), strict, progress, total, summary, description)
     summary.info = job.finalize(split, lambda stats: _project(stats, src, relabel_root, layout, encoding,
                                                               settings), name=name)
+    check_not_all_failed("convert", summary.images, summary.failures, summary.info, out)
     return summary
 
 
 def _run(job: ShardJob, stream: _ConvertStream, num_workers: int, strict: bool, progress: ProgressFn | None,
-         total: int, summary: ConvertSummary) -> None:
+         total: int, summary: ConvertSummary, description: dict) -> None:
     loader = DataLoader(stream, batch_size=None, collate_fn=_identity, num_workers=num_workers,
                         prefetch_factor=4 if num_workers > 0 else None,
                         multiprocessing_context="fork" if num_workers > 0 and os.name == "posix" else None)
+
+    classes: dict[int, Counter] = {}
+    tally = FailureTally("conversion")
 
     def fill(shard, chunk: dict) -> None:  # runs in the writer thread, chunks in order
         for e in chunk["entries"]:
@@ -362,20 +406,26 @@ def _run(job: ShardJob, stream: _ConvertStream, num_workers: int, strict: bool, 
                 shard.fail(e)
             else:
                 shard.add(e["key"], e["members"])
+                classes.setdefault(chunk["task"], Counter())[e["label"]] += 1
+
+    def extra(index: int) -> dict:
+        return {"map_shapes": [list(OFFICIAL_SHAPE[2:])], "job": description,
+                "classes": shard_classes_entry(classes.pop(index, Counter()), top=1 << 30)}
 
     chunks = iter(loader)  # forks the workers before the writer thread exists (no lock held across a fork)
     done = 0
-    with ChunkSink(job, fill, lambda index: {"map_shapes": [list(OFFICIAL_SHAPE[2:])]}) as sink:
+    with ChunkSink(job, fill, extra) as sink:
         if progress is not None:
             progress(0, total)
         for chunk in chunks:
-            failed = take_failures(chunk, strict=strict, job_name="conversion")
+            failed = tally.take(chunk, strict=strict)
             summary.failures.extend(failed)
             sink.submit(chunk)
             summary.images += len(chunk["entries"]) - len(failed)
             done += chunk["items"]  # images of the plan; maps without an image are not counted in the total
             if progress is not None:
                 progress(done, total)
+    tally.log_total()
 
 
 def _project(stats: list[ShardStats], src: Source, relabel_root: str, layout: str, encoding: str,
@@ -404,4 +454,6 @@ def _project(stats: list[ShardStats], src: Source, relabel_root: str, layout: st
         "dataset_classes": list(src.classes) if src.classes is not None else None,
         "shard_size": settings["shard_size"],
         "check_images": settings["check_images"],
+        "order": settings["order"],
+        "shard_classes": [_top_entry(st) for st in stats],
     }

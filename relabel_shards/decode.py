@@ -1,26 +1,32 @@
 """Decode one shard sample for training: random-resized crop of the JPEG, its box, the flip, the label map.
 
-The crop is drawn on the original image size (so the box is in the label map's coordinates); the JPEG is
-then decoded at 1/2, 1/4 or 1/8 size in the DCT (PIL draft mode) whenever the crop is downscaled by 2x or
-more, which is where most of the decode time goes for large images (benchmarks/bench_loader.py).
+The image is opened by the one rule of ``relabel_shards.images`` (upright, EXIF orientation for every
+format) and cropped by the sample transform (``relabel_shards.transforms``; default: random-resized crop and
+flip). The crop is drawn on the upright original size (so the box is in the label map's coordinates); a
+JPEG/MPO is then decoded at 1/2, 1/4 or 1/8 size in the DCT (PIL draft mode) whenever the crop is
+downscaled by 2x or more, which is where most of the decode time goes for large images
+(benchmarks/bench_loader.py).
 """
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from relabel_shards.crops import crop_box, random_resized_crop_params
+from relabel_shards.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageError,
+    check_max_pixels,
+    check_size,
+    open_image,
+)
 from relabel_shards.labelmap import decode_label_map  # at import: each epoch's fresh workers inherit it
 from relabel_shards.shards import IMAGE_EXTS, LABELMAP_EXT, ShardError, image_ext
-
-_EXIF_ORIENTATION = 0x0112
 
 
 class SampleError(ShardError):
@@ -41,6 +47,13 @@ class CropConfig:
     hflip: float = 0.5
     draft: bool = True
     center_crop: float | None = None  # evaluation: centered square, crop_pct of the short side, no flip
+    transform: Callable | None = None  # a sample transform (relabel_shards.transforms) instead of the above
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS  # larger images are errors (0/None: no limit)
+
+    def __post_init__(self) -> None:
+        check_max_pixels(self.max_image_pixels, "max_image_pixels")
+        if self.transform is not None and not callable(self.transform):
+            raise TypeError(f"transform must be a callable (image, rng) -> crop, got {self.transform!r}")
 
 
 @dataclass(frozen=True)
@@ -57,45 +70,35 @@ def decode_image(data: bytes, cfg: CropConfig, rng: random.Random) -> tuple[np.n
                                                                             bool, tuple[int, int]]:
     """Crop, resize and maybe flip one encoded image.
 
+    Opens it by the one rule (``relabel_shards.images.open_image``: EXIF orientation for every format,
+    ``cfg.max_image_pixels``), then applies ``cfg.transform``, or the default built from ``cfg``
+    (:func:`default_transform`).
+
     Args:
-        data: the image file's bytes (any format PIL reads; draft mode applies to JPEG).
+        data: the image file's bytes (any format PIL reads; draft mode applies to JPEG and MPO).
         cfg: crop settings.
         rng: draws the crop window, then the flip.
 
     Returns:
         ``(image, box, flipped, (width, height))``: uint8 ``[S, S, 3]`` RGB, the normalized
         ``(x1, y1, x2, y2)`` box of the window in the upright original image, whether it was mirrored,
-        and the original size in pixels.
-    """
-    from PIL import Image, ImageOps
+        and the upright original size in pixels.
 
-    img = Image.open(io.BytesIO(data))
-    orientation = img.getexif().get(_EXIF_ORIENTATION, 1) if img.format in ("JPEG", "WEBP", "TIFF") else 1
-    if orientation not in (None, 1):
-        img = ImageOps.exif_transpose(img)  # label maps describe the upright image
-    width, height = img.size
-    if cfg.center_crop is None:
-        left, top, cw, ch = random_resized_crop_params(width, height, cfg.scale, cfg.ratio, rng)
-    else:  # timm's eval transform: resize the short side to S / crop_pct, take the central S x S
-        cw = ch = max(1, min(width, height, round(min(width, height) * cfg.center_crop)))
-        left, top = (width - cw) // 2, (height - ch) // 2
-    size = cfg.image_size
-    reduce = min(cw, ch) / size
-    if cfg.draft and reduce >= 2 and img.format == "JPEG":
-        # Decode at the largest 1/2^n scale that still leaves the window >= size px on both sides.
-        img.draft("RGB", (math.ceil(width / reduce), math.ceil(height / reduce)))
-    sx, sy = img.size[0] / width, img.size[1] / height
-    if img.mode not in ("RGB", "L"):
-        img = img.convert("RGB")
-    # Same as torchvision's F.resized_crop on a PIL image (crop, then bilinear resize with antialias).
-    out = img.resize((size, size), Image.Resampling.BILINEAR,
-                     box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
-    if out.mode != "RGB":
-        out = out.convert("RGB")
-    flipped = cfg.center_crop is None and rng.random() < cfg.hflip
-    if flipped:
-        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return np.asarray(out), crop_box(left, top, cw, ch, width, height), flipped, (width, height)
+    Raises:
+        relabel_shards.images.ImageError: not an image, or over the pixel limit (``reason`` says which).
+    """
+    img = open_image(data, max_pixels=cfg.max_image_pixels)
+    image, box, flipped = (cfg.transform or default_transform(cfg))(img, rng)
+    return image, tuple(box), bool(flipped), img.size
+
+
+def default_transform(cfg: CropConfig) -> Callable:
+    """The sample transform ``cfg``'s crop options describe: random-resized crop and flip, or center crop."""
+    from relabel_shards.transforms import CenterCrop, RandomResizedCropFlip
+
+    if cfg.center_crop is not None:
+        return CenterCrop(cfg.image_size, cfg.center_crop, cfg.draft)
+    return RandomResizedCropFlip(cfg.image_size, cfg.scale, cfg.ratio, cfg.hflip, cfg.draft)
 
 
 def _check_header(url: str, key: str, data: bytes, geometry: Geometry | None, what: str):
@@ -190,7 +193,7 @@ def decode_sample(key: str, members: dict[str, bytes], url: str, cfg: CropConfig
     try:
         image, box, flipped, size = decode_image(image_bytes, cfg, rng)
     except Exception as e:  # noqa: BLE001 - PIL raises many types on damaged files
-        raise SampleError(url, key, "corrupt_image",
+        raise SampleError(url, key, e.reason if isinstance(e, ImageError) else "corrupt_image",
                           f"cannot decode .{img_ext}: {type(e).__name__}: {e}") from e
     for lurl, lkey, binding in bindings.values():
         if binding is not None and (int(binding.width), int(binding.height)) != tuple(size):
@@ -202,11 +205,11 @@ def decode_sample(key: str, members: dict[str, bytes], url: str, cfg: CropConfig
             meta = json.loads(members["json"])
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SampleError(url, key, "corrupt_json", f"member .json is not valid JSON: {e}") from e
-        want = (meta.get("width"), meta.get("height")) if isinstance(meta, dict) else (None, None)
-        # The writer may record the stored or the upright (EXIF-rotated) size.
-        if None not in want and tuple(want) not in (size, size[::-1]):
-            raise SampleError(url, key, "size_mismatch",
-                              f".json says {want[0]}x{want[1]} but the image is {size[0]}x{size[1]}")
+        want = (meta.get("width"), meta.get("height")) if isinstance(meta, dict) else None
+        try:  # build records the upright (EXIF-applied) size: exactly that one
+            check_size(size, want)
+        except ValueError as e:
+            raise SampleError(url, key, "size_mismatch", str(e)) from e
     sample = {"image": image, "label": label, "box": np.asarray(box, dtype=np.float32), "flip": flipped,
               "key": key}
     if "" in maps:

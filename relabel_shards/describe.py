@@ -16,7 +16,8 @@ from relabel_shards.shards import INFO_NAME, get_split, join, read_info
 
 # Keys of the project section that the summary lays out itself; any other scalar key is listed as is.
 _KNOWN = {"format_version", "shards", "annotator", "k", "height", "width", "num_classes", "class_names",
-          "failures", "num_failures", "map_shapes", "encoding", "labelmap_ext", "source", "dataset_classes"}
+          "failures", "num_failures", "map_shapes", "encoding", "labelmap_ext", "source", "dataset_classes",
+          "order", "shard_classes"}
 
 
 def human_bytes(n: float) -> str:
@@ -63,6 +64,27 @@ def _failure_text(item: Any) -> str:
         why = item.get("reason", item.get("error", ""))
         return f"{where}: {why}" if why else str(where)
     return str(item)
+
+
+def _order_lines(split: Mapping[str, Any], section: Mapping[str, Any]) -> list[str]:
+    """The sample order, the classes per shard, and the class-sorted warning when it applies."""
+    from relabel_shards.diversity import class_sorted_warning, recorded_shard_classes
+
+    lines = []
+    order = section.get("order")
+    if isinstance(order, Mapping):
+        how = (f"shuffled (a seeded global permutation, seed {order.get('seed')})" if order.get("shuffled")
+               else "source order" + (f" ({order['note']})" if order.get("note") else ""))
+        lines.append(f"  order: {how}")
+    shards = recorded_shard_classes(split)
+    if shards:
+        d = sorted(s.distinct for s in shards)
+        lines.append(f"  distinct classes per shard: min {d[0]:,}, median {d[len(d) // 2]:,}, max {d[-1]:,}")
+    warning = class_sorted_warning(split)
+    if warning:
+        lines.extend(textwrap.wrap("WARNING: " + warning, width=108, initial_indent="  ",
+                                   subsequent_indent="    ", break_on_hyphens=False))
+    return lines
 
 
 def format_split(split: Mapping[str, Any], *, max_shards: int = 4) -> list[str]:
@@ -130,6 +152,7 @@ def format_split(split: Mapping[str, Any], *, max_shards: int = 4) -> list[str]:
             nfail = section["num_failures"]
         lines.append(f"  failures: {nfail} source image{'s' if nfail != 1 else ''} skipped"
                      + (f" (e.g. {'; '.join(examples)})" if examples else ""))
+        lines.extend(_order_lines(split, section))
         others = {key: v for key, v in section.items() if key not in _KNOWN}
         if others:
             lines.append("  also: " + ", ".join(f"{key}={_scalar(v)}" for key, v in sorted(others.items())))
@@ -180,16 +203,89 @@ def format_info(info: Mapping[str, Any], *, url: str = "", split: str | None = N
     return "\n".join(lines)
 
 
+def is_shard_url(url: str) -> bool:
+    """Whether ``url`` names one shard (a ``.tar`` file) rather than a dataset directory or prefix."""
+    return url.rstrip("/").lower().endswith(".tar")
+
+
+def shard_split(url: str, split: str | None = None, storage_options: dict | None = None
+                ) -> tuple[str, str, dict[str, Any] | None]:
+    """(directory, file name, the split of ``_info.json`` narrowed to this one shard) for a shard URL.
+
+    The split is None when there is no ``_info.json`` beside the shard or it does not list the shard.
+    The narrowed split keeps the split's name and project section, with only this shard's entries.
+    """
+    from relabel_shards.shards import ShardError
+
+    base, _, name = url.rstrip("/").rpartition("/")
+    base = base or "."
+    try:
+        info = read_info(base, storage_options)
+    except FileNotFoundError:
+        return base, name, None
+    candidates = [get_split(info, split, join(base, INFO_NAME))] if split is not None else \
+        list(info.get("splits", {}).values())
+    for sp in candidates:
+        names = list(sp.get("filenames") or [])
+        if name not in names:
+            continue
+        i = names.index(name)
+        lengths = list(sp.get("shard_lengths") or [])
+        section = dict(sp.get("relabel_shards") or {})
+        if isinstance(section.get("shards"), list):
+            section["shards"] = [r for r in section["shards"] if isinstance(r, Mapping)
+                                 and r.get("filename") == name]
+        if isinstance(section.get("shard_classes"), list) and len(section["shard_classes"]) == len(names):
+            section["shard_classes"] = [section["shard_classes"][i]]
+        else:
+            section.pop("shard_classes", None)
+        one = {**sp, "filenames": [name], "shard_lengths": lengths[i:i + 1],
+               "num_samples": lengths[i] if i < len(lengths) else None, "relabel_shards": section}
+        if not sp.get("relabel_shards"):
+            one.pop("relabel_shards")
+        return base, name, one
+    if split is not None:
+        raise ShardError(f"{join(base, INFO_NAME)}: split {split!r} does not list {name}")
+    return base, name, None
+
+
+def _scan_shard(url: str, storage_options: dict | None) -> list[str]:
+    """Lines describing a shard that no ``_info.json`` lists: samples, member extensions, bytes."""
+    from collections import Counter
+
+    from relabel_shards.shards import split_member_name, url_to_fs
+    from relabel_shards.sources import iter_shard_samples
+
+    fs, path = url_to_fs(url, storage_options)
+    n, exts = 0, Counter()
+    for _key, members in iter_shard_samples(url, storage_options):
+        n += 1
+        exts.update(split_member_name(m)[1] for m, _ in members)
+    size = fs.size(path)
+    members = ", ".join(f".{e} {c:,}" for e, c in sorted(exts.items()))
+    return [f"shard {url}: {n:,} sample{'s' if n != 1 else ''}, {human_bytes(size)}",
+            f"  members: {members or 'none'}",
+            f"  not listed in an {INFO_NAME} beside it (no annotator, k/h/w/C or checksums to show)"]
+
+
 def describe(url: str, *, split: str | None = None, storage_options: dict | None = None,
              max_shards: int = 4) -> str:
     """Read ``_info.json`` at a directory or URL prefix and summarize it.
 
-    ``url`` may be local, ``s3://``, ``gs://`` or ``http(s)://``.
+    ``url`` may be local, ``s3://``, ``gs://`` or ``http(s)://``; or one shard (``.tar``): then the
+    summary is that shard's entry in the ``_info.json`` beside it, or what reading the shard shows.
 
     Raises:
-        FileNotFoundError: no ``_info.json`` there.
+        FileNotFoundError: no ``_info.json`` there (a dataset URL), or no such shard.
         ShardError: it is not valid JSON, or ``split`` is not in it.
     """
+    if is_shard_url(url):
+        base, name, one = shard_split(url, split, storage_options)
+        if one is None:
+            return "\n".join(_scan_shard(url, storage_options))
+        info = read_info(base, storage_options)
+        header = f"dataset {info.get('name', '?')}  ({join(base, INFO_NAME)}), shard {name} only"
+        return "\n".join([header, *format_split(one, max_shards=max_shards)])
     info = read_info(url, storage_options)
     shown = url if url.rstrip("/").endswith(".json") else join(url, INFO_NAME)
     return format_info(info, url=shown, split=split, max_shards=max_shards)

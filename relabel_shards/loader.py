@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from relabel_shards.crops import check_scale_ratio
 from relabel_shards.decode import CropConfig, SampleError, decode_sample
+from relabel_shards.diversity import class_sorted_warning
+from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS
 from relabel_shards.order import assign_shards, derive_seed, resolve_world
 from relabel_shards.shardlist import resolve_labels, resolve_shards
 from relabel_shards.shards import ShardError, url_to_fs
@@ -57,18 +59,6 @@ def _int_option(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(value)
-
-
-def class_sorted_warning(split_info: dict, *, batch_size: int = 128, shards_in_flight: int = 1) -> str | None:
-    """The class-sorted warning for a dataset split (helper ``buildside``'s relabel_shards/diversity.py).
-
-    INTEGRATOR: replace this stand-in by ``from relabel_shards.diversity import class_sorted_warning``.
-    """
-    try:
-        from relabel_shards.diversity import class_sorted_warning as real
-    except ImportError:
-        return None
-    return real(split_info, batch_size=batch_size, shards_in_flight=shards_in_flight)
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -105,6 +95,10 @@ class ReLabelDataset(IterableDataset):
         center_crop: for evaluation: instead of the random crop, the centered square whose side is this
             fraction of the short side (timm's ``crop_pct``), never flipped.
         retries: re-opens of a shard after transient read errors.
+        transform: a sample transform ``(image, rng) -> (crop, box, flipped)`` (``relabel_shards.transforms``)
+            that replaces the crop options above (``center_crop`` then only selects evaluation's reading).
+        max_image_pixels: images with more pixels are errors (skipped with ``on_error="skip"``, counted as
+            ``image_too_large``); 0 or None: no limit.
     """
 
     def __init__(self, urls: str | Sequence[str], *, labels: str | Mapping[str, str] | None = None,
@@ -115,7 +109,8 @@ class ReLabelDataset(IterableDataset):
                  seed: int = 0, epoch: int = 0,
                  on_error: str = "raise", rank: int | None = None, world_size: int | None = None,
                  storage_options: dict | None = None, draft: bool = True, retries: int = 3,
-                 center_crop: float | None = None) -> None:
+                 center_crop: float | None = None, transform: Callable | None = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         super().__init__()
         if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 1:
             raise ValueError(f"image_size must be an integer >= 1, got {image_size!r}")
@@ -131,7 +126,8 @@ class ReLabelDataset(IterableDataset):
             raise ValueError(f"center_crop must be in (0, 1] or None, got {center_crop!r}")
         scale, ratio = check_scale_ratio(scale, ratio)
         self.crop = CropConfig(int(image_size), scale, ratio, float(hflip), bool(draft),
-                               None if center_crop is None else float(center_crop))
+                               None if center_crop is None else float(center_crop), transform,
+                               max_image_pixels)
         self.shuffle_buffer = int(shuffle_buffer)
         self.shuffle_shards = bool(shuffle_shards)
         self.seed = int(seed)

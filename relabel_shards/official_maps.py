@@ -11,6 +11,11 @@ Files are read with ``torch.load(weights_only=True)`` only, which handles both t
 serialization and refuses to unpickle anything but tensors and plain containers. Every problem raises
 :class:`OfficialMapError` with a short reason (the caller adds the path).
 
+A hostile file costs little: :func:`read_map_file` refuses a file larger than ``MAX_FILE_BYTES`` from its
+size before reading it (and never reads more than that, whatever the size said), and
+:func:`load_official_map` checks a zip file's directory (the sizes it declares for its entries) before
+``torch.load`` inflates anything, so a small deflated zip cannot declare gigabytes of tensor data.
+
 Orientation (``layout``): the release does not say which of the last two dimensions is the image's rows. The
 official code hands roi_align a ``(y1, x1, y2, x2)`` box as if it were ``(x1, y1, x2, y2)``, so:
 
@@ -25,6 +30,7 @@ from __future__ import annotations
 import io
 import posixpath
 import warnings
+import zipfile
 
 import numpy as np
 
@@ -33,7 +39,9 @@ NUM_CLASSES = 1000
 LAYOUTS = ("hw", "wh")
 # An official file is 9,353 (legacy) or 10,537 (zip) bytes; a bound well above both keeps torch.load from
 # allocating whatever a hostile or broken file declares.
-MAX_FILE_BYTES = 1 << 20
+MAX_FILE_BYTES = 64 << 10
+# The tensor data a [2, 5, 15, 15] float32 map needs: the most a zip file's data/ entries may declare.
+MAX_TENSOR_BYTES = 2 * 5 * 15 * 15 * 4
 MAP_EXT = ".pt"
 
 
@@ -66,6 +74,54 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+def read_map_file(url: str, storage_options: dict | None = None) -> bytes:
+    """The bytes of one official map file (local path or fsspec URL), refusing an oversized one unread.
+
+    The size is checked before reading (``os.stat`` / fsspec ``size``), and the read stops after
+    ``MAX_FILE_BYTES + 1`` bytes whatever the size said (a file that grew, or a store that lied).
+
+    Raises:
+        OfficialMapError: the file is larger than ``MAX_FILE_BYTES``; the message names it.
+        OSError: the file cannot be read.
+    """
+    from relabel_shards.shards import url_to_fs
+
+    fs, path = url_to_fs(url, storage_options)
+    try:
+        size = fs.size(path)
+    except (OSError, NotImplementedError, ValueError):  # no size from this store: the bounded read decides
+        size = None
+    if size is not None and size > MAX_FILE_BYTES:
+        raise OfficialMapError(_too_big(url, size))
+    with fs.open(path, "rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise OfficialMapError(_too_big(url, None))
+    return data
+
+
+def _too_big(what: str | None, size: int | None) -> str:
+    name = f"{what}: " if what else ""
+    return (f"{name}file is {'more than ' + str(MAX_FILE_BYTES) if size is None else size} bytes, more than "
+            f"the {MAX_FILE_BYTES} an official map can take (about 10 KB)")
+
+
+def _check_zip_directory(data: bytes) -> None:
+    """Refuse a zip (torch's serialization) whose directory declares more than a map needs, before
+    ``torch.load`` allocates or inflates anything (a 1 MB deflated entry can declare 1 GiB)."""
+    try:
+        infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise OfficialMapError(f"not loadable with torch.load(weights_only=True) (bad zip: {e})") from None
+    total = sum(i.file_size for i in infos)
+    tensors = sum(i.file_size for i in infos if "/data/" in f"/{i.filename}")  # torch's "archive/data/0"
+    if tensors > MAX_TENSOR_BYTES or total > MAX_FILE_BYTES:
+        raise OfficialMapError(
+            f"zip directory declares {tensors} bytes of tensor data and {total} bytes in all, more than a "
+            f"{list(OFFICIAL_SHAPE)} float32 map needs ({MAX_TENSOR_BYTES} and {MAX_FILE_BYTES})"
+        )
+
+
 def load_official_map(data: bytes):
     """Load and check one official label-map file.
 
@@ -77,17 +133,19 @@ def load_official_map(data: bytes):
         ``[0, 1000)``, distinct within each map cell).
 
     Raises:
-        OfficialMapError: empty or oversized file, not loadable with ``weights_only=True`` (including pickles
-            of arbitrary objects), not a tensor, or a tensor of the wrong shape or dtype, with non-finite
-            values, or with indices that are not integers in ``[0, 1000)`` or repeat within a cell.
+        OfficialMapError: empty or oversized file, a zip whose directory declares more data than a map
+            needs, not loadable with ``weights_only=True`` (including pickles of arbitrary objects), not a
+            tensor, or a tensor of the wrong shape or dtype, with non-finite values, or with indices that
+            are not integers in ``[0, 1000)`` or repeat within a cell.
     """
-    import torch
-
     if not data:
         raise OfficialMapError("empty file")
     if len(data) > MAX_FILE_BYTES:
-        raise OfficialMapError(f"file is {len(data)} bytes, more than the {MAX_FILE_BYTES} an official map "
-                               "can take (about 10 KB)")
+        raise OfficialMapError(_too_big(None, len(data)))
+    if data[:4] == b"PK\x03\x04":  # torch.load's own test for its zip serialization
+        _check_zip_directory(data)
+    import torch  # after the checks: a file refused above costs no torch
+
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says enough
             warnings.simplefilter("ignore")

@@ -13,7 +13,6 @@ Drawing uses Pillow only (no matplotlib). Class names: ImageNet's from timm when
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -24,8 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
+from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, check_max_pixels, open_image
 from relabel_shards.shards import (
     INFO_NAME,
     LABELMAP_EXT,
@@ -154,13 +154,13 @@ def _meta_class_name(raw: bytes) -> str | None:
     return None
 
 
-def find_sample(url: str, key: str, *, split: str | None = None, storage_options: dict | None = None,
+def find_sample(url: str, key: str | None, *, split: str | None = None, storage_options: dict | None = None,
                 shard: str | None = None) -> tuple[str, dict[str, bytes], dict[str, Any]]:
     """Find the sample ``key`` in a dataset and read its members.
 
     Args:
         url: dataset directory or URL prefix with ``_info.json``, or one shard's ``.tar`` URL.
-        key: the sample key.
+        key: the sample key; None takes the first sample (of ``shard``, else of the first shard).
         split: the split to search (None: the only one).
         storage_options: passed to fsspec.
         shard: search only this shard file name (faster on large datasets).
@@ -172,6 +172,13 @@ def find_sample(url: str, key: str, *, split: str | None = None, storage_options
         SampleNotFoundError: no sample with that key (a ``KeyError``).
         FileNotFoundError: no ``_info.json`` (and ``url`` is not a ``.tar``).
     """
+    name, _key, members, section = _find(url, key, split=split, storage_options=storage_options, shard=shard)
+    return name, members, section
+
+
+def _find(url: str, key: str | None, *, split: str | None, storage_options: dict | None, shard: str | None
+          ) -> tuple[str, str, dict[str, bytes], dict[str, Any]]:
+    """:func:`find_sample`, with the key found (the first sample's when ``key`` is None)."""
     if url.endswith(".tar"):
         base, names = url.rsplit("/", 1) if "/" in url else ("", url)
         names = [names]
@@ -190,14 +197,19 @@ def find_sample(url: str, key: str, *, split: str | None = None, storage_options
             members: dict[str, bytes] = {}
             for info in tar:  # headers only; member data is skipped by seeking
                 k, ext = split_member_name(info.name)
+                if key is None and info.isfile():
+                    key = k  # the first sample
                 if k == key and info.isfile():
                     fo = tar.extractfile(info)
                     members[ext] = fo.read() if fo is not None else b""
                 elif members:  # members of a sample are adjacent: the sample is complete
                     break
             if members:
-                return name, members, section
+                assert key is not None
+                return name, key, members, section
     plural = "s" if len(names) != 1 else ""
+    if key is None:
+        raise SampleNotFoundError(f"no sample in {url} ({len(names)} shard{plural} searched)")
     raise SampleNotFoundError(f"no sample with key {key!r} in {url} ({len(names)} shard{plural} searched)")
 
 
@@ -317,35 +329,58 @@ def render(photo: Image.Image, values: Any, indices: Any, num_classes: int, name
     return fig, classes
 
 
-def show_sample(url: str, key: str, out: str | os.PathLike, *, topk: int = 5, split: str | None = None,
+def image_format(out: str) -> str:
+    """The Pillow format for a figure file, from its suffix (``x.jpg`` -> JPEG; no suffix -> PNG).
+
+    Raises:
+        ValueError: a suffix Pillow cannot write, naming the usual ones.
+    """
+    suffix = os.path.splitext(out)[1].lower()
+    if not suffix:
+        return "PNG"
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"out {out!r}: cannot write a {suffix!r} image; use .png, .jpg or .webp")
+    return fmt
+
+
+def show_sample(url: str, key: str | None, out: str | os.PathLike, *, topk: int = 5, split: str | None = None,
                 shard: str | None = None, storage_options: dict | None = None,
-                panel_size: int = 320) -> ShowResult:
-    """Find sample ``key`` in the dataset at ``url`` and write its figure (see :func:`render`) as a PNG.
+                panel_size: int = 320, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ShowResult:
+    """Find sample ``key`` in the dataset at ``url`` and write its figure (see :func:`render`).
 
     Args:
         url: dataset directory or URL prefix with ``_info.json``, or one shard's ``.tar``.
-        key: the sample key.
-        out: the PNG path (folders are created).
+        key: the sample key; None draws the first sample.
+        out: the image path; its suffix picks the format (``.png``, ``.jpg``, ``.webp``, ...; none: PNG).
+            Folders are created.
         topk: classes drawn, in [1, C].
         split, shard, storage_options: see :func:`find_sample`.
         panel_size: longer side of each panel's image in pixels.
+        max_image_pixels: a larger image is an error naming the sample (0 or None: no limit).
 
     Raises:
         SampleNotFoundError: no such key.
-        ValueError: ``topk`` out of range, or the sample lacks its image or label map.
+        ValueError: ``topk`` out of range, the sample lacks its image or label map, or its image does not
+            open (``relabel_shards.images.ImageError``: not an image, too large).
         LabelMapError: the label map does not decode.
     """
     from relabel_shards.labelmap import decode_label_map
 
-    shard_name, members, section = find_sample(url, key, split=split, storage_options=storage_options,
-                                               shard=shard)
+    check_max_pixels(max_image_pixels, "max_image_pixels")
+    out = os.fspath(out)
+    fmt = image_format(out)
+    shard_name, key, members, section = _find(url, key, split=split, storage_options=storage_options,
+                                              shard=shard)
     image_ext = find_image_ext(members)
     if image_ext is None or LABELMAP_EXT not in members:
         raise ValueError(f"{shard_name}: key {key!r} has members {sorted(members)}; show needs an image "
                          f"and .{LABELMAP_EXT}")
     lm = decode_label_map(members[LABELMAP_EXT])
-    with Image.open(io.BytesIO(members[image_ext])) as im:
-        photo = ImageOps.exif_transpose(im).convert("RGB")  # label maps describe the upright image
+    try:  # the one rule: label maps describe the upright image
+        photo = open_image(members[image_ext], max_pixels=max_image_pixels).to_pil()
+    except ImageError as e:
+        raise type(e)(f"{shard_name}: key {key!r}: .{image_ext}: {e}") from None
     names = class_names(int(lm.num_classes), section)
     subtitle = f"{photo.width}x{photo.height} px · {shard_name}"
     if "cls" in members:
@@ -358,9 +393,11 @@ def show_sample(url: str, key: str, out: str | os.PathLike, *, topk: int = 5, sp
             subtitle = f"label {label}" + (f" ({label_name})" if label_name else "") + " · " + subtitle
     fig, classes = render(photo, lm.values, lm.indices, int(lm.num_classes), names, topk=topk, title=key,
                           subtitle=subtitle, panel_size=panel_size)
-    out = os.fspath(out)
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
-    fig.save(out, format="PNG", optimize=True)
+    if fmt == "PNG":
+        fig.save(out, format="PNG", optimize=True)
+    else:
+        fig.save(out, format=fmt, **({"quality": 92} if fmt in ("JPEG", "WEBP") else {}))
     logger.info("wrote %s (%dx%d)", out, *fig.size)
     return ShowResult(path=out, key=key, shard=shard_name, size=fig.size, classes=classes)

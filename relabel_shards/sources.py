@@ -13,20 +13,30 @@ Three kinds of source, told apart by :func:`open_source`:
   ``in-{000000..000009}.tar``, a ``::``-joined list, a URL, or a list of those). Their samples pass through
   unchanged; they are read at build time by :func:`iter_shard_samples`, one input shard per output shard.
 
-Keys come from :func:`relabel_shards.shards.key_from_path`; two files with the same key are an error naming
-both.
+Keys (:func:`sample_key`) come from the relative path, by one of two stable rules (``key_from``):
+
+- ``"stem"`` (the default): the file name without its extension, as ImageNet's keys
+  (``n01440764/n01440764_10026.JPEG`` -> ``n01440764_10026``; :func:`relabel_shards.shards.key_from_path`).
+- ``"path"``: for layouts whose file names repeat across classes (Caltech-101's ``image_0001.jpg``,
+  Places365): the whole relative path without the file's extension, its ``/`` turned into ``_``
+  (``accordion/image_0001.jpg`` -> ``accordion_image_0001``). The path is the one relative to the folder,
+  or as written in the list file (a URL's ``scheme://`` and a leading ``/`` dropped).
+
+In both rules every character other than ``A-Z a-z 0-9 _ -`` (dots included) becomes ``_``, so keys hold no
+dots. Two files with the same key are an error naming both, before anything is read.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import posixpath
+import re
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from relabel_shards.images import DEFAULT_MAX_IMAGE_PIXELS, open_image
 from relabel_shards.shards import (
     IMAGE_EXTS,
     ShardError,
@@ -37,14 +47,25 @@ from relabel_shards.shards import (
     split_member_name,
     url_to_fs,
 )
+from relabel_shards.tarstream import duplicate_member_message
 
 log = logging.getLogger(__name__)
 
 SOURCE_KINDS = ("folder", "list", "shards")
+KEY_FROM = ("stem", "path")
 
 
 class DuplicateKeyError(ShardError):
     """Two samples of an input shard share a key (an error even where bad inputs are skipped)."""
+
+
+class DuplicateMemberError(ShardError):
+    """A sample of an input shard repeats an extension (two adjacent samples with one key, or a member
+    written twice): which copy is the sample is unknowable, so the sample is unusable."""
+
+    def __init__(self, url: str, key: str, member: str) -> None:
+        super().__init__(duplicate_member_message(url, key, member))
+        self.url, self.key, self.member = url, key, member
 
 
 @dataclass(frozen=True)
@@ -75,13 +96,157 @@ class FileItem:
         return "jpg" if ext in ("jpeg", "jpe") else ext
 
 
+# key_from_path over NUL-separated sources: drop directories, then the last extension, then unsafe characters
+_DIRS = re.compile(r"[^\0]*/")
+_EXT = re.compile(r"\.[^.\0]*(?=\0|\Z)")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-\0]")
+
+
+class ItemTable(Sequence[FileItem]):
+    """The items of a folder or list source, stored as columns; a :class:`FileItem` is made on access.
+
+    Per item only the relative path (``source``, UTF-8 in one shared buffer) and the label (int32) are kept;
+    the key, the full path, the class name and an extension error derive from them. At ImageNet-21k scale
+    (13M images) this takes about 40 bytes an image where a tuple of FileItems took about 450
+    (benchmarks/bench_scale.py).
+
+    Args:
+        kind: ``"folder"`` (path = root + "/" + source) or ``"list"`` (path = source when it is a URL or
+            absolute, else normalized against the list file's folder).
+        url: the source URL as given; ``fs`` and ``base`` (the folder root, or the list file's folder) as
+            ``url_to_fs`` gave them.
+        blob, offsets: the sources, each followed by a NUL byte (no path holds one):
+            ``blob[offsets[i]:offsets[i + 1] - 1]`` (uint64 ``[n + 1]``).
+        labels: int32 ``[n]``.
+        classes: class names by label, or None (then ``class_name`` is None).
+    """
+
+    def __init__(self, kind: str, url: str, fs, base: str, blob: bytes, offsets, labels,
+                 classes: Sequence[str] | None, key_from: str = "stem"):
+        self.kind, self.url, self.fs, self.base, self.key_from = kind, url, fs, base, key_from
+        self.blob, self.offsets, self.labels = blob, offsets, labels
+        self.classes = tuple(classes) if classes is not None else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def source(self, i: int) -> str:
+        return self.blob[int(self.offsets[i]) : int(self.offsets[i + 1]) - 1].decode()
+
+    def _chunks(self, chunk: int = 1 << 16) -> Iterator[str]:
+        n = len(self)
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            yield self.blob[int(self.offsets[a]) : int(self.offsets[b]) - 1].decode()
+
+    def iter_sources(self) -> Iterator[str]:
+        """Every source in order, decoded a chunk at a time (several times faster than :meth:`source`)."""
+        for text in self._chunks():
+            yield from text.split("\0")
+
+    def iter_keys(self) -> Iterator[str]:
+        """Every key in order: :func:`sample_key` of each source; for ``key_from="stem"`` done by regular
+        expressions over a chunk of sources at a time (about 2.5x faster). A source without a key gives
+        ``""``."""
+        if self.key_from != "stem":
+            for src in self.iter_sources():
+                try:
+                    yield sample_key(src, self.key_from)
+                except ValueError:
+                    yield ""
+            return
+        for text in self._chunks():
+            text = _DIRS.sub("", text.replace("\\", "/"))
+            yield from _UNSAFE.sub("_", _EXT.sub("", text)).split("\0")
+
+    def _path(self, src: str) -> str:
+        if self.kind == "folder":
+            return _full_url(self.url, self.fs, f"{self.base}/{src}")
+        if _is_url(src) or posixpath.isabs(src):
+            return src
+        return _full_url(self.url, self.fs, posixpath.normpath(f"{self.base}/{src}"))
+
+    def item(self, i: int) -> FileItem:
+        src, label = self.source(i), int(self.labels[i])
+        name = self.classes[label] if self.classes is not None else None
+        return FileItem(key=sample_key(src, self.key_from), path=self._path(src), source=src, label=label,
+                        class_name=name, error=_ext_error(src))
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self.item(j) for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"item {i} of {len(self)}")
+        return self.item(i)
+
+    def __iter__(self) -> Iterator[FileItem]:
+        return (self.item(i) for i in range(len(self)))
+
+    def take(self, indices) -> list[FileItem]:
+        """The items at ``indices`` (any integer sequence), in that order."""
+        return [self.item(int(i)) for i in indices]
+
+    def digest(self) -> str:
+        """sha256 over kind, base, the sources, the labels and the class names, in order."""
+        import hashlib
+
+        import numpy as np
+
+        h = hashlib.sha256(f"{self.kind}\n{self.base}\n{self.key_from}\n".encode())
+        h.update(np.asarray(self.offsets, dtype="<u8").tobytes())
+        h.update(self.blob)
+        h.update(np.asarray(self.labels, dtype="<i4").tobytes())
+        h.update("\n".join(self.classes or ()).encode())
+        return h.hexdigest()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ItemTable) and self.digest() == other.digest()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class _TableBuilder:
+    """Collects (source, label) rows for an :class:`ItemTable` without a Python object per row."""
+
+    def __init__(self) -> None:
+        import array
+
+        self.blob = bytearray()
+        self.offsets = array.array("Q", [0])
+        self.labels = array.array("i")
+
+    def add(self, source: str, label: int) -> None:
+        self.blob += source.encode() + b"\0"
+        self.offsets.append(len(self.blob))
+        self.labels.append(label)
+
+    def add_many(self, sources: Sequence[str], label: int) -> None:
+        """Rows of one label (a folder's files) at once."""
+        import itertools
+
+        encoded = [s.encode() + b"\0" for s in sources]
+        ends = itertools.accumulate((len(e) for e in encoded), initial=len(self.blob))
+        self.offsets.extend(itertools.islice(ends, 1, None))  # the first (the current end) is there already
+        self.blob += b"".join(encoded)
+        self.labels.extend([label] * len(encoded))
+
+    def table(self, kind: str, url: str, fs, base: str, classes, key_from: str = "stem") -> ItemTable:
+        import numpy as np
+
+        # the buffers are shared, not copied (the blob stays a bytearray)
+        return ItemTable(kind, url, fs, base, self.blob, np.frombuffer(self.offsets, dtype=np.uint64),
+                         np.frombuffer(self.labels, dtype=np.int32), classes, key_from)
+
+
 @dataclass(frozen=True)
 class Source:
     """An enumerated source: ``items`` for folder/list sources, ``shard_urls`` for shard sources."""
 
     kind: str
     url: str
-    items: tuple[FileItem, ...] = ()
+    items: Sequence[FileItem] = ()
     shard_urls: tuple[str, ...] = ()
     classes: tuple[str, ...] | None = None
     storage_options: dict | None = field(default=None, compare=False)
@@ -109,17 +274,41 @@ def _looks_like_shards(s: str) -> bool:
     )
 
 
-def open_source(source: str | os.PathLike | Sequence[str], storage_options: dict | None = None) -> Source:
+def sample_key(relpath: str, key_from: str = "stem") -> str:
+    """The sample key of a source file by the rule ``key_from`` (``"stem"`` or ``"path"``, see the module).
+
+    Raises:
+        ValueError: an unknown rule, or a path that gives no key.
+    """
+    if key_from == "stem":
+        return key_from_path(relpath)
+    if key_from != "path":
+        raise ValueError(f"key_from must be one of {list(KEY_FROM)}, got {key_from!r}")
+    path = relpath.replace("\\", "/").split("://", 1)[-1]
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not parts:
+        raise ValueError(f"cannot derive a sample key from path {relpath!r}")
+    parts[-1] = key_from_path(parts[-1])  # the file name without its extension, made safe
+    return "_".join(key_from_path(p + ".x") for p in parts)  # ".x": a directory name keeps all its dots
+
+
+def open_source(
+    source: str | os.PathLike | Sequence[str], storage_options: dict | None = None, key_from: str = "stem"
+) -> Source:
     """Enumerate a source (see the module docstring for the three kinds).
 
     Args:
         source: a directory, a list file, shard path(s)/pattern(s)/URL(s), local or fsspec URL.
         storage_options: fsspec options for URLs (credentials, endpoint).
+        key_from: how folder and list sources name samples: ``"stem"`` (file name) or ``"path"`` (relative
+            path), see the module docstring. Shard sources keep their keys.
 
     Raises:
         FileNotFoundError: the source (or a listed file, or an input shard) does not exist.
         ValueError: the source holds no images, a list line is malformed, or two inputs share a key.
     """
+    if key_from not in KEY_FROM:
+        raise ValueError(f"key_from must be one of {list(KEY_FROM)}, got {key_from!r}")
     if isinstance(source, (list, tuple)):
         if not source:
             raise ValueError("source: got an empty list of shards")
@@ -131,32 +320,55 @@ def open_source(source: str | os.PathLike | Sequence[str], storage_options: dict
         return _shard_source([source], storage_options)
     fs, path = url_to_fs(source, storage_options)
     if fs.isdir(path):
-        return _folder_source(source, fs, path, storage_options)
+        return _folder_source(source, fs, path, storage_options, key_from)
     if fs.isfile(path):
-        return _list_source(source, fs, path, storage_options)
+        return _list_source(source, fs, path, storage_options, key_from)
     raise FileNotFoundError(f"source {source!r} does not exist")
 
 
-def _check_unique(items: list[FileItem]) -> None:
+def _check_unique(items: Sequence[FileItem], key_from: str = "stem") -> None:
+    """Raise on two items with one key, naming both (keys are tracked as 64-bit hashes: 13M keys in ~100 MB).
+
+    Raises:
+        ValueError: a duplicate key.
+    """
+    import numpy as np
+
+    sources = items.source if isinstance(items, ItemTable) else (lambda i: items[i].source)
+    n = len(items)
+    keys = items.iter_keys() if isinstance(items, ItemTable) else (it.key for it in items)
+    hashes = np.fromiter(map(hash, keys), dtype=np.int64, count=n)
+    if isinstance(items, ItemTable) and (empty := np.flatnonzero(hashes == hash(""))).size:
+        sample_key(items.source(int(empty[0])), key_from)  # raises ValueError naming the path
+    hashes.sort()  # in place: 8 bytes an item in all
+    dups = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if not dups:
+        return
     seen: dict[str, str] = {}
-    for it in items:
-        other = seen.get(it.key)
-        if other is not None:
-            raise ValueError(
-                f"duplicate sample key {it.key!r}: {other!r} and {it.source!r} "
-                "(keys are file names without extension; rename one)"
-            )
-        seen[it.key] = it.source
+    for i in range(n):  # only when some hash repeats: find the first pair of sources with one key
+        src = sources(i)
+        key = sample_key(src, key_from)
+        if hash(key) in dups:
+            if key in seen:
+                fix = (
+                    "keys are file names without extension: use key_from='path' (--key-from path) to name "
+                    "samples by their relative path, or rename one"
+                    if key_from == "stem"
+                    else "keys are relative paths with '/' and unsafe characters as '_': rename one"
+                )
+                raise ValueError(f"duplicate sample key {key!r}: {seen[key]!r} and {src!r} ({fix})")
+            seen[key] = src
 
 
-def _finish(kind: str, url: str, items: list[FileItem], classes, storage_options) -> Source:
-    if not items:
+def _finish(kind: str, url: str, items: Sequence[FileItem], classes, storage_options,
+            key_from: str) -> Source:
+    if not len(items):
         raise ValueError(f"source {url!r} holds no images")
-    _check_unique(items)
+    _check_unique(items, key_from)
     return Source(
         kind=kind,
         url=url,
-        items=tuple(items),
+        items=items,
         classes=tuple(classes) if classes is not None else None,
         storage_options=storage_options,
     )
@@ -169,34 +381,24 @@ def _ext_error(name: str) -> str | None:
     return f"not an image file (extension {ext or 'none'!r})"
 
 
-def _folder_source(url: str, fs, root: str, storage_options) -> Source:
+def _folder_source(url: str, fs, root: str, storage_options, key_from: str) -> Source:
     root = root.rstrip("/")
     classes = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(root, detail=False) if fs.isdir(p))
     if not classes:
         raise ValueError(
             f"source {url!r}: no class sub-directories (expected an ImageFolder layout root/class/img)"
         )
-    items: list[FileItem] = []
+    rows = _TableBuilder()
     for label, cls in enumerate(classes):
         cdir = f"{root}/{cls}"
         walked = sorted(fs.walk(cdir), key=lambda t: t[0])  # same order as torchvision's sorted(os.walk(...))
         for dirpath, _dirs, files in walked:
-            for fname in sorted(files):
-                if fname.startswith("."):
-                    continue  # hidden files (.DS_Store, editors' temp files) are not dataset members
-                full = f"{dirpath.rstrip('/')}/{fname}"
-                rel = posixpath.relpath(full, root) if not _is_url(url) else full[len(root) + 1 :]
-                items.append(
-                    FileItem(
-                        key=key_from_path(rel),
-                        path=_full_url(url, fs, full),
-                        source=rel,
-                        label=label,
-                        class_name=cls,
-                        error=_ext_error(fname),
-                    )
-                )
-    return _finish("folder", url, items, classes, storage_options)
+            d = dirpath.rstrip("/")
+            rel = posixpath.relpath(d, root) if not _is_url(url) else d[len(root) + 1 :]
+            # hidden files (.DS_Store, editors' temp files) are not dataset members
+            rows.add_many([f"{rel}/{f}" for f in sorted(files) if not f.startswith(".")], label)
+    table = rows.table("folder", url, fs, root, classes, key_from)
+    return _finish("folder", url, table, classes, storage_options, key_from)
 
 
 def _full_url(url: str, fs, path: str) -> str:
@@ -206,7 +408,7 @@ def _full_url(url: str, fs, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def _list_source(url: str, fs, path: str, storage_options) -> Source:
+def _list_source(url: str, fs, path: str, storage_options, key_from: str) -> Source:
     with fs.open(path, "rb") as f:
         raw = f.read()
     try:
@@ -226,34 +428,26 @@ def _list_source(url: str, fs, path: str, storage_options) -> Source:
         raise ValueError(f"source {url!r} holds no images (the list file has no 'path<TAB>label' lines)")
     try:
         labels = [int(lab) for _, lab, _ in rows]
-        names: list[str | None] = [None] * len(rows)
         classes = None
     except ValueError:
         classes = sorted({lab for _, lab, _ in rows})
         index = {c: i for i, c in enumerate(classes)}
         labels = [index[lab] for _, lab, _ in rows]
-        names = [lab for _, lab, _ in rows]
-    items = []
-    for (p, _, lineno), label, name in zip(rows, labels, names, strict=True):
+    table = _TableBuilder()
+    for (p, _, lineno), label in zip(rows, labels, strict=True):
         if label < 0:
             raise ValueError(f"{url}:{lineno}: label must be >= 0, got {label}")
-        if _is_url(p) or posixpath.isabs(p):
-            full = p
-        else:
-            full = _full_url(url, fs, posixpath.normpath(f"{base}/{p}"))
-        items.append(
-            FileItem(
-                key=key_from_path(p), path=full, source=p, label=label, class_name=name, error=_ext_error(p)
-            )
-        )
-    missing = [it for it in items if not _is_url(it.path) and not os.path.exists(it.path)]
+        table.add(p, label)
+    items = table.table("list", url, fs, base, classes, key_from)
+    paths = (items._path(items.source(i)) for i in range(len(items)))
+    missing = [i for i, p in enumerate(paths) if not _is_url(p) and not os.path.exists(p)]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        first = items[missing[0]]
         raise FileNotFoundError(
-            f"source {url!r}: listed file {missing[0].source!r} does not exist "
-            f"(looked at {missing[0].path}){more}"
+            f"source {url!r}: listed file {first.source!r} does not exist (looked at {first.path}){more}"
         )
-    return _finish("list", url, items, classes, storage_options)
+    return _finish("list", url, items, classes, storage_options, key_from)
 
 
 def _shard_source(specs: list[str], storage_options) -> Source:
@@ -285,34 +479,47 @@ def read_bytes(path: str, storage_options: dict | None = None) -> bytes:
 
 
 def iter_shard_samples(
-    url: str, storage_options: dict | None = None
+    url: str,
+    storage_options: dict | None = None,
+    *,
+    on_duplicate: Callable[[DuplicateMemberError], None] | None = None,
 ) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """Yield ``(key, [(member name, bytes), ...])`` for each sample of a WebDataset tar, in order.
 
     Members are grouped the way webdataset groups them (key = name up to the basename's first dot, adjacent
     members). Directories and other non-file members are skipped. Nothing is decoded here.
 
+    Args:
+        url: the shard.
+        storage_options: fsspec options.
+        on_duplicate: None to raise on a sample that repeats an extension; else called with the error (once
+            per such sample), and the sample, all of its members, is left out while reading goes on.
+
     Raises:
+        DuplicateMemberError: a sample repeats an extension, and ``on_duplicate`` is None.
         ShardError: the tar is malformed, or a key comes back after another key (members not adjacent).
     """
     fs, path = url_to_fs(url, storage_options)
     seen: set[str] = set()
     key: str | None = None
     members: list[tuple[str, bytes]] = []
+    exts: set[str] = set()
+    bad = False  # the current sample repeated an extension: drop it whole
     last_done: str | None = None
     try:
         with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*", tarinfo=StrictTarInfo) as tar:
             for ti in tar:
                 if not ti.isreg():
                     continue
-                k, _ext = split_member_name(ti.name)
+                k, ext = split_member_name(ti.name)
                 f = tar.extractfile(ti)
                 data = f.read() if f is not None else b""
                 if len(data) != ti.size:
                     raise tarfile.ReadError(f"member {ti.name!r} holds {len(data)} of {ti.size} bytes")
                 if k != key:
                     if key is not None:
-                        yield key, members
+                        if not bad:
+                            yield key, members
                         last_done = key
                     if k in seen:
                         raise DuplicateKeyError(
@@ -320,13 +527,20 @@ def iter_shard_samples(
                             "or two samples share it)"
                         )
                     seen.add(k)
-                    key, members = k, []
+                    key, members, exts, bad = k, [], set(), False
+                if ext in exts and not bad:
+                    err = DuplicateMemberError(url, k, ti.name)
+                    if on_duplicate is None:
+                        raise err
+                    on_duplicate(err)
+                    bad = True
+                exts.add(ext)
                 members.append((ti.name, data))
     except (tarfile.TarError, EOFError) as e:
         where = f" after key {last_done!r}" if last_done is not None else " before its first whole sample"
         pending = f" (key {key!r} incomplete)" if key is not None else ""
         raise ShardError(f"{url}: truncated or corrupt tar{where}{pending} ({e})") from None
-    if key is not None:
+    if key is not None and not bad:
         yield key, members
 
 
@@ -337,24 +551,19 @@ def image_member(members: Sequence[tuple[str, bytes]]) -> tuple[str, bytes] | No
     return None if ext is None else by_ext[ext]
 
 
-def decode_image(data: bytes):
+def decode_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS):
     """Decode image bytes fully into an upright RGB ``PIL.Image`` (a truncated or non-image file raises here).
 
-    The EXIF orientation is applied (label maps describe the upright image, DESIGN.md), so ``.size`` is the
-    upright width and height that the sample's ``.json`` records.
+    The one rule of ``relabel_shards.images.open_image``: the EXIF orientation is applied for every format
+    (label maps describe the upright image, DESIGN.md), so ``.size`` is the upright width and height that
+    the sample's ``.json`` records.
+
+    Args:
+        data: the file's bytes.
+        max_pixels: images with more pixels fail (``ImageTooLargeError``); 0 or None: no limit.
 
     Raises:
-        ValueError: the bytes are empty or not a decodable image; the message says why.
+        ValueError: the bytes are empty, not a decodable image, or over the pixel limit; the message says
+            why (a ``relabel_shards.images.ImageError``).
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise ValueError("empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
-    except UnidentifiedImageError:
-        raise ValueError("not a decodable image (PIL cannot identify it)") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot decode image: {e}") from None
+    return open_image(data, max_pixels=max_pixels).to_pil()

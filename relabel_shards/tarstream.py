@@ -123,14 +123,24 @@ def fsspec_opener(url: str, storage_options: dict | None = None) -> Callable[[in
     return opener
 
 
+def duplicate_member_message(url: str, key: str, name: str) -> str:
+    """The error for a tar member whose extension the sample already has (shared by every tar reader)."""
+    return (
+        f"{url}: key {key!r}: member {name!r} repeats an extension of the same sample (two samples with "
+        "the same key next to each other, or a member written twice); refusing to pick one copy"
+    )
+
+
 def iter_tar_samples(stream: BinaryIO, url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group a tar stream's members into samples: ``(key, {extension: bytes})``, in file order.
 
     Members of one sample must be adjacent (webdataset's rule); directories and other non-files are ignored.
 
     Raises:
-        ShardError: the tar is truncated or corrupt (naming ``url`` and the last complete key), or a key
-            comes back after other keys (the shard was not written with adjacent members).
+        ShardError: the tar is truncated or corrupt (naming ``url`` and the last complete key), a key
+            comes back after other keys (the shard was not written with adjacent members), or an extension
+            repeats within one sample (two samples with the same key next to each other, or a member written
+            twice: one copy would silently replace the other, as webdataset also refuses).
     """
     key: str | None = None
     members: dict[str, bytes] = {}
@@ -151,6 +161,8 @@ def iter_tar_samples(stream: BinaryIO, url: str) -> Iterator[tuple[str, dict[str
                                          "sample must be adjacent")
                     seen.add(k)
                     key, members = k, {}
+                if ext in members:
+                    raise ShardError(duplicate_member_message(url, k, info.name))
                 f = tar.extractfile(info)
                 data = f.read() if f is not None else b""
                 if len(data) != info.size:

@@ -5,7 +5,9 @@ What is checked (DESIGN.md "Shard layout", "The label-map record"):
 - each shard listed in ``_info.json`` exists, and its byte count and sha256 match the listed ones;
 - the tar reads to its end (a truncated or corrupt tar is named, with the last key read);
 - each sample has one image member, ``.cls`` (an integer), ``.json`` (a JSON object) and ``.rlm``;
-  its members are adjacent, its key holds no dot and appears once in the whole split;
+  its members are adjacent, its key holds no dot and appears once in the whole split. A build from input
+  shards (``_info.json``'s source kind ``"shards"``) passes the input's members through as they are, so there
+  ``.json`` is the input's: neither required nor checked;
 - every label map decodes, and all have the same k, h, w and C, equal to those in ``_info.json`` (a build
   that kept each image's aspect ratio lists its several (h, w) in ``map_shapes``; k and C still agree);
 - the sample count of each shard and of the split match ``shard_lengths`` and ``num_samples``.
@@ -56,6 +58,7 @@ class VerifyReport:
         map_shapes: the distinct (h, w) of the label maps read.
         problems: the first ``max_problems`` problems, each naming its shard (and key where there is one).
         num_problems: all problems found, shown or not.
+        warnings: what is sound but harms training (class-sorted shards: ``relabel_shards.diversity``).
     """
 
     url: str
@@ -68,6 +71,7 @@ class VerifyReport:
     num_problems: int = 0
     max_problems: int = 50
     map_shapes: set[tuple[int, int]] = field(default_factory=set)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -124,18 +128,90 @@ class _HashingReader:
             pass
 
 
+def key_hash(key: str) -> int:
+    """A 64-bit hash of a sample key, as an unsigned integer: Python's string hash, so only compare it within
+    one process (it is ~50x cheaper than a digest: 13M keys in under a second)."""
+    return hash(key) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _key_with_hash(shard_url: str, storage_options: dict | None, h: int) -> str | None:
+    """The key of ``shard_url`` whose :func:`key_hash` is ``h`` (reading its member names), or None."""
+    fs, path = url_to_fs(shard_url, storage_options)
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|", tarinfo=StrictTarInfo) as tar:
+            for info in tar:
+                key = split_member_name(info.name)[0]
+                if key_hash(key) == h:
+                    return key
+    except (tarfile.TarError, EOFError, OSError):
+        return None
+    return None
+
+
 class _SplitChecker:
     """The state that spans shards: keys seen, label-map geometry, the report."""
 
     def __init__(self, report: VerifyReport, expected_geometry: tuple[Any, Any, Any, Any],
-                 map_shapes: set[tuple[int, int]] | None = None) -> None:
+                 map_shapes: set[tuple[int, int]] | None = None, *, own_json: bool = True) -> None:
         self.report = report
+        # whether build wrote each sample's .json (folder and list sources), or passed the input's through
+        self.own_json = own_json
         self.expected = expected_geometry  # from _info.json; entries may be None
         # Builds that keep each image's aspect ratio declare several (h, w) in _info.json's map_shapes;
         # k and C must still agree everywhere.
         self.map_shapes = map_shapes or set()
-        self.key_shard: dict[str, str] = {}
+        # every key of the split, for duplicates across shards: 64-bit hashes in numpy arrays, one per shard
+        # (12 bytes a key: 160 MB at 13M keys, where a dict of the keys took ~2 GB; benchmarks/bench_scale.py)
+        self._shards: list[str] = []
+        self._hashes: list[int] = []
+        self._hash_arrays: list[Any] = []
+        self._shard_arrays: list[Any] = []
+        # (shard name, hash) -> the key, by reading that shard's member names again (only for duplicates)
+        self.resolve_key: Callable[[str, int], str | None] = lambda shard, h: None
         self.geometries: dict[tuple[int, int, int, int], int] = {}
+        self.labels: list[int] = []  # the .cls of the shard being read (for the class-sorted check)
+
+    def note_key(self, key: str, shard: str) -> None:
+        """Remember a key of ``shard`` (shards one after another) for :meth:`finish_keys`."""
+        if not self._shards or self._shards[-1] != shard:
+            self._flush()
+            self._shards.append(shard)
+        self._hashes.append(key_hash(key))
+
+    def _flush(self) -> None:
+        import numpy as np
+
+        if self._hashes:
+            self._hash_arrays.append(np.array(self._hashes, dtype=np.uint64))
+            self._shard_arrays.append(len(self._shards) - 1)  # the shard these hashes belong to
+            self._hashes = []
+
+    def finish_keys(self) -> None:
+        """Report every key that appears in two shards (named through ``resolve_key``), once all are read."""
+        import numpy as np
+
+        self._flush()
+        if not self._hash_arrays:
+            return
+        ends = np.cumsum([len(a) for a in self._hash_arrays])  # position -> array -> shard
+        hashes = np.concatenate(self._hash_arrays)
+        self._hash_arrays = []
+        h = np.sort(hashes)  # 8 bytes a key twice at the peak (~210 MB at 13M keys)
+        dups = np.unique(h[1:][h[1:] == h[:-1]])
+        del h
+        if not len(dups):
+            return
+        for value in dups.tolist():  # rare: a duplicate (or a hash collision)
+            where = np.flatnonzero(hashes == value)  # reading order
+            shard_of = [self._shards[self._shard_arrays[int(np.searchsorted(ends, p, side="right"))]]
+                        for p in where.tolist()]
+            earlier = shard_of[0]
+            first_key = self.resolve_key(earlier, value)
+            for later in shard_of[1:]:
+                key = self.resolve_key(later, value)
+                if key is not None and key != first_key:
+                    continue  # two keys with one 64-bit hash, not a duplicate
+                self.report.add(f"{later}: key {key!r}: duplicate key, already in {earlier}")
 
     def check_sample(self, shard: str, key: str, members: dict[str, bytes]) -> None:
         from relabel_shards.labelmap import LabelMapError, decode_label_map
@@ -147,14 +223,14 @@ class _SplitChecker:
             add(f"{where}: expected one image member ({'/'.join(IMAGE_EXTS[:3])}/...), found "
                 f"{len(images)} (members: {', '.join(sorted(members)) or 'none'})")
         for ext in _REQUIRED:
-            if ext not in members:
+            if ext not in members and (ext != "json" or self.own_json):
                 add(f"{where}: missing .{ext} member (members: {', '.join(sorted(members)) or 'none'})")
         if "cls" in members:
             try:
-                int(members["cls"].decode("ascii").strip())
+                self.labels.append(int(members["cls"].decode("ascii").strip()))
             except (UnicodeDecodeError, ValueError):
                 add(f"{where}: .cls is not an integer: {members['cls'][:20]!r}")
-        if "json" in members:
+        if "json" in members and self.own_json:
             try:
                 meta = json.loads(members["json"])
                 if not isinstance(meta, dict):
@@ -212,10 +288,9 @@ class _SplitChecker:
                         if key in in_shard:
                             add(f"{shard}: key {key!r}: members not adjacent (the key appears again after "
                                 f"other keys)")
-                        elif key in self.key_shard:
-                            add(f"{shard}: key {key!r}: duplicate key, already in {self.key_shard[key]}")
+                        else:
+                            self.note_key(key, shard)
                         in_shard.add(key)
-                        self.key_shard.setdefault(key, shard)
                         current, members = key, {}
                     f = tar.extractfile(info)
                     data = f.read() if f is not None else b""
@@ -254,29 +329,45 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
         ShardError: ``_info.json`` is not valid JSON, or ``split`` is missing or ambiguous.
         ValueError: ``max_problems`` < 1.
     """
+    from relabel_shards.describe import is_shard_url, shard_split
+    from relabel_shards.diversity import ShardClasses, class_sorted_warning, shard_classes
+
     if max_problems < 1:
         raise ValueError(f"max_problems must be >= 1, got {max_problems}")
-    info = read_info(url, storage_options)
-    s = get_split(info, split, join(url, "_info.json"))
+    listed = True
+    if is_shard_url(url):  # one shard: checked against its entry in the _info.json beside it, if any
+        url, name, one = shard_split(url, split, storage_options)
+        listed = one is not None
+        s = one if one is not None else {"name": split or "?", "filenames": [name], "shard_lengths": []}
+    else:
+        info = read_info(url, storage_options)
+        s = get_split(info, split, join(url, "_info.json"))
     report = VerifyReport(url=url, split=str(s.get("name", split)), max_problems=max_problems)
     section: Mapping[str, Any] = s.get("relabel_shards") or {}
     add = report.add
-    if not section:
+    if not listed:
+        report.warnings.append(f"{s['filenames'][0]} is not listed in an _info.json beside it: its layout "
+                               "and label maps are checked, not its sample count, size or sha256")
+    elif not section:
         add("_info.json: the split has no relabel_shards section (not written by relabel-shards)")
     filenames = list(s.get("filenames") or [])
     lengths = list(s.get("shard_lengths") or [])
     records = {r.get("filename"): r for r in section.get("shards") or [] if isinstance(r, Mapping)}
-    if len(lengths) != len(filenames):
+    if listed and len(lengths) != len(filenames):
         add(f"_info.json: {len(filenames)} filenames but {len(lengths)} shard_lengths")
     if records and set(records) != set(filenames):
         add(f"_info.json: the shard list of relabel_shards names {sorted(set(records) ^ set(filenames))[:5]} "
             f"not in both it and filenames")
-    if s.get("num_samples") != sum(x for x in lengths if isinstance(x, int)):
+    if listed and s.get("num_samples") != sum(x for x in lengths if isinstance(x, int)):
         add(f"_info.json: num_samples {s.get('num_samples')} != sum of shard_lengths {sum(lengths)}")
 
     shapes = {tuple(x) for x in section.get("map_shapes") or [] if isinstance(x, list) and len(x) == 2}
+    source = section.get("source")
+    passed_through = isinstance(source, Mapping) and source.get("kind") == "shards"  # build's member rule
     checker = _SplitChecker(report, tuple(section.get(x) for x in ("k", "height", "width", "num_classes")),
-                            shapes)
+                            shapes, own_json=not passed_through)
+    checker.resolve_key = lambda shard, h: _key_with_hash(join(url, shard), storage_options, h)
+    observed: list[ShardClasses] = []  # each shard's class make-up, from its .cls (a few numbers per shard)
     for i, name in enumerate(filenames):
         shard_url = join(url, name)
         fs, path = url_to_fs(shard_url, storage_options)
@@ -287,7 +378,9 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
             continue
         with f:
             reader = _HashingReader(f, progress)
+            checker.labels = []
             n = checker.read_shard(reader, name)
+            observed.append(shard_classes(checker.labels))
         report.shards += 1
         report.samples += n
         report.bytes += reader.nbytes
@@ -303,9 +396,16 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
         digest = reader.sha.hexdigest()
         if isinstance(rec.get("sha256"), str) and digest != rec["sha256"]:
             add(f"{name}: sha256 {digest[:16]}… differs from _info.json's {rec['sha256'][:16]}…")
+    checker.finish_keys()
     kinds = {(k, c) if (h, w) in checker.map_shapes else (k, h, w, c) for k, h, w, c in checker.geometries}
     if len(kinds) > 1:
         counts = ", ".join(f"k={k} {h}x{w} C={c}: {n}" for (k, h, w, c), n in checker.geometries.items())
         add(f"label maps differ in shape across the split ({counts}); all must be the same")
+    if report.samples == 0 and not any(x for x in lengths if isinstance(x, int)):
+        add("the split holds no samples: nothing to train on (every input of its build failed?); see "
+            "`relabel-shards info` for the failures _info.json lists")
+    warning = class_sorted_warning(s, observed=observed)
+    if warning:
+        report.warnings.append(warning)
     logger.info("%s", report.summary())
     return report

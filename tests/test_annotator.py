@@ -47,10 +47,10 @@ def test_plain_head_spatial_mean_equals_model_logits(name, kwargs):
     assert ann.plain_head and ann.config()["spatial_mean_is_logits"]
 
     values, indices = ann(x)
-    assert values.dtype == torch.float16 and indices.dtype == torch.int16
+    assert values.dtype == torch.float32 and indices.dtype == torch.int16
     assert values.device.type == "cpu" and values.shape == (2, 5, *dense.shape[2:])
     top_v, top_i = dense.topk(5, dim=1)
-    torch.testing.assert_close(values, top_v.half())
+    assert torch.equal(values, top_v)  # float32 end to end: the record's encoding decides any rounding
     assert torch.equal(indices.long(), top_i)
     assert (values[:, :-1] >= values[:, 1:]).all()
 
@@ -143,8 +143,8 @@ def test_argument_errors():
     ann = create_annotator("test_resnet", device="cpu")
     with pytest.raises(ValueError, match=r"images must have shape \[B>=1, 3, H, W\], got \[3, 64, 64\]"):
         ann(torch.randn(3, 64, 64))
-    with pytest.raises(TypeError, match="images must be float"):
-        ann(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    with pytest.raises(TypeError, match=r"uint8 \(preprocess\) or float \(normalized\), got torch.int64"):
+        ann(torch.zeros(1, 3, 64, 64, dtype=torch.int64))
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -190,15 +190,43 @@ def test_preprocess_squash_and_keep_aspect():
     img = np.full((300, 600, 3), 128, np.uint8)
     ann = create_annotator("test_resnet", input_size=224, device="cpu")
     x = ann.preprocess(img)
-    assert x.shape == (3, 224, 224)
+    assert x.shape == (3, 224, 224) and x.dtype == torch.uint8  # normalized on the device, not in workers
+    assert int(x[0, 100, 100]) == 128
     mean, std = ann.data_config["mean"], ann.data_config["std"]
     expect = torch.tensor([(128 / 255 - m) / s for m, s in zip(mean, std, strict=True)])
-    torch.testing.assert_close(x[:, 100, 100], expect)
+    torch.testing.assert_close(ann.normalize(x[None])[0, :, 100, 100], expect)
     ann2 = create_annotator("test_resnet", input_size=224, device="cpu", keep_aspect=True)
     assert ann2.preprocess(Image.fromarray(img)).shape == (3, 224, 448)
     assert ann2.preprocess(Image.fromarray(img.transpose(1, 0, 2).copy())).shape == (3, 448, 224)
     with pytest.raises(TypeError, match="PIL image or a uint8 numpy array, got str"):
         ann.preprocess("x.jpg")
+
+
+def _old_float_preprocess(ann, img: np.ndarray) -> torch.Tensor:
+    """The annotator's preprocess before uint8: resize, then (x / 255 - mean) / std on the CPU in float32."""
+    from PIL import Image
+    from timm.data.transforms import str_to_pil_interp
+
+    h, w = ann.input_size
+    im = Image.fromarray(img).resize((w, h), resample=str_to_pil_interp(ann.data_config["interpolation"]))
+    x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+    mean = torch.tensor(ann.data_config["mean"], dtype=torch.float32)[:, None, None]
+    std = torch.tensor(ann.data_config["std"], dtype=torch.float32)[:, None, None]
+    return (x - mean) / std
+
+
+def test_uint8_preprocess_gives_the_logits_of_the_old_float_path(real_photos):
+    """Workers send uint8 (a quarter of the shared memory) and the device normalizes: same logits."""
+    ann = create_annotator("test_efficientnet", input_size=96, device="cpu")
+    imgs = [np.asarray(real_photos[p]) for p in ("chelsea", "coffee")]
+    u8 = torch.stack([ann.preprocess(i) for i in imgs])
+    old = torch.stack([_old_float_preprocess(ann, i) for i in imgs])
+    assert u8.dtype == torch.uint8 and u8.element_size() * 4 == old.element_size()
+    torch.testing.assert_close(ann.normalize(u8), old, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ann.dense_logits(u8), ann.dense_logits(old), rtol=1e-5, atol=1e-5)
+    v8, i8 = ann(u8)
+    vf, if_ = ann(old)
+    assert torch.equal(i8, if_) and torch.allclose(v8, vf, rtol=1e-5, atol=1e-5)
 
 
 def test_preprocess_turns_exif_rotated_jpegs_upright():
@@ -219,7 +247,7 @@ def test_preprocess_turns_exif_rotated_jpegs_upright():
         x = ann.preprocess(im.convert("RGB"))  # what a decoder that only converts hands over
     ref = ann.preprocess(upright)
     assert x.shape == ref.shape == (3, 128, 64)
-    assert float((x - ref).abs().mean()) < 0.05
+    assert float((x.float() - ref.float()).abs().mean()) < 0.05 * 255 * 0.229
 
 
 def test_config_is_json_and_complete():
@@ -228,6 +256,7 @@ def test_config_is_json_and_complete():
     assert cfg["model"] == "test_resnet" and cfg["weights_sha256"] is None and cfg["weights"] == "random"
     assert cfg["input_size"] == [128, 96] and cfg["topk"] == 4 and cfg["keep_aspect"] is True
     assert cfg["interpolation"] == "bilinear" and cfg["mean"] == [0.5, 0.5, 0.5] and cfg["std"] == [0.5] * 3
+    assert cfg["values_dtype"] == "float32"
 
 
 # ---------------------------------------------------------------------------------- the real annotator
@@ -249,10 +278,10 @@ def test_embedded_weights_and_config(embedded):
 
 @pytest.mark.parametrize("photo, cls", [("chelsea", EGYPTIAN_CAT), ("coffee", ESPRESSO)])
 def test_embedded_classifies_real_photos(embedded, real_photos, photo, cls):
-    x = embedded.preprocess(real_photos[photo])[None]
-    dense = embedded.dense_logits(x)  # (1, 1000, 7, 7)
+    x = embedded.preprocess(real_photos[photo])[None]  # uint8
+    dense = embedded.dense_logits(x)  # (1, 1000, 7, 7), normalized inside
     with torch.inference_mode():
-        logits = embedded.model(x)
+        logits = embedded.model(embedded.normalize(x))
     assert int(logits.argmax()) == cls
     assert int(dense.mean((2, 3)).argmax()) == cls
     assert _rel_err(dense.mean((2, 3)), logits) < 1e-4

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from PIL import Image
 
 from relabel_shards.build import build_shards
 from relabel_shards.labelmap import decode_label_map
+from relabel_shards.plan import permutation
 from relabel_shards.shards import read_info, write_shard
 
 MODEL = "test_efficientnet"
@@ -130,8 +132,18 @@ def test_folder_end_to_end_read_by_webdataset_and_timm(folder, tmp_path):
     assert len(rs["class_names"]) == 1000 and rs["format_version"] == 1
     assert [s["bytes"] for s in rs["shards"]] == [os.path.getsize(out / f) for f in split["filenames"]]
 
+    source_order = ["cat_0", "cat_1", "cat_2", "dog_0", "dog_1", "dog_2"]
+    written = [source_order[i] for i in permutation(6, 0)]  # the default: a seeded global permutation
+    assert written != source_order and sorted(written) == source_order
+    assert rs["order"] == {"shuffled": True, "seed": 0}
+    hists = [Counter(int(k.startswith("dog")) for k in written[:4]), Counter(int(k.startswith("dog"))
+                                                                         for k in written[4:])]
+    assert rs["shard_classes"] == [
+        {"distinct": len(h), "top": {str(c): n for c, n in sorted(h.items(), key=lambda cn: (-cn[1], cn[0]))}}
+        for h in hists
+    ]
     samples = _read_samples(out, split)
-    assert [s["__key__"] for s in samples] == ["cat_0", "cat_1", "cat_2", "dog_0", "dog_1", "dog_2"]
+    assert [s["__key__"] for s in samples] == written
     for s in samples:
         cls, j = s["__key__"].split("_")
         ext = "png" if j == "1" else "jpg"
@@ -166,6 +178,7 @@ def test_list_file_source(tmp_path):
         num_workers=0,
         encoding="lossless",
         split="val",
+        shuffle=False,
     )
     split = read_info(str(out))["splits"]["val"]
     assert split["filenames"] == ["val-000000.tar", "val-000001.tar"]
@@ -222,7 +235,7 @@ def test_bad_inputs_are_skipped_and_listed_or_fatal_with_strict(tmp_path):
     (root / "dog" / "cut.jpg").write_bytes(_encode(_image(3, (64, 64)), "JPEG")[:200])
     (root / "dog" / "notes.txt").write_text("hi")
     out = tmp_path / "ds"
-    summary = build_shards(str(root), str(out), **SMALL, shard_size=3, num_workers=0)
+    summary = build_shards(str(root), str(out), **SMALL, shard_size=3, num_workers=0, shuffle=False)
     split = read_info(str(out))["splits"]["train"]
     rs = split["relabel_shards"]
     assert split["num_samples"] == 4 and rs["num_failures"] == 4
@@ -244,6 +257,7 @@ def test_bad_inputs_are_skipped_and_listed_or_fatal_with_strict(tmp_path):
             batch_size=1,
             num_workers=0,
             strict=True,
+            shuffle=False,
         )
     # shard 0 (cat_0, cat_1) was complete; shard 1 starts with the empty file: no partial shard, no _info.json
     assert sorted(os.listdir(tmp_path / "strict")) == ["train-000000.tar", "train-000000_stats.json"]
@@ -309,8 +323,23 @@ def test_two_ranks_give_the_same_shards_as_one(folder, tmp_path, monkeypatch):
 def test_other_settings_into_the_same_out_is_an_error(folder, tmp_path):
     out = tmp_path / "ds"
     build_shards(str(folder), str(out), **SMALL, shard_size=3, num_workers=0)
-    with pytest.raises(ValueError, match="was written by a different build"):
+    with pytest.raises(ValueError, match=r"of a different build .*annotator\.topk: 5 there, 3 now"):
         build_shards(str(folder), str(out), **SMALL, shard_size=3, num_workers=0, topk=3)
+    with pytest.raises(ValueError, match=r"order\.seed: 0 there, 7 now.*\.shard_size: 3 there, 2 now"):
+        build_shards(str(folder), str(out), **SMALL, shard_size=2, num_workers=0, shuffle_seed=7)
+    fewer = tmp_path / "fewer"
+    for p in folder.rglob("*"):
+        if p.is_file() and p.name != "dog_2.JPEG":
+            (fewer / p.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+            (fewer / p.relative_to(folder)).write_bytes(p.read_bytes())
+    with pytest.raises(ValueError, match=r"the input list differs.*source\.num_files: 6 there, 5 now"):
+        build_shards(str(fewer), str(out), **SMALL, shard_size=3, num_workers=0)
+
+
+def test_out_that_is_a_file_is_an_error(folder, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"OUT '.*file' is a file; give a directory"):
+        build_shards(str(folder), str(tmp_path / "file"), **SMALL, num_workers=0)
 
 
 def test_keep_aspect_batches_by_size(tmp_path):
@@ -619,7 +648,7 @@ def test_imagefolder_and_list_on_s3_equal_local(folder, tmp_path, s3_bucket):
     info = read_info(str(remote))["splits"]["train"]["relabel_shards"]
     assert info["source"] == {"kind": "folder", "url": f"{s3_bucket}/imgs", "num_files": 6}
     fs.pipe_file(f"{s3_bucket}/list.txt", b"imgs/cat/cat_0.JPEG\t1\nimgs/dog/dog_1.png\t0\n")
-    build_shards(f"{s3_bucket}/list.txt", str(tmp_path / "fromlist"), **SMALL, num_workers=0)
+    build_shards(f"{s3_bucket}/list.txt", str(tmp_path / "fromlist"), **SMALL, num_workers=0, shuffle=False)
     split = read_info(str(tmp_path / "fromlist"))["splits"]["train"]
     samples = _read_samples(tmp_path / "fromlist", split)
     assert [(s["__key__"], int(s["cls"])) for s in samples] == [("cat_0", 1), ("dog_1", 0)]
@@ -636,7 +665,8 @@ def test_unencodable_map_names_shard_and_key_and_leaves_no_partial_shard(folder,
         return torch.full_like(values, float("nan")), indices
 
     monkeypatch.setattr(Annotator, "__call__", nan_call)
-    with pytest.raises(ValueError, match=r"train-000000\.tar key cat_0: cannot encode its label map"):
+    first = ["cat_0", "cat_1", "cat_2", "dog_0", "dog_1", "dog_2"][int(permutation(6, 0)[0])]
+    with pytest.raises(ValueError, match=rf"train-000000\.tar key {first}: cannot encode its label map"):
         build_shards(str(folder), str(tmp_path / "ds"), **SMALL, shard_size=4, num_workers=0)
     assert os.listdir(tmp_path / "ds") == []
 
@@ -688,5 +718,144 @@ def test_damaged_input_shards_and_samples_are_listed_not_lost(tmp_path):
     ann = _annotator()
     with tarfile.open(out / "train-000000.tar") as tar:
         rec = decode_label_map(tar.extractfile("m.rlm").read())
-    values, indices = ann(ann.preprocess(Image.open(io.BytesIO(jpg))).unsqueeze(0))
-    assert np.array_equal(rec.values, values[0].numpy()) and np.array_equal(rec.indices, indices[0].numpy())
+    # lossless is float32 end to end: the annotator's own top-k of the same batch (a, m), bit for bit
+    x = ann.preprocess(Image.open(io.BytesIO(jpg)))
+    values, indices = ann(torch.stack([x, x]))
+    assert rec.values.dtype == np.float32 and values.dtype == torch.float32
+    assert np.array_equal(rec.values, values[1].numpy()) and np.array_equal(rec.indices, indices[1].numpy())
+
+
+def test_every_input_failing_exits_nonzero_with_one_summary(tmp_path, caplog):
+    from click.testing import CliRunner
+
+    from relabel_shards.cli import cli
+    from relabel_shards.plan import AllInputsFailedError
+
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for j in range(4):
+            (root / c / f"{c}_{j}.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "ds"
+    caplog.set_level("WARNING")
+    with pytest.raises(AllInputsFailedError, match=r"build failed: every one of its 8 inputs failed and "
+                                                   r"no sample was written .*8 x not a decodable image \("):
+        build_shards(str(root), str(out), **SMALL, shard_size=3, num_workers=0)
+    assert len([r for r in caplog.records if r.getMessage().startswith("skipping ")]) == 3
+    # the rerun finds the shards complete, and still does not report success
+    with pytest.raises(AllInputsFailedError, match=r"every one of its 8 inputs failed"):
+        build_shards(str(root), str(out), **SMALL, shard_size=3, num_workers=0)
+    res = CliRunner().invoke(cli, ["build", str(root), str(tmp_path / "o2"), "--model", MODEL, "--input-size",
+                                   "64", "--num-workers", "0", "--no-progress"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1].startswith("Error: build failed: every one of its 8 inputs")
+
+
+def test_class_mismatch_between_source_and_annotator_warns(folder, tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from relabel_shards.build import _class_mismatch
+    from relabel_shards.sources import FileItem, Source
+
+    caplog.set_level("WARNING")
+    build_shards(str(folder), str(tmp_path / "ds"), **SMALL, num_workers=0)
+    assert any("the source has 2 classes, the annotator 1000: .cls holds the source's class index" in
+               r.getMessage() for r in caplog.records)
+    ann = SimpleNamespace(num_classes=3, class_names=["ant", "bee", "cat"])
+    assert _class_mismatch(Source("folder", "x", classes=("ant", "bee", "cat")), ann) is None
+    assert _class_mismatch(Source("folder", "x", classes=("ant", "bug", "cat")), ann) == (
+        "class 1 is 'bug' in the source and 'bee' for the annotator (the names differ)")
+    items = (FileItem("a", "a.jpg", "a.jpg", 0), FileItem("b", "b.jpg", "b.jpg", 3))
+    assert _class_mismatch(Source("list", "l", items=items), ann) == (
+        "the source's labels go up to 3, the annotator has 3 classes")
+    assert _class_mismatch(Source("list", "l", items=items[:1]), ann) is None
+
+
+def test_cli_prints_skipped_inputs_by_kind(tmp_path):
+    from click.testing import CliRunner
+
+    from relabel_shards.cli import cli
+
+    root = _make_folder(tmp_path / "imgs", per_class=1)
+    for j in range(4):
+        (root / "cat" / f"bad{j}.jpg").write_bytes(b"not a jpeg")
+    (root / "dog" / "empty.jpg").write_bytes(b"")
+    args = ["--model", MODEL, "--input-size", "64", "--num-workers", "0", "--no-progress"]
+    res = CliRunner().invoke(cli, ["build", str(root), str(tmp_path / "out"), *args])
+    assert res.exit_code == 0, res.output
+    assert "skipped inputs by kind (all are listed in _info.json's failures):" in res.output
+    assert "  4 x not a decodable image (e.g. cat/bad" in res.output
+    assert "  1 x empty file (e.g. dog/empty.jpg)" in res.output
+
+
+def test_repeated_member_in_an_input_shard_is_a_listed_failure_or_fatal_with_strict(tmp_path):
+    """k.jpg twice with different bytes: build used to annotate the first copy and pass both through, while
+    the loader trained on the last. Now the sample is listed as a failure (both copies left out)."""
+    import tarfile
+
+    jpg, other = _encode(_image(1), "JPEG"), _encode(_image(2), "JPEG")
+    src = tmp_path / "in"
+    write_shard(str(src), "in-000000.tar", [
+        [("a.jpg", jpg), ("a.cls", b"0")],
+        [("k.jpg", jpg), ("k.cls", b"1"), ("k.jpg", other)],
+        [("b.jpg", other), ("b.cls", b"1")],
+    ])
+    out = tmp_path / "ds"
+    summary = build_shards(str(src / "in-000000.tar"), str(out), **SMALL, num_workers=0)
+    split = read_info(str(out))["splits"]["train"]
+    assert split["shard_lengths"] == [2]
+    with tarfile.open(out / split["filenames"][0]) as tar:
+        assert tar.getnames() == ["a.jpg", "a.cls", "a.rlm", "b.jpg", "b.cls", "b.rlm"]
+    [failure] = split["relabel_shards"]["failures"]
+    assert failure["key"] == "k" and failure["source"].endswith("in-000000.tar#k")
+    assert "key 'k': member 'k.jpg' repeats an extension of the same sample" in failure["reason"]
+    assert [f["key"] for f in summary.failures] == ["k"]
+    strict = r"in-000000\.tar#k: .*member 'k\.jpg' repeats an extension.*\(strict"
+    with pytest.raises(ValueError, match=strict):
+        build_shards(str(src / "in-000000.tar"), str(tmp_path / "s"), **SMALL, num_workers=0, strict=True)
+
+
+def test_key_from_path_and_the_pixel_limit(tmp_path, monkeypatch):
+    """Caltech-style repeated names build with key_from='path'; an image over max_image_pixels is a listed
+    failure naming the file, with no PIL warning printed (into the progress bar)."""
+    import warnings
+
+    root = tmp_path / "caltech"
+    for ci, cls in enumerate(("accordion", "anchor")):
+        (root / cls).mkdir(parents=True)
+        for j in range(2):
+            (root / cls / f"image_000{j + 1}.jpg").write_bytes(_encode(_image(ci * 10 + j), "JPEG"))
+    (root / "anchor" / "image_0009.png").write_bytes(_encode(_image(9, size=(60, 60)), "PNG"))  # 3,600 px
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # PIL alone would warn about every image here
+    out = tmp_path / "ds"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = build_shards(str(root), str(out), **SMALL, num_workers=0, key_from="path",
+                               max_image_pixels=3000)
+    assert summary.images == 4
+    split = read_info(str(out))["splits"]["train"]
+    assert [f["source"] for f in split["relabel_shards"]["failures"]] == ["anchor/image_0009.png"]
+    assert split["relabel_shards"]["failures"][0]["reason"].startswith(
+        "60x60 image has 3,600 pixels, over the limit of 3,000 (max_image_pixels")
+    keys = [s["__key__"] for s in _read_samples(out, split)]  # written in the seeded permutation
+    assert sorted(keys) == ["accordion_image_0001", "accordion_image_0002", "anchor_image_0001",
+                            "anchor_image_0002"]
+    with pytest.raises(ValueError, match=r"duplicate sample key 'image_0001'.*--key-from path"):
+        build_shards(str(root), str(tmp_path / "stem"), **SMALL, num_workers=0)
+    with pytest.raises(ValueError, match=r"max_image_pixels must be an int >= 0 \(0 or None: no limit\)"):
+        build_shards(str(root), str(tmp_path / "neg"), **SMALL, num_workers=0, max_image_pixels=-5)
+
+
+def test_input_shard_json_must_record_the_upright_size(tmp_path):
+    """The loader checks .json's size exactly, so build lists a mismatch instead of passing it through."""
+    jpg = _encode(_image(1), "JPEG")  # 56 x 40
+    write_shard(str(tmp_path / "in"), "in-000000.tar", [
+        [("ok.jpg", jpg), ("ok.cls", b"0"), ("ok.json", b'{"width": 56, "height": 40}')],
+        [("swapped.jpg", jpg), ("swapped.cls", b"0"), ("swapped.json", b'{"width": 40, "height": 56}')],
+    ])
+    build_shards(str(tmp_path / "in" / "in-000000.tar"), str(tmp_path / "ds2"), **SMALL, num_workers=0)
+    split = read_info(str(tmp_path / "ds2"))["splits"]["train"]
+    assert split["shard_lengths"] == [1]
+    (fail,) = split["relabel_shards"]["failures"]
+    assert fail["source"].endswith("in-000000.tar#swapped")
+    assert fail["reason"] == ".json says 40x56 but the image is 56x40 (upright, after its EXIF orientation)"

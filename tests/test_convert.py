@@ -24,6 +24,7 @@ from PIL import Image
 
 from relabel_shards.convert import OFFICIAL_MODEL, convert_official
 from relabel_shards.official_maps import OfficialMapError, load_official_map, map_relpath, split_official_map
+from relabel_shards.plan import AllInputsFailedError, permutation
 from relabel_shards.shards import read_info
 
 SIZES = [(64, 48), (40, 72), (50, 50), (96, 30)]  # (width, height): landscape, portrait, square, wide
@@ -168,8 +169,101 @@ def _bad_files(tmp: Path) -> dict[str, tuple[bytes, str]]:
         "pickle": (__import__("pickle").dumps(good), r"not loadable with torch.load\(weights_only=True\)"),
         "cut": (zip_bytes[:-100], r"not loadable with torch.load\(weights_only=True\)"),
         "empty": (b"", r"^empty file$"),
-        "huge": (b"\0" * ((1 << 20) + 1), r"file is 1048577 bytes, more than the 1048576"),
+        "huge": (b"\0" * ((64 << 10) + 1), r"file is 65537 bytes, more than the 65536"),
+        "inflates": (
+            _deflated_torch_zip(1_000_000),
+            r"zip directory declares 4000000 bytes of tensor data and 40002\d\d bytes in all, more than a "
+            r"\[2, 5, 15, 15\] float32 map needs \(9000 and 65536\)",
+        ),
     }
+
+
+def _deflated_torch_zip(numel: int) -> bytes:
+    """torch.save of ``numel`` zero floats, re-zipped with deflate: about 60 KB that torch.load would inflate
+    to 4 * numel bytes (torch writes its entries stored; nothing stops a hostile file from deflating them)."""
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save(torch.zeros(numel), buf)
+    out = io.BytesIO()
+    with zipfile.ZipFile(buf) as zin, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+    return out.getvalue()
+
+
+def _deflate_bomb_zip(declared: int) -> bytes:
+    """A zip whose one entry ``archive/data/0`` deflates ``declared`` zero bytes (a multiple of 1 MiB) into
+    about declared / 1000 bytes; the stream is one fully flushed 1 MiB block repeated: cheap to make."""
+    import struct
+    import zlib
+
+    mib = bytes(1 << 20)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = c.compress(mib) + c.flush(zlib.Z_FULL_FLUSH)  # the state is reset: every block codes alike
+    body = block * (declared >> 20) + c.flush()
+    name = b"archive/data/0"
+    sizes = (0, len(body), declared, len(name))  # CRC-32 left 0: a reader must refuse long before checking it
+    local = struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 8, 0, 33, *sizes, 0)
+    central = struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, 8, 0, 33, *sizes, 0, 0, 0, 0, 0, 0)
+    central += name
+    offset = len(local) + len(name) + len(body)
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 1, 1, len(central), offset, 0)
+    return local + name + body + central + end
+
+
+_RSS_PROBE = """
+import json, sys
+from relabel_shards.official_maps import OfficialMapError, load_official_map, read_map_file
+def hwm():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+base, out = hwm(), {}
+for path in sys.argv[1:]:
+    try:
+        load_official_map(read_map_file(path))
+        out[path] = "loaded"
+    except OfficialMapError as e:
+        out[path] = str(e)
+print(json.dumps({"grew": hwm() - base, "errors": out, "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="measures VmHWM in /proc")
+def test_hostile_map_files_cost_little_memory(tmp_path):
+    """A 1.5 GB sparse file used to be read whole (+1.5 GB per worker), a 1 MB deflated zip declaring 1 GiB
+    of storage cost 1.5 GB before it was rejected. Each is refused from its size or its zip directory."""
+    sparse, bomb, small = tmp_path / "sparse.pt", tmp_path / "bomb.pt", tmp_path / "small.pt"
+    with open(sparse, "wb") as f:
+        f.truncate(1_500_000_000)  # no data blocks: costs no disk
+    bomb.write_bytes(_deflate_bomb_zip(1 << 30))
+    small.write_bytes(_deflated_torch_zip(15_000_000))
+    assert len(bomb.read_bytes()) < 1_200_000 and len(small.read_bytes()) < 64 << 10
+    with pytest.raises(OfficialMapError, match=r"zip directory declares 1073741824 bytes of tensor data"):
+        import relabel_shards.official_maps as om
+
+        om._check_zip_directory(bomb.read_bytes())  # what load_official_map would say below the size bound
+    probe = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(sparse), str(bomb), str(small)],
+                           capture_output=True, text=True, timeout=120, check=True)
+    got = json.loads(probe.stdout)
+    errors = got["errors"]
+    assert errors[str(sparse)] == (f"{sparse}: file is 1500000000 bytes, more than the 65536 an official map "
+                                   "can take (about 10 KB)")
+    assert errors[str(bomb)].startswith(f"{bomb}: file is {bomb.stat().st_size} bytes, more than the 65536")
+    assert errors[str(small)].startswith("zip directory declares 60000000 bytes of tensor data")
+    assert got["grew"] < 100 << 20, got  # peak RSS growth over all three
+    assert not got["torch"]  # refused before torch was even imported
+
+
+def test_read_map_file_stops_at_the_bound_whatever_the_size_says(tmp_path, monkeypatch):
+    from relabel_shards import official_maps
+
+    path = tmp_path / "grows.pt"
+    path.write_bytes(bytes(200_000))
+    monkeypatch.setattr("fsspec.implementations.local.LocalFileSystem.size", lambda self, p: 10)
+    with pytest.raises(OfficialMapError, match=r"grows\.pt: file is more than 65536 bytes, more than the"):
+        official_maps.read_map_file(str(path))
+    path.write_bytes(bytes(100))
+    assert official_maps.read_map_file(str(path)) == bytes(100)
 
 
 def test_bad_files_rejected_with_reasons(tmp_path):
@@ -225,8 +319,9 @@ def test_pooled_targets_equal_the_official_pipeline(release, tmp_path, layout, e
                                shard_size=3, num_workers=0)
     assert summary.failures == [] and summary.images == 8 and summary.written == [0, 1, 2]
     samples = _samples(out)
-    assert [s["__key__"] for s in samples] == [Path(r).stem for r in saved]
-    assert [int(s["cls"]) for s in samples] == [0] * 4 + [1] * 4
+    in_path_order = [(Path(r).stem, c) for r, c in zip(saved, [0] * 4 + [1] * 4, strict=True)]
+    written = [in_path_order[i] for i in permutation(8, 0)]  # the default: a seeded global permutation
+    assert [(s["__key__"], int(s["cls"])) for s in samples] == written
     # hw is pooled with the official's swapped box; wh (transposed on import) with the correct one
     official, ours = _official_and_ours(samples, saved, swap_xy=layout == "hw")
     err = (official - ours).abs().max().item()
@@ -263,7 +358,7 @@ def test_bad_inputs_listed_and_skipped_or_fatal_with_strict(tmp_path):
 
     out = tmp_path / "ds"
     summary = convert_official(str(images), str(maps), str(out), shard_size=4, num_workers=2,
-                               encoding="lossless")
+                               encoding="lossless", shuffle=False)
     split = read_info(str(out))["splits"]["train"]
     rs = split["relabel_shards"]
     failures = {f["source"]: f for f in rs["failures"]}
@@ -300,13 +395,14 @@ def test_bad_inputs_listed_and_skipped_or_fatal_with_strict(tmp_path):
     # a bad file stops it where it is met: complete shards before it stay, no partial shard, no _info.json
     with pytest.raises(ValueError, match=r"a/broken\.JPEG: not a decodable image .*\(strict: a bad input"):
         convert_official(str(images), str(maps), str(tmp_path / "s3"), num_workers=0, strict=True,
-                         shard_size=2)
+                         shard_size=2, shuffle=False)
     assert sorted(os.listdir(tmp_path / "s3")) == ["train-000000.tar", "train-000000_stats.json"]
     for p in ("broken", "truncated"):
         (images / "a" / f"{p}.JPEG").unlink()
         (maps / "a" / f"{p}.pt").unlink()
     with pytest.raises(ValueError, match=r"b/cut\.pt: bad label map: not loadable"):
-        convert_official(str(images), str(maps), str(tmp_path / "s4"), num_workers=0, strict=True)
+        convert_official(str(images), str(maps), str(tmp_path / "s4"), num_workers=0, strict=True,
+                         shuffle=False)
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
@@ -344,7 +440,7 @@ def test_two_ranks_give_the_same_shards_as_one_and_rerun_keeps_them(release, tmp
     again = convert_official(str(images), str(maps), str(two), shard_size=3, num_workers=0)
     assert again.written == [] and again.skipped == [0, 1, 2] and again.images == 0
     assert _tree(two) == _tree(one)
-    with pytest.raises(ValueError, match="was written by a different build"):
+    with pytest.raises(ValueError, match=r"of a different build .*settings\.layout: 'hw' there, 'wh' now"):
         convert_official(str(images), str(maps), str(two), shard_size=3, num_workers=0, layout="wh")
 
 
@@ -492,3 +588,37 @@ def test_release_and_output_on_s3_equal_local(release, tmp_path, s3_bucket):
         assert fs.cat_file(f"{remote}/{name}") == (local / name).read_bytes()
     rs = read_info(remote)["splits"]["train"]["relabel_shards"]
     assert rs["annotator"]["release_root"] == f"{s3_bucket}/relabel"
+
+
+def test_release_root_one_level_too_high_fails_at_once_with_the_fix(release, tmp_path, caplog):
+    images, maps, _ = release
+    out = tmp_path / "ds"
+    with pytest.raises(AllInputsFailedError, match=r"no image of .* has a label map .* 8 images, 8 maps.* "
+                                                   r"RELABEL_ROOT looks one level too high: the maps sit "
+                                                   rf"under {maps.parent}/{maps.name}/"):
+        convert_official(str(images), str(maps.parent), str(out), num_workers=0)
+    assert not out.exists()  # nothing written, nothing to clean up
+    with pytest.raises(AllInputsFailedError, match=r"RELABEL_ROOT looks one level too low"):
+        convert_official(str(images), str(maps / "n01440764"), str(out), num_workers=0)
+    from click.testing import CliRunner
+
+    from relabel_shards.cli import cli
+
+    res = CliRunner().invoke(cli, ["convert", str(images), str(maps.parent), str(out), "--num-workers", "0",
+                                   "--no-progress"])
+    assert res.exit_code == 1 and res.output.startswith("Error: no image of")
+    assert "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_every_image_failing_exits_nonzero_with_one_summary(tmp_path, caplog):
+    images, maps, _ = _make_release(tmp_path, classes=("a", "b"), per_class=4)
+    for p in images.rglob("*.JPEG"):
+        p.write_bytes(b"not a jpeg")  # every image broken, every map present
+    out = tmp_path / "ds"
+    caplog.set_level("WARNING")
+    with pytest.raises(AllInputsFailedError, match=r"every one of its 8 inputs failed .*8 x not a decodable "
+                                                   r"image \(e\.g\. "):
+        convert_official(str(images), str(maps), str(out), num_workers=0, shard_size=2)
+    per_file = [r for r in caplog.records if r.getMessage().startswith("skipping ")]
+    assert len(per_file) == 3  # a few examples, then counted: not one line per file

@@ -10,12 +10,16 @@ import numpy as np
 import pytest
 import torch
 import zstandard
+from fuzz.spec_decoder import planes_le as _planes_le
+from fuzz.spec_decoder import quantized_values as _oracle_values
+from fuzz.spec_decoder import resolve_palette_refs, spec_decode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relabel_shards.labelmap import (
     HEADER_SIZE,
     MAGIC,
+    ImageBinding,
     LabelMap,
     LabelMapError,
     decode_label_map,
@@ -40,8 +44,14 @@ def _with_crc(record: bytes | bytearray) -> bytes:
     return bytes(b)
 
 
-def _craft(fields: dict, payload: bytes, *, frame: bytes | None = None) -> bytes:
-    """A record with the given header fields and payload, CRC correct: for content-level checks."""
+def _craft(
+    fields: dict, payload: bytes, *, frame: bytes | None = None, image: ImageBinding | None = None
+) -> bytes:
+    """A record with the given header fields and payload, CRC correct: for content-level checks. With
+    ``image``, a version-2 record whose flags bit 7 is set and whose image binding follows the header."""
+    if image is not None:
+        fields = {"version": 2} | fields
+        fields["flags"] = fields.get("flags", 0) | 0x80
     f = {
         "magic": MAGIC,
         "version": 1,
@@ -72,7 +82,10 @@ def _craft(fields: dict, payload: bytes, *, frame: bytes | None = None) -> bytes
         f["size"],
     )
     frame = frame if frame is not None else zstandard.ZstdCompressor(level=3).compress(payload)
-    return _with_crc(head + b"\0\0\0\0" + frame)
+    binding = (
+        b"" if image is None else struct.pack("<Q32sII", image.size, image.sha256, image.width, image.height)
+    )
+    return _with_crc(head + b"\0\0\0\0" + binding + frame)
 
 
 # ------------------------------------------------------------------------------------------ round trips
@@ -218,7 +231,9 @@ def test_compact_step_option_and_unsorted_values():
         ),
         ({"level": 0}, ValueError, r"level must be an int in \[1, 22\], got 0"),
         ({"step": 0.1, "encoding": "lossless"}, ValueError, "step applies to encoding='compact' only"),
-        ({"step": -1.0}, ValueError, "step must be a finite float > 0, got -1.0"),
+        ({"step": -1.0}, ValueError, r"step must be a finite float in \(0, 2\*\*99\], got -1.0"),
+        ({"step": 2.0**100}, ValueError, r"step must be a finite float in \(0, 2\*\*99\]"),
+        ({"image": b"abc"}, TypeError, "image must be an ImageBinding or None, got bytes"),
         ({"num_classes": 0}, ValueError, r"num_classes must be an int in \[1, 2147483647\], got 0"),
         ({"num_classes": 2**31}, ValueError, r"num_classes must be an int in \[1, 2147483647\]"),
         ({"num_classes": 3}, ValueError, r"k must be in \[1, num_classes=3\], got 5"),
@@ -291,42 +306,123 @@ def test_header_and_payload_bytes_follow_the_spec():
     assert payload[10:] == bytes([20, 11, 8, 5])
 
 
-def test_worked_example_in_format_md_decodes():
+def _doc_example(marker: str) -> bytes:
     doc = (Path(__file__).resolve().parents[1] / "docs" / "FORMAT.md").read_text()
-    block = doc.split("<!-- example-record -->")[1].split("```")[1]
-    rec = bytes.fromhex("".join(line.split("|")[0] for line in block.strip().splitlines()))
+    block = doc.split(marker)[1].split("```")[1]
+    return bytes.fromhex("".join(line.split("|")[0] for line in block.strip().splitlines()))
+
+
+_EXAMPLE = (np.array([[[2.5, 1.0]], [[0.5, -0.25]]], np.float32), np.array([[[7, 3]], [[3, 300]]]))
+
+
+@pytest.mark.parametrize("marker", ["<!-- example-record -->", "<!-- example-record-v2 -->"])
+def test_worked_examples_in_format_md_decode_and_are_what_the_encoder_writes(marker):
+    rec = _doc_example(marker)
     lm = decode_label_map(rec)
-    np.testing.assert_array_equal(lm.indices, [[[7, 3]], [[3, 300]]])
-    np.testing.assert_array_equal(lm.values, np.array([[[2.5, 1.0]], [[0.5, -0.25]]], np.float32))
+    np.testing.assert_array_equal(lm.indices, _EXAMPLE[1])
+    np.testing.assert_array_equal(lm.values, _EXAMPLE[0])
+    image = None if marker == "<!-- example-record -->" else ImageBinding.of(b"abc", 64, 32)
+    assert lm.image == image and read_header(rec).image == image
+    assert read_header(rec).version == (1 if image is None else 2)
+    # byte for byte: records without a binding are still exactly what the version-1 writer wrote
+    assert encode_label_map(*_EXAMPLE, 1000, encoding="lossless", image=image) == rec
+
+
+# ------------------------------------------------------------------------------------------ image binding
+
+
+def test_image_binding_of_and_its_checks():
+    b = ImageBinding.of(memoryview(b"abc"), np.int64(64), 32)
+    assert b.size == 3 and b.sha256.hex().startswith("ba7816bf") and (b.width, b.height) == (64, 32)
+    assert type(b.width) is int and eval(repr(b), {"ImageBinding": ImageBinding}) == b
+    assert ImageBinding.of(bytearray(b"abc"), 64, 32) == b
+    with pytest.raises(
+        ValueError, match=r"ImageBinding.size must be an int in \[1, 9223372036854775807\], got 0"
+    ):
+        ImageBinding(0, bytes(32), 1, 1)
+    with pytest.raises(ValueError, match=r"ImageBinding.width must be an int in \[1, 4294967295\], got 0"):
+        ImageBinding.of(b"x", 0, 1)
+    with pytest.raises(ValueError, match=r"ImageBinding.height must be an int .*got 1.5"):
+        ImageBinding(1, bytes(32), 1, 1.5)
+    with pytest.raises(ValueError, match=r"ImageBinding.sha256 must be 32 bytes"):
+        ImageBinding(1, bytes(31), 1, 1)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_image_binding_round_trip(encoding):
+    rng = np.random.default_rng(11)
+    values, indices = _random_map(rng, 5, 15, 15, 1000)
+    image = ImageBinding(2**40 + 7, bytes(range(32)), 4000, 3000)
+    plain = encode_label_map(values, indices, 1000, encoding=encoding)
+    rec = encode_label_map(values, indices, 1000, encoding=encoding, image=image)
+    assert len(rec) == len(plain) + 48 and rec[80:] == plain[32:]  # the same frame, after the binding
+    hd = read_header(rec)
+    assert (hd.version, hd.flags & 0x80, hd.image) == (2, 0x80, image)
+    assert read_header(rec[:80]).image == image  # the header and binding alone: nothing decompressed
+    lm, ref = decode_label_map(rec), decode_label_map(plain)
+    assert lm.image == image and ref.image is None and read_header(plain).version == 1
+    np.testing.assert_array_equal(lm.values, ref.values)
+    np.testing.assert_array_equal(lm.indices, ref.indices)
+
+
+def test_image_binding_truncated_or_invalid():
+    image = ImageBinding.of(b"jpeg bytes", 20, 10)
+    rec = encode_label_map(*_EXAMPLE, 1000, encoding="lossless", image=image)
+    for n in range(32, 80):  # inside the block
+        with pytest.raises(
+            LabelMapError, match=rf"truncated, {n} bytes, the header and its image binding need 80"
+        ):
+            read_header(rec[:n])
+        with pytest.raises(LabelMapError, match="truncated"):
+            decode_label_map(rec[:n])
+    for offset, fmt, value in [(32, "<Q", 0), (32, "<Q", 2**63), (72, "<I", 0), (76, "<I", 0)]:
+        bad = bytearray(rec)
+        struct.pack_into(fmt, bad, offset, value)
+        with pytest.raises(LabelMapError, match=r"image binding of \d+ bytes at \d+x\d+ px is invalid"):
+            decode_label_map(_with_crc(bad))
+    for pos in range(32, 80):  # any flipped bit in the binding: the CRC covers it
+        bad = bytearray(rec)
+        bad[pos] ^= 0x01
+        with pytest.raises(LabelMapError, match="CRC-32 mismatch"):
+            decode_label_map(bytes(bad))
+
+
+def test_version_2_without_binding_and_version_1_compatibility():
+    v1 = encode_label_map(*_EXAMPLE, 1000, encoding="lossless")
+    assert v1[4] == 1 and v1 == _doc_example("<!-- example-record -->")
+    v2 = bytearray(v1)
+    v2[4] = 2  # version 2, flags bit 7 clear: no binding, the frame at byte 32
+    lm = decode_label_map(_with_crc(v2))
+    assert lm.image is None and read_header(_with_crc(v2)).version == 2
+    np.testing.assert_array_equal(lm.values, _EXAMPLE[0])
+    # the same binding bytes behind a version-1 header are not a binding: the frame must start at byte 32
+    image = ImageBinding.of(b"abc", 64, 32)
+    rec = bytearray(encode_label_map(*_EXAMPLE, 1000, encoding="lossless", image=image))
+    rec[4] = 1
+    with pytest.raises(LabelMapError, match="flags 0x80 and step 0.0 must be 0"):
+        decode_label_map(_with_crc(rec))
+
+
+def test_quantization_step_that_would_overflow_is_refused_with_a_valid_crc():
+    # k = h = w = 1, compact: palette [5], symbol 1, top residual zigzag 2 -> q = 1. With step 3e38 the
+    # decoder used to return float32(3e38 * 1) and inf for q = 2; the step is now bounded by the header check.
+    for step, q_zigzag in [(3e38, 4), (3e38, 2), (2.0**100, 2)]:
+        rec = _craft({"vc": 3, "step": step}, bytes([5, 0, 1, q_zigzag]))
+        with pytest.raises(LabelMapError, match=r"quantization step .* is not finite and in \(0, 2\*\*99\]"):
+            decode_label_map(rec)
+    # the largest step and the largest |q| still decode to finite values
+    # (a 4-byte top residual, zigzag 2**29 - 1 = -2**28; one element, so its 4 planes are its 4 bytes)
+    rec = _craft({"vc": 3, "step": 2.0**99, "flags": 2}, bytes([5, 0, 1]) + struct.pack("<I", 2**29 - 1))
+    lm = decode_label_map(rec)
+    assert np.isfinite(lm.values).all() and float(lm.values[0, 0, 0]) == -(2.0**28) * 2.0**99
 
 
 # ------------------------------------------------------------- decoder against docs/FORMAT.md, read literally
 
 
-def _planes_le(a, width):
-    """docs/FORMAT.md "Byte planes", written out: byte b of element i at offset b * n + i."""
-    a = np.asarray(a, dtype=np.int64).reshape(-1)
-    return b"".join(bytes(((a >> (8 * b)) & 255).astype(np.uint8)) for b in range(width))
-
-
 def _oracle_indices(sym, palette, k, h, w):
     """The index section's rule applied cell by cell in raster order, as the spec states it."""
-    pos = np.empty((k, h, w), np.int64)
-    for r in range(h):
-        for c in range(w):
-            pr, pc = (r, c - 1) if c > 0 else (r - 1, 0)
-            for j in range(k):
-                s = int(sym[j, r, c])
-                pos[j, r, c] = pos[s, pr, pc] if s < k else s - k
-    return np.asarray(palette)[pos]
-
-
-def _oracle_values(top_res, gaps, step):
-    """The quantized value rule, as the spec states it: 2-D cumulative sums, then down the ranks."""
-    q = [np.cumsum(np.cumsum(np.asarray(top_res, np.int64), 0), 1)]
-    for g in gaps:
-        q.append(q[-1] - g)
-    return np.stack(q), (np.stack(q).astype(np.float64) * np.float64(np.float32(step))).astype(np.float32)
+    return resolve_palette_refs(np.asarray(sym).tolist(), palette, k, h, w, len(palette))
 
 
 @st.composite
@@ -409,8 +505,11 @@ def _check_against_spec(case, codec, data):
             with pytest.raises(LabelMapError, match="quantized (residuals exceed|values exceed)"):
                 decode_label_map(_craft(fields, payload))
             return
-    lm = decode_label_map(_craft(fields, payload))
+    rec = _craft(fields, payload)
+    lm = decode_label_map(rec)
     np.testing.assert_array_equal(lm.indices, _oracle_indices(sym, palette, k, h, w))
+    spec = spec_decode(rec)  # the whole record, read by the decoder written from FORMAT.md alone
+    assert spec.values.tobytes() == lm.values.tobytes() and spec.indices.tobytes() == lm.indices.tobytes()
     assert lm.indices.dtype == (np.int16 if num_classes <= 32767 else np.int32)
     np.testing.assert_array_equal(lm.values, values)
     assert lm.values.dtype == values.dtype and lm.values.flags.writeable and lm.indices.flags.writeable
@@ -424,8 +523,10 @@ def records():
     rng = np.random.default_rng(7)
     v, i = _random_map(rng, 5, 6, 7, 1000)
     big_v, big_i = _random_map(rng, 3, 4, 4, 100000)
+    image = ImageBinding.of(b"\xff\xd8 an image", 640, 480)
     return [encode_label_map(v, i, 1000, encoding=e) for e in ENCODINGS] + [
-        encode_label_map(big_v, big_i, 100000, encoding="compact")
+        encode_label_map(big_v, big_i, 100000, encoding="compact"),
+        encode_label_map(v, i, 1000, encoding="lossless", image=image),
     ]
 
 
@@ -464,6 +565,7 @@ def test_random_bytes_and_splices_raise_only_labelmaperror(junk, data):
     except LabelMapError:
         return
     assert lm.values.shape == lm.indices.shape and lm.indices.max() < lm.num_classes
+    assert np.isfinite(lm.values.astype(np.float64)).all()
 
 
 def test_header_errors_are_named(records):
@@ -476,7 +578,8 @@ def test_header_errors_are_named(records):
 
     cases = [
         (patched(0, "4s", b"RLM\x89"), r"wrong magic b'RLM\\x89', expected b'\\x89RLM'"),
-        (patched(4, "B", 2), "unknown format version 2 \\(this reader knows 1\\)"),
+        (patched(4, "B", 3), "unknown format version 3 \\(this reader knows 1, 2\\)"),
+        (patched(4, "B", 0), "unknown format version 0"),
         (patched(5, "B", 9), "unknown value codec 9"),
         (patched(6, "B", 0), "index codec 0"),
         (patched(8, "H", 0), r"k, h, w = 0, 6, 7 out of range"),
@@ -485,9 +588,17 @@ def test_header_errors_are_named(records):
         (patched(14, "H", 0), "palette size 0 invalid"),
         (patched(24, "I", 12345), "header says the payload is 12345 bytes, its fields imply"),
         (patched(10, "H", 7), "header says the payload is"),  # h changed: the sizes disagree
-        (patched(20, "f", float("nan")), "quantization step nan is not finite and > 0"),
-        (patched(20, "f", 1.0, records[2]), r"flags 0x00 and step 1.0 must be 0 for the float32 value codec"),
+        (patched(20, "f", float("nan")), r"quantization step nan is not finite and in \(0, 2\*\*99\]"),
+        (patched(20, "f", 3e38), r"quantization step 3\.\d+e\+38 is not finite and in \(0, 2\*\*99\]"),
+        (
+            patched(20, "f", 1.0, records[2]),
+            r"flags 0x00 and step 1.0 must be 0 \(step \+0.0\) for the float32",
+        ),
+        (patched(20, "<I", 0x80000000, records[2]), r"flags 0x00 and step -0.0 must be 0 \(step \+0.0\)"),
+        (patched(20, "<I", 0x80000000, records[1]), r"step -0.0 must be 0 \(step \+0.0\) for the float16"),
         (patched(7, "B", 0x20), "invalid flags 0x20"),
+        (patched(7, "B", 0x80 | rec[7]), r"invalid flags 0x8"),  # bit 7 means nothing in version 1
+        (patched(7, "B", 0x80, records[2]), r"flags 0x80 and step 0.0 must be 0"),
         (rec[:28] + b"\0\0\0\0" + rec[32:], "CRC-32 mismatch"),
         (b"", "truncated, 0 bytes, the header alone needs 32"),
         (_with_crc(rec + b"\0" * 5), r"the zstd frame ends at byte \d+ of \d+"),
@@ -600,3 +711,82 @@ def test_real_maps_compact_within_2e3_and_lossless_exact(real_maps):
         assert float((_pool(exact.values, exact.indices, boxes, 1000) - ref).abs().max()) == 0.0
     assert worst <= 2e-3
     assert np.mean(sizes) <= 2500
+
+
+# ------------------------------------------------------------------ a reader's bounds: expect, max_elements
+
+
+def _max_size_record(k=4, h=2048, w=2048, num_classes=1000) -> bytes:
+    """A valid compact record of k*h*w zeros (class 0 everywhere): about 1.1 KB that decodes to 2 * 2**24
+    bytes of payload and 384 MiB of arrays, 2 s of work. The frame is compressed as a stream, so making it
+    costs no large buffer either."""
+    n, hw = k * h * w, h * w
+    size = 2 + n + hw + (k - 1) * hw  # palette gap (u16), u8 symbols, u8 top residuals, u8 gaps
+    sym = bytearray(hw)
+    sym[0] = k  # cell (0, 0) writes out palette position 0; every other symbol refers to the previous cell
+    c = zstandard.ZstdCompressor(level=19).compressobj(size=size)
+    parts = [c.compress(b"\0\0")]
+    parts += [c.compress(bytes(sym)) for _ in range(k)]
+    zeros = bytes(1 << 20)
+    for start in range(0, k * hw, len(zeros)):
+        parts.append(c.compress(zeros[: min(len(zeros), k * hw - start)]))
+    parts.append(c.flush())
+    fields = {"vc": 3, "step": 0.01, "k": k, "h": h, "w": w, "m": 1, "num_classes": num_classes, "size": size}
+    return _craft(fields, b"", frame=b"".join(parts))
+
+
+def test_hostile_record_is_refused_from_its_header_cheaply():
+    import time
+    import tracemalloc
+
+    rec = _max_size_record()
+    hd = read_header(rec)
+    assert len(rec) < 1500 and (hd.k, hd.height, hd.width, hd.payload_size) == (4, 2048, 2048, 2 * 2**24 + 2)
+    mismatch = (
+        r"geometry k, h, w, num_classes = 4, 2048, 2048, 1000 differs from the expected 5, 15, 15, 1000"
+    )
+    cases = [
+        ({"expect": (5, 15, 15, 1000)}, mismatch),
+        ({"expect": LabelMap(np.zeros((5, 15, 15)), np.zeros((5, 15, 15)), 1000)}, mismatch),
+        (
+            {"max_elements": 5 * 15 * 15},
+            r"k\*h\*w = 4\*2048\*2048 = 16777216 elements exceeds max_elements=1125",
+        ),
+    ]
+    for kwargs, match in cases:
+        tracemalloc.start()
+        try:
+            t0 = time.perf_counter()
+            with pytest.raises(LabelMapError, match=match):
+                decode_label_map(rec, **kwargs)
+            elapsed = time.perf_counter() - t0
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert elapsed < 0.05 and peak < 256 * 1024, (kwargs, elapsed, peak)  # unbounded: 2 s and 384 MiB
+
+
+def test_expect_and_max_elements_accept_matching_records():
+    rng = np.random.default_rng(4)
+    values, indices = _random_map(rng, 5, 15, 15, 1000)
+    rec = encode_label_map(values, indices, 1000, image=ImageBinding.of(b"img", 480, 480))
+    for kwargs in [
+        {"expect": (5, 15, 15, 1000)},
+        {"expect": read_header(rec)},
+        {"expect": (np.int64(5), 15, 15, 1000), "max_elements": 1125},
+        {"max_elements": 10**9},
+    ]:
+        np.testing.assert_array_equal(decode_label_map(rec, **kwargs).indices, indices)
+    with pytest.raises(
+        LabelMapError, match=r"4, 2048, 2048, 1000 differs from the expected 4, 2048, 2048, 999"
+    ):
+        decode_label_map(_max_size_record(), expect=(4, 2048, 2048, 999))
+    with pytest.raises(TypeError, match=r"expect must be \(k, h, w, num_classes\) ints .*got \(5, 15, 15\)"):
+        decode_label_map(rec, expect=(5, 15, 15))
+    with pytest.raises(TypeError, match=r"expect must be .*got 'abcd'"):
+        decode_label_map(rec, expect="abcd")
+    with pytest.raises(ValueError, match=r"max_elements must be None or an int >= 1, got 0"):
+        decode_label_map(rec, max_elements=0)
+    # a corrupt record is still reported as corrupt, not as a geometry mismatch
+    with pytest.raises(LabelMapError, match="CRC-32 mismatch"):
+        decode_label_map(rec[:-1], expect=(1, 1, 1, 1))

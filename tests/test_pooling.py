@@ -264,7 +264,7 @@ def test_triton_backend_without_gpu_or_interpreter_raises(monkeypatch):
 def test_module_wrapper():
     values, indices, boxes = make_inputs(8, 5, 15, 15, 100, seed=21)
     mod = LabelPooling(100, swap_xy=True)
-    assert "num_classes=100, swap_xy=True" in repr(mod)
+    assert "num_classes=100, output_size=(1, 1), swap_xy=True" in repr(mod)
     torch.testing.assert_close(mod(values, indices, boxes),
                                label_pooling(values, indices, boxes, 100, swap_xy=True), atol=0, rtol=0)
 
@@ -273,8 +273,10 @@ def test_opcheck():
     values, indices, boxes = make_inputs(6, 5, 7, 9, 50, seed=22, value_dtype=torch.float16,
                                          index_dtype=torch.int16)
     op = torch.ops.relabel_shards.label_pooling.default
+    flips = torch.tensor([True, False] * 3)
     for swap_xy in (False, True):
-        torch.library.opcheck(op, (values, indices, boxes, 50, swap_xy, True))
+        torch.library.opcheck(op, (values, indices, boxes, None, 50, [1, 1], swap_xy, True))
+        torch.library.opcheck(op, (values, indices, boxes, flips, 50, [3, 4], swap_xy, True))
 
 
 def test_torch_compile_fullgraph_cpu():
@@ -283,6 +285,11 @@ def test_torch_compile_fullgraph_cpu():
     compiled = torch.compile(LabelPooling(100), fullgraph=True)
     torch.testing.assert_close(compiled(values, indices, boxes),
                                reference_label_pooling(values, indices, boxes, 100), atol=TOL, rtol=0)
+    flips = torch.arange(16) % 3 == 0
+    tokens = torch.compile(LabelPooling(100, output_size=(7, 5)), fullgraph=True)
+    torch.testing.assert_close(tokens(values, indices, boxes, flips),
+                               reference_label_pooling(values, indices, boxes, 100, output_size=(7, 5),
+                                                       flips=flips), atol=TOL, rtol=0)
 
 
 # -------------------------------------------------------------------------------------------------- CUDA

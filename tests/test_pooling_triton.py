@@ -99,11 +99,62 @@ def test_deterministic():
     assert torch.equal(label_pooling(*args, backend="triton"), label_pooling(*args, backend="triton"))
 
 
+# -------------------------------------------------------------- output_size above 1x1: the bins kernel
+
+
+# The interpreter spends about 30 ms per bin: the 7x7 and 14x14 cases are marked slow (they run on a GPU in
+# benchmarks/gpu_check.sh with the compiled kernel).
+@pytest.mark.parametrize("shape, output_size, swap_xy", [
+    ((12, 2, 5, 6, 20), (2, 3), False),  # every edge box, a non-square grid on a non-square map
+    ((4, 3, 7, 5, 20), (3, 2), True),  # the official box order
+    pytest.param((12, 2, 5, 6, 20), 7, False, marks=pytest.mark.slow),  # every edge box, 7x7 bins
+    pytest.param((2, 2, 6, 6, 20), 14, True, marks=pytest.mark.slow),  # 14x14 bins (ViT-S/16 at 224 px)
+])
+def test_bins_edge_boxes(shape, output_size, swap_xy):
+    batch, k, h, w, c = shape
+    values, indices, boxes = make_inputs(batch, k, h, w, c, seed=sum(shape), value_dtype=torch.float16,
+                                         index_dtype=torch.int16)
+    flips = torch.arange(batch) % 2 == 1
+    got = label_pooling(values.to(DEVICE), indices.to(DEVICE), boxes.to(DEVICE), c, output_size=output_size,
+                        flips=flips.to(DEVICE), swap_xy=swap_xy, backend="triton").cpu()
+    want = reference_label_pooling(values, indices, boxes, c, output_size=output_size, flips=flips,
+                                   swap_xy=swap_xy)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+def test_bins_5x15x15_and_classes_above_one_block():
+    values, indices, boxes = make_inputs(1, 5, 15, 15, 3000, seed=47, palette=300)
+    boxes = torch.tensor([[0.1, 0.05, 0.8, 0.9]])
+    buf = torch.full((1, 2, 3, 3000), -1.0, device=DEVICE)
+    got = label_pooling(values.to(DEVICE), indices.to(DEVICE), boxes.to(DEVICE), 3000, output_size=(2, 3),
+                        backend="triton", out=buf).cpu()
+    want = reference_label_pooling(values, indices, boxes, 3000, output_size=(2, 3))
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("output_size", [1, 3])
+def test_non_finite_boxes_give_nan_rows(output_size):
+    # issue 12: the same behaviour as the PyTorch path (test_pooling_bins.py) when validation is off
+    values, indices, boxes = make_inputs(4, 2, 4, 4, 10, seed=48)
+    bad = boxes.clone()
+    bad[1, 0] = float("nan")
+    bad[2, 3] = float("inf")
+    got = label_pooling(values.to(DEVICE), indices.to(DEVICE), bad.to(DEVICE), 10, output_size=output_size,
+                        backend="triton", validate=False).cpu().reshape(4, -1)
+    assert got[1:3].isnan().all() and not got[[0, 3]].isnan().any()
+    torch.testing.assert_close(got, label_pooling(values, indices, bad, 10, output_size=output_size,
+                                                  backend="torch", validate=False).reshape(4, -1),
+                               atol=TOL, rtol=0, equal_nan=True)
+
+
 _AOT_SCRIPT = """
 import json, sys, torch
 from relabel_shards.pooling.triton_impl import compile_for_gpu
 out = [compile_for_gpu(torch.float16, torch.int16, 5, 15, 15, 1000, swap_xy=True),
-       compile_for_gpu(torch.bfloat16, torch.int64, 1, 1, 1, 3)]
+       compile_for_gpu(torch.bfloat16, torch.int64, 1, 1, 1, 3),
+       compile_for_gpu(torch.float16, torch.int16, 5, 15, 15, 1000, bins=True),
+       compile_for_gpu(torch.bfloat16, torch.int32, 5, 15, 15, 1000, swap_xy=True, bins=True, flips=False)]
 print(json.dumps(out))
 """
 

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 
 from relabel_shards.shards import ShardError, write_shard
-from relabel_shards.sources import decode_image, image_member, iter_shard_samples, open_source
+from relabel_shards.sources import (
+    DuplicateMemberError,
+    decode_image,
+    image_member,
+    iter_shard_samples,
+    open_source,
+    sample_key,
+)
 
 
 def _jpeg(seed: int, size=(24, 32)) -> bytes:
@@ -110,8 +117,50 @@ def test_missing_source_and_empty_folder(tmp_path):
 
 def test_duplicate_keys_name_both_paths(tmp_path):
     root = _folder(tmp_path / "d", {"a": ["same.jpg"], "b": ["same.png"]})
-    with pytest.raises(ValueError, match=r"duplicate sample key 'same': 'a/same\.jpg' and 'b/same\.png'"):
+    with pytest.raises(ValueError, match=r"duplicate sample key 'same': 'a/same\.jpg' and 'b/same\.png' "
+                                         r"\(.*use key_from='path' \(--key-from path\)"):
         open_source(str(root))
+
+
+@pytest.mark.parametrize("path, stem, whole", [
+    ("accordion/image_0001.jpg", "image_0001", "accordion_image_0001"),
+    ("n01440764/n01440764_10026.JPEG", "n01440764_10026", "n01440764_n01440764_10026"),
+    ("a/b/c.d.png", "c_d", "a_b_c_d"),
+    ("./v1.2/x y.jpg", "x_y", "v1_2_x_y"),
+    ("img.jpg", "img", "img"),
+    ("s3://bucket/cls/img.jpg", "img", "bucket_cls_img"),
+    ("c:\\data\\cls\\img.jpg", "img", "c__data_cls_img"),
+])
+def test_sample_key_rules(path, stem, whole):
+    """The documented mapping (sources.py): stem = file name; path = relative path, '/' -> '_'."""
+    assert sample_key(path) == sample_key(path, "stem") == stem
+    assert sample_key(path, "path") == whole
+    assert "." not in whole
+    with pytest.raises(ValueError, match=r"key_from must be one of \['stem', 'path'\], got 'name'"):
+        sample_key(path, "name")
+
+
+def test_repeated_file_names_across_classes_with_key_from_path(tmp_path):
+    """Caltech-101 style: every class has image_0001.jpg. Fatal by stem; unique keys by path."""
+    root = _folder(tmp_path / "caltech", {"accordion": ["image_0001.jpg", "image_0002.jpg"],
+                                          "airplanes": ["image_0001.jpg"], "anchor": ["image_0001.jpg"]})
+    with pytest.raises(ValueError, match="duplicate sample key 'image_0001'"):
+        open_source(str(root))
+    src = open_source(str(root), key_from="path")
+    assert [(it.key, it.source, it.label) for it in src.items] == [
+        ("accordion_image_0001", "accordion/image_0001.jpg", 0),
+        ("accordion_image_0002", "accordion/image_0002.jpg", 0),
+        ("airplanes_image_0001", "airplanes/image_0001.jpg", 1),
+        ("anchor_image_0001", "anchor/image_0001.jpg", 2),
+    ]
+    listed = tmp_path / "list.txt"
+    listed.write_text("caltech/accordion/image_0001.jpg\t0\ncaltech/anchor/image_0001.jpg\t2\n")
+    assert [it.key for it in open_source(str(listed), key_from="path").items] == [
+        "caltech_accordion_image_0001", "caltech_anchor_image_0001"]
+    # a path rule collision (a_b/c vs a/b_c) is still an error naming both, never a silent merge
+    clash = _folder(tmp_path / "clash", {"a_b": ["c.jpg"], "a": ["b_c.jpg"]})
+    with pytest.raises(ValueError, match=r"duplicate sample key 'a_b_c': 'a/b_c\.jpg' and 'a_b/c\.jpg'"):
+        open_source(str(clash), key_from="path")
 
 
 def test_shard_sources_brace_list_and_missing(tmp_path):
@@ -196,3 +245,21 @@ def test_decode_image_reasons():
         decode_image(b"definitely not an image")
     with pytest.raises(ValueError, match="cannot decode image"):
         decode_image(_jpeg(2, size=(64, 64))[:300])
+
+
+def test_iter_shard_samples_repeated_member_is_an_error_or_reported(tmp_path):
+    samples = [
+        [("a.jpg", b"1"), ("a.cls", b"0")],
+        [("b.jpg", b"2"), ("b.cls", b"1"), ("b.jpg", b"other")],  # b.jpg twice
+        [("c.jpg", b"3"), ("c.cls", b"2")],
+        [("c.jpg", b"4"), ("c.cls", b"3")],  # a second sample with c's key, next to it
+        [("d.jpg", b"5")],
+    ]
+    write_shard(str(tmp_path), "rep.tar", samples)
+    url = str(tmp_path / "rep.tar")
+    with pytest.raises(DuplicateMemberError, match=r"rep\.tar: key 'b': member 'b\.jpg' repeats an exten"):
+        list(iter_shard_samples(url))
+    seen: list[DuplicateMemberError] = []
+    got = list(iter_shard_samples(url, on_duplicate=seen.append))
+    assert [k for k, _ in got] == ["a", "d"]  # the ambiguous samples are left out whole
+    assert [(e.url, e.key, e.member) for e in seen] == [(url, "b", "b.jpg"), (url, "c", "c.jpg")]

@@ -232,3 +232,52 @@ def test_declared_map_shapes_are_accepted(tmp_path):
     (tmp_path / "a" / INFO_NAME).write_text(json.dumps(info))
     text = "\n".join(verify_shards(str(tmp_path / "a")).problems)
     assert "label maps differ in shape across the split (k=3 4x6 C=10: 1, k=3 4x5 C=10: 1)" in text
+
+
+def test_duplicates_across_many_shards_are_each_named_with_the_first_shard(tmp_path):
+    # keys are tracked as 64-bit hashes (bounded memory at 13M keys); a duplicate is still named by key
+    make_dataset(tmp_path, num_samples=8, shard_size=2)  # img000..img007 in 4 shards
+
+    def rename(old, new):
+        return lambda samples: [[(n.replace(old, new), d) for n, d in s] for s in samples]
+
+    rewrite_shard(tmp_path, "train-000002.tar", rename("img004", "img001"))
+    rewrite_shard(tmp_path, "train-000003.tar", rename("img007", "img001"))
+    problems = verify_shards(str(tmp_path)).problems
+    assert sorted(p for p in problems if "duplicate" in p) == [
+        "train-000002.tar: key 'img001': duplicate key, already in train-000000.tar",
+        "train-000003.tar: key 'img001': duplicate key, already in train-000000.tar",
+    ]
+
+
+def test_build_from_input_shards_without_json_passes_verify(tmp_path):
+    """build passes input shards' members through as they are: with no .json in the input there is none in
+    the output, and verify checks what build promises for that kind of source (it used to say "missing .json
+    member" on every sample of such a healthy build)."""
+    import io
+
+    from PIL import Image
+
+    from relabel_shards.build import build_shards
+
+    def jpeg(i: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((24, 32, 3), 40 * i, np.uint8)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    src = tmp_path / "in"
+    for si in range(2):
+        write_shard(str(src), f"in-{si:06d}.tar", [[(f"k{si}{j}.jpg", jpeg(j)), (f"k{si}{j}.cls", b"1")]
+                                                    for j in range(2)])
+    out = tmp_path / "ds"
+    build_shards(str(src / "in-{000000..000001}.tar"), str(out), model="test_efficientnet", input_size=64,
+                 num_workers=0)
+    info = json.loads((out / INFO_NAME).read_text())
+    assert info["splits"]["train"]["relabel_shards"]["source"]["kind"] == "shards"
+    report = verify_shards(str(out))
+    assert report.ok and report.samples == 4, report.problems
+    # the rule follows the source kind: where build writes .json itself (folder, list), it is required
+    info["splits"]["train"]["relabel_shards"]["source"]["kind"] = "folder"
+    (out / INFO_NAME).write_text(json.dumps(info))
+    report = verify_shards(str(out))
+    assert report.problems[0] == "train-000000.tar: key 'k00': missing .json member (members: cls, jpg, rlm)"

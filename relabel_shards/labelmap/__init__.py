@@ -3,8 +3,10 @@ the byte layout (this package).
 
 A record holds ``values[k, h, w]`` (raw logits) and ``indices[k, h, w]`` (class indices) of one image and
 ``num_classes``. It is a 32-byte little-endian header (magic, version, codecs, k, h, w, palette size,
-num_classes, quantization step, payload size, CRC-32) followed by one zstandard frame. ``docs/FORMAT.md``
-specifies every byte. Encodings (a closed table, :data:`ENCODINGS`):
+num_classes, quantization step, payload size, CRC-32), in format version 2 optionally an image binding
+(:class:`ImageBinding`: the size and sha256 of the image file and the width and height that were annotated,
+48 bytes), then one zstandard frame. ``docs/FORMAT.md`` specifies every byte. Encodings (a closed table,
+:data:`ENCODINGS`):
 
 - ``"compact"`` (default): a palette of the classes present, each element a reference to the previous
   cell's ranks or a palette position; values quantized to a fixed step (0.01 logit) and coded as a 2-D
@@ -48,8 +50,11 @@ from relabel_shards.labelmap._header import (
     MAX_CLASSES,
     MAX_DIM,
     MAX_ELEMENTS,
+    MAX_STEP,
     VALUE_CODECS,
     VERSION,
+    VERSIONS,
+    ImageBinding,
     LabelMap,
     LabelMapError,
     LabelMapHeader,
@@ -66,6 +71,7 @@ from relabel_shards.labelmap._header import _sizes as _sizes
 
 # Tracebacks and pickles name the public path, as before the split into modules.
 LabelMapError.__module__ = __name__
+ImageBinding.__module__ = __name__
 
 __all__ = [
     "DEFAULT_LEVEL",
@@ -78,8 +84,11 @@ __all__ = [
     "MAX_CLASSES",
     "MAX_DIM",
     "MAX_ELEMENTS",
+    "MAX_STEP",
     "VALUE_CODECS",
     "VERSION",
+    "VERSIONS",
+    "ImageBinding",
     "LabelMap",
     "LabelMapError",
     "LabelMapHeader",

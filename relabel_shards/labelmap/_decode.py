@@ -5,12 +5,13 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
+from typing import Any
 
 import numpy as np
 import zstandard  # at import, so forked DataLoader workers inherit it instead of importing it each epoch
 
 from relabel_shards.labelmap._codec import _decode_indices, _decode_quantized, _unplanes
-from relabel_shards.labelmap._header import HEADER_SIZE, LabelMap, LabelMapError, _bytes_view, _parse_header
+from relabel_shards.labelmap._header import LabelMap, LabelMapError, _bytes_view, _parse_header
 
 _local = threading.local()  # zstd contexts are not thread-safe: one per thread
 
@@ -51,33 +52,81 @@ def _zstd_frame_end(buf: memoryview, start: int) -> int:
     return pos + (4 if fhd & 0x04 else 0)
 
 
-def decode_label_map(data: bytes | bytearray | memoryview) -> LabelMap:
+def _expected_geometry(expect: Any) -> tuple[int, int, int, int]:
+    """``expect`` as (k, h, w, C): a 4-tuple, or an object with ``k``, ``height``, ``width``, ``num_classes``
+    (a :class:`LabelMapHeader` or :class:`LabelMap`)."""
+    if all(hasattr(expect, a) for a in ("k", "height", "width", "num_classes")):
+        geometry = (expect.k, expect.height, expect.width, expect.num_classes)
+    else:
+        try:
+            geometry = tuple(expect)
+        except TypeError:
+            geometry = ()
+    if len(geometry) != 4 or not all(hasattr(g, "__index__") and not isinstance(g, bool) for g in geometry):
+        raise TypeError(
+            "expect must be (k, h, w, num_classes) ints or a LabelMapHeader-like object with k, height, "
+            f"width and num_classes, got {expect!r}"
+        )
+    return tuple(int(g) for g in geometry)  # type: ignore[return-value]
+
+
+def decode_label_map(
+    data: bytes | bytearray | memoryview, *, expect: Any = None, max_elements: int | None = None
+) -> LabelMap:
     """Decode a record made by :func:`encode_label_map`.
 
     About 50 us for a real 5x15x15 ``compact`` record on the 2-core test machine, every check of
     docs/FORMAT.md included; half the time of the decoder before it (``benchmarks/bench_labelmap.py``).
 
+    A reader that knows what its records must look like (a dataset's k, h, w and C, from ``_info.json``)
+    passes ``expect`` or ``max_elements``: a record that disagrees is then rejected from its header, before
+    anything is decompressed or allocated, so a small hostile record that declares a huge map costs
+    microseconds, not the hundreds of MB and seconds of decoding it first.
+
     Args:
         data: the record's bytes (a whole ``.rlm`` member).
+        expect: None, or the geometry every record must have: ``(k, h, w, num_classes)``, or an object with
+            attributes ``k``, ``height``, ``width``, ``num_classes`` (a :class:`LabelMapHeader`).
+        max_elements: None, or the largest ``k * h * w`` accepted (at most ``MAX_ELEMENTS``, the format's
+            own bound, which always applies).
 
     Returns:
-        :class:`LabelMap` with ``values`` [k, h, w] (float32; float16 for the float16 encoding) and
-        ``indices`` [k, h, w] (int16 when num_classes <= 32767, else int32), both fresh writable arrays.
+        :class:`LabelMap` with ``values`` [k, h, w] (float32; float16 for the float16 encoding),
+        ``indices`` [k, h, w] (int16 when num_classes <= 32767, else int32), both fresh writable arrays, and
+        ``image``, the record's :class:`ImageBinding` or None.
 
     Raises:
-        LabelMapError: anything wrong with the record; the message says what.
+        LabelMapError: anything wrong with the record, including a geometry other than ``expect`` or more
+            than ``max_elements`` elements; the message says what.
+        TypeError, ValueError: ``expect`` or ``max_elements`` malformed.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise LabelMapError(f"bad label-map record: expected bytes, got {type(data).__name__}")
+    geometry = None if expect is None else _expected_geometry(expect)
+    if max_elements is not None and (
+        isinstance(max_elements, bool) or not hasattr(max_elements, "__index__") or max_elements < 1
+    ):
+        raise ValueError(f"max_elements must be None or an int >= 1, got {max_elements!r}")
     buf = _bytes_view(data)
-    vc, ic, flags, k, h, w, m, c, step, size = _parse_header(buf)
+    vc, ic, flags, k, h, w, m, c, step, size, image, start = _parse_header(buf)
     crc = struct.unpack_from("<I", buf, 28)[0]
-    frame = buf[HEADER_SIZE:]
-    if zlib.crc32(frame, zlib.crc32(buf[:28])) != crc:
+    if zlib.crc32(buf[32:], zlib.crc32(buf[:28])) != crc:
         raise LabelMapError(f"bad label-map record: CRC-32 mismatch ({len(buf)} bytes; corrupt or truncated)")
-    end = _zstd_frame_end(buf, HEADER_SIZE)
+    # The header is intact (CRC): judge its geometry before decompressing anything.
+    if geometry is not None and (k, h, w, c) != geometry:
+        raise LabelMapError(
+            f"bad label-map record: its geometry k, h, w, num_classes = {k}, {h}, {w}, {c} differs from the "
+            f"expected {', '.join(map(str, geometry))}"
+        )
+    if max_elements is not None and k * h * w > max_elements:
+        raise LabelMapError(
+            f"bad label-map record: k*h*w = {k}*{h}*{w} = {k * h * w} elements exceeds max_elements="
+            f"{int(max_elements)}"
+        )
+    end = _zstd_frame_end(buf, start)
     if end != len(buf):
         raise LabelMapError(f"bad label-map record: the zstd frame ends at byte {end} of {len(buf)}")
+    frame = buf[start:]
     try:
         declared = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as e:
@@ -101,4 +150,4 @@ def decode_label_map(data: bytes | bytearray | memoryview) -> LabelMap:
         values = _unplanes(p, off, n, 4 if vc == 1 else 2).view(_FLOAT[vc]).reshape(k, h, w)
         if not np.isfinite(values).all():
             raise LabelMapError("bad label-map record: NaN or infinite values")
-    return LabelMap(values=values, indices=indices, num_classes=c)
+    return LabelMap(values=values, indices=indices, num_classes=c, image=image)

@@ -12,15 +12,19 @@ import numpy as np
 from relabel_shards.labelmap._codec import _neighbour_refs, _planes, _pred2d, _width_code, _zigzag
 from relabel_shards.labelmap._header import (
     _WIDTH_CODES,
+    BINDING,
     DEFAULT_LEVEL,
     ENCODINGS,
+    FLAG_IMAGE,
     HEADER,
     MAGIC,
     MAX_ABS_Q,
     MAX_CLASSES,
     MAX_DIM,
     MAX_ELEMENTS,
+    MAX_STEP,
     VERSION,
+    ImageBinding,
     _ref_width,
     _sizes,
 )
@@ -56,6 +60,7 @@ def encode_label_map(
     encoding: str = "compact",
     level: int = DEFAULT_LEVEL,
     step: float | None = None,
+    image: ImageBinding | None = None,
 ) -> bytes:
     """Encode one label map as a record (docs/FORMAT.md).
 
@@ -67,7 +72,9 @@ def encode_label_map(
             bit-exact).
         level: zstandard level, in [1, 22].
         step: ``compact`` only: the quantization step in logits (default 0.01); every value is stored as
-            the nearest multiple of it. Finite, > 0.
+            the nearest multiple of it. Finite, in (0, 2**99].
+        image: the image the map was made from (:meth:`ImageBinding.of`), stored in the record (format
+            version 2). None writes a version-1 record without one, byte-identical to earlier writers.
 
     Returns:
         The record's bytes.
@@ -84,8 +91,10 @@ def encode_label_map(
     if step is not None and value_codec != 3:
         raise ValueError(f"step applies to encoding='compact' only, got step={step!r} with {encoding!r}")
     step = float(default_step if step is None else step)
-    if value_codec == 3 and not (np.isfinite(step) and step > 0 and np.float32(step) > 0):
-        raise ValueError(f"step must be a finite float > 0, got {step!r}")
+    if value_codec == 3 and not (np.isfinite(step) and step > 0 and 0 < np.float32(step) <= MAX_STEP):
+        raise ValueError(f"step must be a finite float in (0, 2**99], got {step!r}")
+    if image is not None and not isinstance(image, ImageBinding):
+        raise TypeError(f"image must be an ImageBinding or None, got {type(image).__name__}")
     step = float(np.float32(step))  # the decoder sees the float32 in the header: quantize with that
     if (
         isinstance(num_classes, bool)
@@ -166,9 +175,13 @@ def encode_label_map(
     payload = b"".join(parts)
     assert len(payload) == _sizes(k, h, w, num_classes, value_codec, index_codec, m, flags)
     frame = _compressor(level).compress(payload)
+    binding = b""
+    if image is not None:
+        flags |= FLAG_IMAGE
+        binding = BINDING.pack(image.size, image.sha256, image.width, image.height)
     head = HEADER.pack(
         MAGIC,
-        VERSION,
+        VERSION if image is not None else 1,
         value_codec,
         index_codec,
         flags,
@@ -181,5 +194,5 @@ def encode_label_map(
         len(payload),
         0,
     )
-    crc = zlib.crc32(frame, zlib.crc32(head[:28]))
-    return head[:28] + struct.pack("<I", crc) + frame
+    crc = zlib.crc32(frame, zlib.crc32(binding, zlib.crc32(head[:28])))
+    return head[:28] + struct.pack("<I", crc) + binding + frame

@@ -9,9 +9,56 @@ out-of-range indices are then ignored (they add nothing to any class) instead of
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
+
 import torch
 
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def as_num_classes(num_classes: object) -> int:
+    """``num_classes`` as a Python int: any integer type (``int``, ``numpy.int64``, a 0-d integer tensor), not
+    bool or float; ``TypeError`` otherwise. Range checks are :func:`check_inputs`'s."""
+    if isinstance(num_classes, bool) or (isinstance(num_classes, torch.Tensor)
+                                         and num_classes.dtype == torch.bool):
+        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}")
+    try:
+        return operator.index(num_classes)
+    except TypeError:
+        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}") from None
+
+
+def as_output_size(output_size: object) -> tuple[int, int]:
+    """``output_size`` (an int or a pair ``(oh, ow)``) as ``(oh, ow)`` of positive Python ints."""
+    bad = ValueError(f"output_size must be a positive int or a pair (oh, ow) of positive ints, got "
+                     f"{output_size!r}")
+    try:
+        if isinstance(output_size, Sequence) and not isinstance(output_size, str):
+            if len(output_size) != 2:
+                raise bad
+            oh, ow = (operator.index(x) for x in output_size)
+        else:
+            oh = ow = operator.index(output_size)
+    except TypeError:
+        raise bad from None
+    if isinstance(output_size, bool) or oh < 1 or ow < 1:
+        raise bad
+    return int(oh), int(ow)
+
+
+def check_flips(flips: torch.Tensor | None, batch: int, device: torch.device) -> None:
+    """``flips`` is None or a bool Tensor[B] on the inputs' device (the loader's ``batch["flips"]``)."""
+    if flips is None:
+        return
+    if not isinstance(flips, torch.Tensor):
+        raise TypeError(f"flips must be a torch.Tensor or None, got {type(flips).__name__}")
+    if flips.dtype != torch.bool:
+        raise TypeError(f"flips must be a bool tensor (the loader's batch['flips']), got {flips.dtype}")
+    if flips.shape != (batch,):
+        raise ValueError(f"flips must have shape [B] = [{batch}], got shape {tuple(flips.shape)}")
+    if flips.device != device:
+        raise ValueError(f"flips must be on the values' device {device}, got {flips.device}")
 
 
 def check_inputs(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, num_classes: int) -> None:
@@ -59,8 +106,9 @@ def resolve_validate(validate: bool | None, device: torch.device) -> bool:
     return bool(validate)
 
 
-def check_data(indices: torch.Tensor, boxes: torch.Tensor, num_classes: int) -> None:
-    """Raise ``ValueError`` if a class index is outside ``[0, num_classes)`` or a box is not finite.
+def check_data(indices: torch.Tensor, boxes: torch.Tensor, num_classes: int,
+               values: torch.Tensor | None = None) -> None:
+    """Raise ``ValueError`` if a class index is outside ``[0, num_classes)``, a box or a value is not finite.
 
     Reads the data: on CUDA this synchronizes with the device once.
     """
@@ -71,3 +119,7 @@ def check_data(indices: torch.Tensor, boxes: torch.Tensor, num_classes: int) -> 
             raise ValueError(f"indices must be in [0, num_classes={num_classes}), got a class index {bad}")
     if boxes.numel() and not bool(torch.isfinite(boxes).all()):
         raise ValueError(f"boxes must be finite, got {boxes[~torch.isfinite(boxes).all(1)][0].tolist()}")
+    if values is not None and values.numel() and not bool(torch.isfinite(values).all()):
+        bad = (~torch.isfinite(values)).reshape(values.shape[0], -1).any(1).nonzero()[0, 0]
+        raise ValueError(f"values must be finite (label-map logits), got a non-finite value in image "
+                         f"{int(bad)} of the batch")

@@ -68,6 +68,44 @@ def _axis_weights(start, end, size, S: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _finite_box(x1, y1, x2, y2):
+    """The box, with a non-finite one replaced by the whole image, and whether it was finite."""
+    inf = float("inf")
+    finite = (tl.abs(x1) < inf) & (tl.abs(y1) < inf) & (tl.abs(x2) < inf) & (tl.abs(y2) < inf)
+    return (tl.where(finite, x1, 0.0), tl.where(finite, y1, 0.0), tl.where(finite, x2, 1.0),
+            tl.where(finite, y2, 1.0), finite)
+
+
+@triton.jit
+def _bin_weights(start, end, p, bins, size, S: tl.constexpr, BLOCK: tl.constexpr):
+    """Weights [BLOCK] of bin ``p`` of ``bins`` along one axis; see torch_impl.bin_axis_weights."""
+    roi = tl.maximum(end - start, 1.0)
+    bin_size = tl.math.div_rn(roi, bins.to(tl.float32))
+    g_int = bin_size.to(tl.int32)  # bin_size > 0, so truncation is floor
+    grid = tl.where(g_int.to(tl.float32) < bin_size, g_int + 1, g_int).to(tl.float32)  # ceil(roi / bins)
+    bin_start = start + p.to(tl.float32) * bin_size
+    step = tl.math.div_rn(bin_size, grid)
+    t = tl.math.div_rn(-1.0 - bin_start, step) - 0.5
+    t = tl.minimum(tl.maximum(t, 0.0), 16777216.0)
+    first = tl.maximum(t.to(tl.int32) - 1, 0).to(tl.float32)
+    i = first + tl.arange(0, S).to(tl.float32)
+    y = bin_start + tl.math.div_rn((i + 0.5) * bin_size, grid)
+    valid = (i < grid) & (y >= -1.0) & (y <= size.to(tl.float32))
+    y = tl.minimum(tl.maximum(y, 0.0), size.to(tl.float32))
+    low = y.to(tl.int32)
+    last = low >= size - 1
+    frac = tl.where(last, 0.0, y - low.to(tl.float32))
+    low = tl.where(last, size - 1, low)
+    high = tl.where(last, low, low + 1)
+    w_low = tl.where(valid, 1.0 - frac, 0.0)
+    w_high = tl.where(valid, frac, 0.0)
+    cells = tl.arange(0, BLOCK)
+    wts = (tl.where(low[:, None] == cells[None, :], w_low[:, None], 0.0)
+           + tl.where(high[:, None] == cells[None, :], w_high[:, None], 0.0))  # [S, BLOCK]
+    return tl.math.div_rn(tl.sum(wts, axis=0), tl.zeros([BLOCK], tl.float32) + grid)
+
+
+@triton.jit
 def _sort(x, N: tl.constexpr, LOG_N: tl.constexpr):
     """Ascending bitonic sort of an integer tensor [N] (N = 2**LOG_N), viewed as a [2] * LOG_N hypercube.
 
@@ -107,6 +145,7 @@ def _label_pooling_kernel(values_ptr, indices_ptr, boxes_ptr, out_ptr,
     y1 = tl.load(box + box_sc).to(tl.float32)
     x2 = tl.load(box + 2 * box_sc).to(tl.float32)
     y2 = tl.load(box + 3 * box_sc).to(tl.float32)
+    x1, y1, x2, y2, finite = _finite_box(x1, y1, x2, y2)
     wf = W.to(tl.float32)
     if SWAP_XY:  # the official (y1, x1, y2, x2) box read as (x1, y1, x2, y2), both scaled by w
         wy = _axis_weights(x1 * wf - 0.5, x2 * wf - 0.5, H, S_H, H_BLOCK)
@@ -154,6 +193,7 @@ def _label_pooling_kernel(values_ptr, indices_ptr, boxes_ptr, out_ptr,
     m = tl.where(n_present < C, tl.maximum(m, 0.0), m)
     e = tl.where(first, tl.exp(total - m), 0.0)
     z = tl.sum(e, axis=0) + (C - n_present).to(tl.float32) * tl.exp(0.0 - m)
+    z = tl.where(finite, z, float("nan"))  # a non-finite box: a row of NaN, as the PyTorch path
     base = tl.exp(0.0 - m) / z
 
     row = out_ptr + b * out_sb
@@ -162,6 +202,86 @@ def _label_pooling_kernel(values_ptr, indices_ptr, boxes_ptr, out_ptr,
         tl.store(row + cc, tl.zeros([C_BLOCK], tl.float32) + base, mask=cc < C)
     tl.debug_barrier()  # the row is written before the present classes overwrite their entries
     tl.store(row + cls, e / z, mask=first)
+
+
+# One program per (image, row of bins): it sorts the image's keys once (as the 1x1 kernel) and then, for each
+# bin of its row, weights the sorted contributions with that bin's row x column weights, sums each class run
+# and writes the bin's softmax row. The redundant sort per row buys oh times the parallelism of one program
+# per image.
+@triton.jit(do_not_specialize=["v_sb", "v_sk", "v_sh", "v_sw", "i_sb", "i_sk", "i_sh", "i_sw",
+                               "box_sb", "box_sc", "flip_sb", "out_sb", "K", "H", "W", "C", "OH", "OW"])
+def _label_pooling_bins_kernel(values_ptr, indices_ptr, boxes_ptr, flips_ptr, out_ptr,
+                               v_sb, v_sk, v_sh, v_sw, i_sb, i_sk, i_sh, i_sw, box_sb, box_sc, flip_sb,
+                               out_sb,
+                               K, H, W, C, OH, OW,
+                               SWAP_XY: tl.constexpr, HAS_FLIPS: tl.constexpr, K_BLOCK: tl.constexpr,
+                               H_BLOCK: tl.constexpr, W_BLOCK: tl.constexpr, LOG_N: tl.constexpr,
+                               S_H: tl.constexpr, S_W: tl.constexpr, C_BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    ph = tl.program_id(1)
+    box = boxes_ptr + b * box_sb
+    x1 = tl.load(box).to(tl.float32)
+    y1 = tl.load(box + box_sc).to(tl.float32)
+    x2 = tl.load(box + 2 * box_sc).to(tl.float32)
+    y2 = tl.load(box + 3 * box_sc).to(tl.float32)
+    x1, y1, x2, y2, finite = _finite_box(x1, y1, x2, y2)
+    wf = W.to(tl.float32)
+    if SWAP_XY:  # the official (y1, x1, y2, x2) box read as (x1, y1, x2, y2), both scaled by w
+        rs, re, cs, ce = x1 * wf - 0.5, x2 * wf - 0.5, y1 * wf - 0.5, y2 * wf - 0.5
+    else:
+        hf = H.to(tl.float32)
+        rs, re, cs, ce = y1 * hf - 0.5, y2 * hf - 0.5, x1 * wf - 0.5, x2 * wf - 0.5
+    wy = _bin_weights(rs, re, ph, OH, H, S_H, H_BLOCK)
+
+    kk = tl.arange(0, K_BLOCK)[:, None, None]
+    rr = tl.arange(0, H_BLOCK)[None, :, None]
+    qq = tl.arange(0, W_BLOCK)[None, None, :]
+    inside = (kk < K) & (rr < H) & (qq < W)
+    val = tl.load(values_ptr + b * v_sb + kk * v_sk + rr * v_sh + qq * v_sw, mask=inside, other=0.0)
+    val = val.to(tl.float32)
+    idx = tl.load(indices_ptr + b * i_sb + kk * i_sk + rr * i_sh + qq * i_sw, mask=inside, other=-1)
+    idx = idx.to(tl.int64)
+    ok = inside & (idx >= 0) & (idx < C)
+    N: tl.constexpr = K_BLOCK * H_BLOCK * W_BLOCK
+    flat = kk * (H_BLOCK * W_BLOCK) + rr * W_BLOCK + qq
+    keys = tl.where(ok, idx.to(tl.int32) * N, C * N) + flat
+    keys = _sort(tl.reshape(keys, [N]), N, LOG_N)
+    cls = keys >> LOG_N
+    where = keys & (N - 1)  # each sorted entry's flat position
+    pos = tl.arange(0, N)
+    prev = tl.gather(cls, tl.maximum(pos - 1, 0), 0)
+    is_start = (pos == 0) | (cls != prev)
+    end = pos
+    for t in tl.static_range(LOG_N):
+        cand = tl.minimum(end + (N >> (t + 1)), N - 1)
+        end = tl.where(tl.gather(cls, cand, 0) == cls, cand, end)
+    first = is_start & (cls < C)
+    n_present = tl.sum(first.to(tl.int32), axis=0)
+    absent = (C - n_present).to(tl.float32)
+
+    flipped = 0
+    if HAS_FLIPS:
+        flipped = tl.load(flips_ptr + b * flip_sb).to(tl.int32)
+    for pw in range(0, OW):
+        src = tl.where(flipped != 0, OW - 1 - pw, pw)  # a mirrored crop: bins right to left
+        wx = _bin_weights(cs, ce, src, OW, W, S_W, W_BLOCK)
+        contrib = val * (wy[None, :, None] * wx[None, None, :])
+        part = tl.gather(tl.reshape(contrib, [N]), where, 0).to(tl.float64)
+        prefix = tl.cumsum(part, 0)
+        total = (tl.gather(prefix, end, 0) - (prefix - part)).to(tl.float32)
+        m = tl.max(tl.where(first, total, float("-inf")), axis=0)
+        m = tl.where(n_present < C, tl.maximum(m, 0.0), m)
+        e = tl.where(first, tl.exp(total - m), 0.0)
+        z = tl.sum(e, axis=0) + absent * tl.exp(0.0 - m)
+        z = tl.where(finite, z, float("nan"))
+        base = tl.exp(0.0 - m) / z
+        row = out_ptr + b * out_sb + (ph * OW + pw).to(tl.int64) * C
+        for c0 in range(0, C, C_BLOCK):
+            cc = c0 + tl.arange(0, C_BLOCK)
+            tl.store(row + cc, tl.zeros([C_BLOCK], tl.float32) + base, mask=cc < C)
+        tl.debug_barrier()
+        tl.store(row + cls, e / z, mask=first)
+        tl.debug_barrier()  # the next bin's row starts after this one is complete
 
 
 _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -198,7 +318,9 @@ def supports(k: int, h: int, w: int, num_classes: int) -> bool:
 
 
 def label_pooling_triton(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, num_classes: int,
-                         swap_xy: bool = False, num_warps: int | None = None) -> torch.Tensor:
+                         swap_xy: bool = False, num_warps: int | None = None, *,
+                         output_size: tuple[int, int] = (1, 1), flips: torch.Tensor | None = None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the fused kernel; inputs are assumed checked (``_checks.check_inputs``).
 
     Args:
@@ -208,9 +330,13 @@ def label_pooling_triton(values: torch.Tensor, indices: torch.Tensor, boxes: tor
         num_classes: C.
         swap_xy: the official box order.
         num_warps: override the default of :func:`launch_config` (for tuning).
+        output_size: ``(oh, ow)`` bins; ``(1, 1)`` runs the one-program-per-image kernel.
+        flips: Tensor[B] bool or None: mirror image b's bins left to right (ignored for 1x1).
+        out: optional contiguous float32 result tensor to write into.
 
     Returns:
-        Tensor[B, C] float32 probabilities on the inputs' device.
+        Tensor[B, C] float32 probabilities for 1x1, else Tensor[B, oh, ow, C], on the inputs' device; a
+        non-finite box gives its image NaN.
 
     Raises:
         ValueError: the map and class count are too large for the kernel's keys (see :func:`supports`).
@@ -220,7 +346,11 @@ def label_pooling_triton(values: torch.Tensor, indices: torch.Tensor, boxes: tor
         raise ValueError(f"the Triton kernel needs (num_classes + 1) * N <= 2**30 with N = k * h * w padded "
                          f"to powers of two; got num_classes={num_classes} for a [{k}, {h}, {w}] map: "
                          "use backend='torch'")
-    out = torch.empty(batch, num_classes, dtype=torch.float32, device=values.device)
+    oh, ow = output_size
+    one = oh == 1 and ow == 1
+    shape = (batch, num_classes) if one else (batch, oh, ow, num_classes)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=values.device)
     if batch == 0:
         return out
     if values.dtype == torch.float64 or (values.dtype == torch.bfloat16 and interpreter_active()):
@@ -230,6 +360,16 @@ def label_pooling_triton(values: torch.Tensor, indices: torch.Tensor, boxes: tor
     if boxes.dtype != torch.float32:
         boxes = boxes.to(torch.float32)
     constants, warps = launch_config(k, h, w, num_classes, swap_xy, num_warps)
+    if not one:
+        has_flips = flips is not None
+        fl = flips.to(torch.uint8) if has_flips else boxes  # a placeholder pointer when there are no flips
+        _label_pooling_bins_kernel[(batch, oh)](
+            values, indices, boxes, fl, out,
+            *values.stride(), *indices.stride(), *boxes.stride(), fl.stride(0), out.stride(0),
+            k, h, w, num_classes, oh, ow,
+            HAS_FLIPS=has_flips, **constants, num_warps=warps, enable_fp_fusion=False,
+        )
+        return out
     _label_pooling_kernel[(batch,)](
         values, indices, boxes, out,
         *values.stride(), *indices.stride(), *boxes.stride(), out.stride(0),
@@ -244,11 +384,13 @@ _TRITON_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32:
 
 
 def compile_for_gpu(value_dtype: torch.dtype, index_dtype: torch.dtype, k: int, h: int, w: int,
-                    num_classes: int, swap_xy: bool = False, arch: int = 90) -> dict:
+                    num_classes: int, swap_xy: bool = False, arch: int = 90, *, bins: bool = False,
+                    flips: bool = True) -> dict:
     """Compile the kernel ahead of time for an NVIDIA GPU (no GPU or driver needed) and describe the result.
 
     Catches what the interpreter can not: Triton front-end rules, MLIR/LLVM lowering and ptxas errors. Needs
     ``TRITON_INTERPRET`` unset when this module is imported (the interpreter replaces the kernel object).
+    ``bins=True`` compiles the kernel for an output grid above 1x1 (``flips``: with the flips pointer).
 
     Returns:
         ``{"ptx_bytes", "cubin_bytes", "shared_bytes", "num_warps"}``.
@@ -256,13 +398,14 @@ def compile_for_gpu(value_dtype: torch.dtype, index_dtype: torch.dtype, k: int, 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = _label_pooling_kernel
+    kernel = _label_pooling_bins_kernel if bins else _label_pooling_kernel
     names = kernel.arg_names
     constants, warps = launch_config(k, h, w, num_classes, swap_xy)
-    signature = {"values_ptr": _TRITON_TYPES[value_dtype], "indices_ptr": _TRITON_TYPES[index_dtype],
-                 "boxes_ptr": "*fp32", "out_ptr": "*fp32"}
-    signature.update({name: "i32" for name in names[4:] if name not in constants})
-    signature.update({name: "constexpr" for name in constants})
+    pointers = {"values_ptr": _TRITON_TYPES[value_dtype], "indices_ptr": _TRITON_TYPES[index_dtype],
+                "boxes_ptr": "*fp32", "out_ptr": "*fp32", "flips_ptr": "*u8"}
+    if bins:
+        constants["HAS_FLIPS"] = bool(flips)
+    signature = {name: "constexpr" if name in constants else pointers.get(name, "i32") for name in names}
     src = ASTSource(fn=kernel, signature=signature,
                     constexprs={(names.index(name),): value for name, value in constants.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),

@@ -6,6 +6,7 @@ import io
 import itertools
 import json
 import random
+import tarfile
 import time
 
 import numpy as np
@@ -221,3 +222,36 @@ def test_resume_reads_again_only_what_it_needs():
     assert 1 <= len(state["buffered"]) <= 8 and len(state["open"]) <= 3
     assert sum(read.values()) <= unread + buffered + 3 * 10240  # + tarfile's read-ahead per reopened shard
     assert sum(read.values()) < whole_shards
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_tap_finds_each_sample_start_as_tarfile_does(fmt):
+    """Long names (pax records, GNU long-name headers, ustar prefixes), non-ASCII names, empty members."""
+    from relabel_shards.stream import _TarTap
+    from relabel_shards.tarstream import iter_tar_samples
+
+    long_dir = "d" * 60 + "/" + "e" * 60 if fmt == tarfile.USTAR_FORMAT else "x" * 150
+    names = [f"{long_dir}/k{i}{'é' if fmt != tarfile.USTAR_FORMAT and i == 2 else ''}" for i in range(5)]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for i, key in enumerate(names):
+            for ext, data in (("jpg", bytes(range(256)) * (i + 1)), ("cls", b""), ("rlm", b"x" * 513)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        members = tar.getmembers()
+    want = {}
+    for m in members:  # tarfile's offset: the first header block of the member (extended headers included)
+        want.setdefault(m.name.rsplit(".", 2)[0].split(".")[0], m.offset)
+    tap = _TarTap(io.BytesIO(raw))
+    got = {}
+    for key, _ in iter_tar_samples(tap, "mem.tar"):
+        got[key] = tap.starts[key]
+    assert got == {k: want[k] for k in got} and len(got) == 5
+    assert tap.end is not None and raw[tap.end:tap.end + 1024] == bytes(1024)
+    # a reader started at a sample's offset parses the rest of the tar from there
+    third = list(got)[2]
+    rest = [k for k, _ in iter_tar_samples(io.BytesIO(raw[got[third]:]), "mem.tar")]
+    assert rest == list(got)[2:]

@@ -250,8 +250,8 @@ def test_tar_tap_finds_each_sample_start_as_tarfile_does(fmt):
     for key, _ in iter_tar_samples(tap, "mem.tar"):
         got[key] = tap.starts[key]
     assert got == {k: want[k] for k in got} and len(got) == 5
-    assert tap.end is not None and raw[tap.end:tap.end + 1024] == bytes(1024)
+    assert tap.end is not None and raw[tap.end : tap.end + 1024] == bytes(1024)
     # a reader started at a sample's offset parses the rest of the tar from there
     third = list(got)[2]
-    rest = [k for k, _ in iter_tar_samples(io.BytesIO(raw[got[third]:]), "mem.tar")]
+    rest = [k for k, _ in iter_tar_samples(io.BytesIO(raw[got[third] :]), "mem.tar")]
     assert rest == list(got)[2:]

@@ -355,10 +355,10 @@ class ReLabelDataset(IterableDataset):
             if not where or where.get("pass") != 0:  # later passes repeat samples: nothing left to save
                 continue
             pp = old.pass_plan(int(k), 0)
-            for c, sp in where["buffered"]:
-                spans[(int(pp.shard_of[c]), int(pp.index_of[c]))] = sp
-            for s, i, offs in where["open"]:
-                opened[int(s)] = (int(i), offs)
+            for c, sp, *key in where["buffered"]:
+                spans[(int(pp.shard_of[c]), int(pp.index_of[c]))] = (sp, *key)
+            for s, i, offs, *key in where["open"]:
+                opened[int(s)] = (int(i), offs, *key)
         return spans, opened
 
     def _elastic_where(self, plan: EpochPlan, reader: int) -> dict | None:
@@ -368,10 +368,9 @@ class ReLabelDataset(IterableDataset):
         spans, opened = self._known
         p = plan.pass_plan(reader, 0)
         pairs = zip(p.shard_of.tolist(), p.index_of.tolist(), strict=True)
-        buffered = [[c, spans[si]] for c, si in enumerate(pairs) if si in spans]
+        buffered = [[c, *spans[si]] for c, si in enumerate(pairs) if si in spans]
         mine = {s for s, _ in plan.pieces[reader]}
-        return {"pass": 0, "buffered": buffered,
-                "open": [[s, i, offs] for s, (i, offs) in opened.items() if s in mine]}
+        return {"pass": 0, "buffered": buffered, "open": [[s, *v] for s, v in opened.items() if s in mine]}
 
     # -- reading ----------------------------------------------------------------------------------
 

@@ -492,6 +492,7 @@ class _ShardCursor:
         open_stream: Callable,
         first: int = 0,
         offsets: Sequence[int] | None = None,
+        expect: str | None = None,
     ):
         self.shard = shard
         self.url = shards.urls[shard]
@@ -508,6 +509,11 @@ class _ShardCursor:
             raise
         self.next = first
         self.next_offsets = offsets
+        self.expect = expect  # the key a checkpoint saw at ``first``: the shard must not have changed
+
+    def next_key(self) -> str | None:
+        """The key of the next sample, where its header has been read already."""
+        return next(iter(self.columns[0].tap.starts), None)
 
     def take(self, index: int, sample_id: int) -> tuple[RawSample | ShardError, list[tuple[int, int]]]:
         """Read forward to sample ``index``: the sample (or its per-sample pairing ``SampleError``) and its
@@ -531,6 +537,13 @@ class _ShardCursor:
                 f"{self.url}: _info.json says {self.length} samples, the shard holds {self.next} (truncated?)"
             ) from None
         spans = [image.span(key)]
+        if self.expect is not None:
+            if key != self.expect:
+                raise ShardError(
+                    f"{self.url}: the sample at byte {spans[0][0]} is {key!r}, the checkpoint saw "
+                    f"{self.expect!r} there: the shard changed since the state was saved"
+                )
+            self.expect = None
         records, err = {}, None
         for name, col in zip(self.names, self.columns[1:], strict=True):
             try:
@@ -580,7 +593,12 @@ class _ShardCursor:
 
 
 def _fetch_one(
-    shards: ShardSet, shard: int, spans: Sequence[Sequence[int]], fetch: Callable, sample_id: int
+    shards: ShardSet,
+    shard: int,
+    spans: Sequence[Sequence[int]],
+    fetch: Callable,
+    sample_id: int,
+    key: str | None = None,
 ) -> RawSample | ShardError:
     """One sample read again by its byte spans (one ranged read per column)."""
 
@@ -590,7 +608,7 @@ def _fetch_one(
         return io.BytesIO(fetch(url, start, end if end >= 0 else None) + bytes(1024))
 
     urls = [shards.urls[shard]] + [u[shard] for _, u in shards.labels]
-    cur = _ShardCursor(shards, shard, opener, 0, [sp[0] for sp in spans])
+    cur = _ShardCursor(shards, shard, opener, 0, [sp[0] for sp in spans], key)
     try:
         return cur._one(sample_id)[0]
     finally:
@@ -667,8 +685,15 @@ def _read_pass(
     refetch: dict[int, list] = {}
     restart: dict[int, tuple[int, list[int]]] = {}
     if resume is not None and fetch is not None:
-        refetch = {int(c): sp for c, sp in resume.get("buffered", []) if wanted[int(c)]}
-        restart = {int(s): (int(i), [int(o) for o in offs]) for s, i, offs in resume.get("open", [])}
+        refetch = {
+            int(e[0]): (e[1], e[2] if len(e) > 2 else None)
+            for e in resume.get("buffered", [])
+            if wanted[int(e[0])]
+        }
+        restart = {
+            int(e[0]): (int(e[1]), [int(o) for o in e[2]], e[3] if len(e) > 3 else None)
+            for e in resume.get("open", [])
+        }
     last: dict[int, int] = {}
     for c in np.flatnonzero(wanted).tolist():
         if c not in refetch:
@@ -678,8 +703,10 @@ def _read_pass(
     def where() -> dict:
         return {
             "pass": pas,
-            "buffered": [[c, [list(x) for x in spans[c]]] for c in store if c in spans],
-            "open": [[s, cur.next, list(cur.next_offsets)] for s, cur in cursors.items()],
+            "buffered": [
+                [c, [list(x) for x in spans[c]], getattr(store[c], "key", None)] for c in store if c in spans
+            ],
+            "open": [[s, cur.next, list(cur.next_offsets), cur.next_key()] for s, cur in cursors.items()],
         }
 
     try:
@@ -696,15 +723,16 @@ def _read_pass(
                     continue
                 try:
                     if c in refetch:
-                        store[c] = _fetch_one(shards, s, refetch[c], fetch, int(offsets[s]) + i)
-                        spans[c] = [tuple(x) for x in refetch[c]]
+                        sp, key = refetch[c]
+                        store[c] = _fetch_one(shards, s, sp, fetch, int(offsets[s]) + i, key)
+                        spans[c] = [tuple(x) for x in sp]
                         continue
                     cur = cursors.get(s)
                     if cur is None:
-                        first, offs = restart.get(s, (0, None))
+                        first, offs, key = restart.get(s, (0, None, None))
                         if i < first:  # a sample before where the shard stood: read it from the start
-                            first, offs = 0, None
-                        cur = cursors[s] = _ShardCursor(shards, s, open_stream, first, offs)
+                            first, offs, key = 0, None, None
+                        cur = cursors[s] = _ShardCursor(shards, s, open_stream, first, offs, key)
                     store[c], spans[c] = cur.take(i, int(offsets[s]) + i)
                 except ShardError as e:
                     if isinstance(e, SampleError):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from relabel_shards.order import assign_shards, derive_seed, shuffle_buffer
+from relabel_shards.shards import ShardError
 from relabel_shards.stream import (
     EpochPlan,
     ShardSet,
@@ -218,7 +219,7 @@ def test_resume_reads_again_only_what_it_needs():
     tail, _ = _run(shards, plan, start, 400 - start, tars, read, resume=state, fetch=fetch)
     assert tail == full[start:]
     unread = sum(len(t) for t in tars.values()) - sum(before.values())  # what the first run never read
-    buffered = sum(e - a for _, spans in state["buffered"] for a, e in spans)
+    buffered = sum(e - a for _, spans, _ in state["buffered"] for a, e in spans)
     assert 1 <= len(state["buffered"]) <= 8 and len(state["open"]) <= 3
     assert sum(read.values()) <= unread + buffered + 3 * 10240  # + tarfile's read-ahead per reopened shard
     assert sum(read.values()) < whole_shards
@@ -255,3 +256,38 @@ def test_tar_tap_finds_each_sample_start_as_tarfile_does(fmt):
     third = list(got)[2]
     rest = [k for k, _ in iter_tar_samples(io.BytesIO(raw[got[third] :]), "mem.tar")]
     assert rest == list(got)[2:]
+
+
+def test_resume_refuses_a_shard_that_changed_since_the_checkpoint():
+    lengths = [10] * 6
+    tars = _tars(lengths)
+    shards = ShardSet(tuple(tars), tuple(lengths))
+    plan = EpochPlan(lengths, 0, 0, Topology(1, 1, in_flight=2, buffer=4))
+    _, where = _run(shards, plan, 0, 30, tars, {})
+    state = where()
+    assert state["open"] and all(k is not None for *_, k in state["buffered"])
+    changed = dict(tars)
+    s = int(state["open"][0][0])  # a shard the checkpoint holds open
+    url = shards.urls[s]
+    # the same bytes shifted by a sample: every offset the checkpoint holds now lands on another sample
+    from relabel_shards.shards import write_tar
+
+    buf = io.BytesIO()
+    write_tar(
+        buf,
+        [[(f"s{s}_{i}.cls", b"0"), (f"s{s}_{i}.txt", bytes(100 + i))] for i in range(1, 10)]
+        + [[(f"s{s}_x.cls", b"0"), (f"s{s}_x.txt", b"")]],
+    )
+    changed[url] = buf.getvalue()
+
+    def fetch(u, a, b):
+        return changed[u][a:b]
+
+    def run():
+        stream = read_stream(
+            shards, plan, 0, 30, _fake_stream(changed, {}), _raise, resume=state, fetch=fetch
+        )
+        return [item.key for _, _, item, _ in itertools.islice(stream, 30)]
+
+    with pytest.raises(ShardError, match="the checkpoint saw .* there: the shard changed since the state"):
+        run()

@@ -42,9 +42,9 @@ from relabel_shards.stream import (
     ShardSet,
     Topology,
     pack_bits,
-    read_stream,
     unpack_bits,
 )
+from relabel_shards.stream_read import read_stream
 from relabel_shards.tarstream import RetryingReader, fsspec_opener, is_transient
 
 __all__ = ["ReLabelDataset", "ReLabelLoader", "make_loader", "collate", "merge_state_dicts"]

@@ -22,9 +22,9 @@ from relabel_shards.stream import (
     buffer_order,
     equal_batch_quotas,
     pack_bits,
-    read_stream,
     unpack_bits,
 )
+from relabel_shards.stream_read import _TarTap, read_stream
 
 
 def _scan_assign(lengths, num_slots, seed, epoch):
@@ -228,7 +228,6 @@ def test_resume_reads_again_only_what_it_needs():
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
 def test_tar_tap_finds_each_sample_start_as_tarfile_does(fmt):
     """Long names (pax records, GNU long-name headers, ustar prefixes), non-ASCII names, empty members."""
-    from relabel_shards.stream import _TarTap
     from relabel_shards.tarstream import iter_tar_samples
 
     long_dir = "d" * 60 + "/" + "e" * 60 if fmt == tarfile.USTAR_FORMAT else "x" * 150

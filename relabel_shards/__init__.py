@@ -16,7 +16,9 @@ Shards (``relabel_shards.shards``)
 Crop geometry and the streaming loader (``relabel_shards.crops``, ``relabel_shards.loader``)
     ``random_resized_crop_params``, ``ReLabelDataset``, ``make_loader``
 Import of the official release (``relabel_shards.convert``)
-    ``convert_official``
+    ``convert_official``, ``convert_official_labels``
+Label shards beside image shards (``relabel_shards.join``, ``.pairing``, ``.publish``)
+    ``join_labels``, ``key_digest``, ``check_pairs_with``, ``publish``
 Classes per batch (``relabel_shards.diversity``)
     ``class_sorted_warning``
 Opening images and the sample transform (``relabel_shards.images``, ``relabel_shards.transforms``)
@@ -51,6 +53,11 @@ _EXPORTS: dict[str, str] = {
     "ReLabelDataset": "relabel_shards.loader",
     "make_loader": "relabel_shards.loader",
     "convert_official": "relabel_shards.convert",
+    "convert_official_labels": "relabel_shards.convert",
+    "join_labels": "relabel_shards.join",
+    "key_digest": "relabel_shards.pairing",
+    "check_pairs_with": "relabel_shards.pairing",
+    "publish": "relabel_shards.publish",
     "class_sorted_warning": "relabel_shards.diversity",
     "open_image": "relabel_shards.images",
     "ImageError": "relabel_shards.images",
@@ -81,6 +88,11 @@ __all__ = [
     "ReLabelDataset",
     "make_loader",
     "convert_official",
+    "convert_official_labels",
+    "join_labels",
+    "key_digest",
+    "check_pairs_with",
+    "publish",
     "class_sorted_warning",
     "open_image",
     "ImageError",
@@ -108,10 +120,11 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static tools see the real names
     from relabel_shards.annotator import create_annotator
     from relabel_shards.build import build_shards
-    from relabel_shards.convert import convert_official
+    from relabel_shards.convert import convert_official, convert_official_labels
     from relabel_shards.crops import random_resized_crop_params
     from relabel_shards.diversity import class_sorted_warning
     from relabel_shards.images import ImageError, open_image
+    from relabel_shards.join import join_labels
     from relabel_shards.labelmap import (
         ImageBinding,
         LabelMap,
@@ -121,6 +134,8 @@ if TYPE_CHECKING:  # static tools see the real names
     )
     from relabel_shards.loader import ReLabelDataset, make_loader
     from relabel_shards.losses import soft_target_cross_entropy, token_labeling_loss
+    from relabel_shards.pairing import check_pairs_with, key_digest
     from relabel_shards.pooling import LabelPooling, SparseTargets, label_pooling, reference_label_pooling
+    from relabel_shards.publish import publish
     from relabel_shards.shards import ShardError, read_info
     from relabel_shards.transforms import CenterCrop, Compose, Lighting, RandomResizedCropFlip

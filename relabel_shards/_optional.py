@@ -12,6 +12,7 @@ _HINTS = {
     "triton": "pip install triton (it ships with CUDA builds of torch on Linux)",
     "skimage": "pip install scikit-image",
     "moto": "pip install 'relabel-shards[dev]'",
+    "huggingface_hub": "pip install 'relabel-shards[hf]'",
 }
 
 

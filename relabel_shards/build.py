@@ -34,10 +34,11 @@ instead.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,7 +203,14 @@ class _ChunkStream(IterableDataset):
             members = sample_members(
                 it.key, image=data, image_ext=it.image_ext, label=it.label, meta=meta, labelmap=b""
             )[:-1]  # the label map is appended by the writer thread
-            yield {"key": it.key, "members": members, "tensor": tensor, "size": (w, h), "label": it.label}
+            yield {
+                "key": it.key,
+                "members": members,
+                "tensor": tensor,
+                "size": (w, h),
+                "label": it.label,
+                "image": _bind(data, w, h),
+            }
 
     def _shard_samples(self, url: str) -> Iterator[dict]:
         repeated: list[DuplicateMemberError] = []  # samples that repeat a member: failures, listed in order
@@ -226,7 +234,14 @@ class _ChunkStream(IterableDataset):
                     yield dec
                     continue
                 tensor, size = dec
-                yield {"key": key, "members": kept, "tensor": tensor, "size": size, "label": _cls(kept)}
+                yield {
+                    "key": key,
+                    "members": kept,
+                    "tensor": tensor,
+                    "size": size,
+                    "label": _cls(kept),
+                    "image": _bind(img[1], *size),
+                }
         except DuplicateKeyError as e:
             yield {**_failure("", url, str(e)), "fatal": True}  # never a skip: keys must be unique
         except (ShardError, OSError) as e:
@@ -244,6 +259,11 @@ def _recorded_size(meta: bytes) -> tuple[Any, Any] | None:
     except (UnicodeDecodeError, ValueError):
         return None
     return (d.get("width"), d.get("height")) if isinstance(d, dict) else None
+
+
+def _bind(data: bytes, width: int, height: int) -> tuple[int, bytes, int, int]:
+    """What the record's image binding needs (``labelmap.ImageBinding``), computed in the worker."""
+    return len(data), hashlib.sha256(data).digest(), width, height
 
 
 def _cls(members: list[tuple[str, bytes]]) -> int | None:
@@ -401,6 +421,7 @@ def build_shards(
     shuffle_seed: int = 0,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     key_from: str = "stem",
+    labels_only: bool = False,
 ) -> BuildSummary:
     """Annotate every image of ``source`` and write WebDataset shards with label maps to ``out``.
 
@@ -439,6 +460,10 @@ def build_shards(
             guard, made one per-file error); 0 or None: no limit.
         key_from: sample keys from the file name (``"stem"``) or the relative path (``"path"``, for
             layouts whose file names repeat across classes); see ``relabel_shards.sources``.
+        labels_only: write label shards (one ``key.rlm`` per sample, no image) instead of full shards. From
+            image shards, label shard i holds exactly the keys of input shard i in order (an image that
+            fails keeps its place with an empty ``key.rlm`` and is listed in the failures) and
+            ``_info.json`` names the image shards it pairs with (``relabel_shards.pairing``).
 
     Returns:
         BuildSummary of this rank's work; ``info`` is the split written to ``_info.json`` by this call,
@@ -482,6 +507,8 @@ def build_shards(
         "seed": seed if ann.weights_sha256 is None else None,
         "order": order_info(shuffle, shuffle_seed, src.kind),
     }
+    if labels_only:
+        settings["labels_only"] = True  # only then: full builds keep their fingerprint
     ann_config = ann.config()
     description = _job_description(src, settings, ann_config)
     fingerprint = job_fingerprint(description)
@@ -521,6 +548,8 @@ def build_shards(
             summary,
             description,
             max_image_pixels,
+            labels_only=labels_only,
+            placeholders=labels_only and src.kind == "shards",
         )
     summary.info = job.finalize(
         split, lambda stats: _project(stats, src, ann, ann_config, encoding, settings), name=name
@@ -544,7 +573,11 @@ def _run(
     summary: BuildSummary,
     description: dict,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    labels_only: bool = False,
+    placeholders: bool = False,
 ) -> None:
+    from relabel_shards.labelmap import ImageBinding
+
     stream = _ChunkStream(tasks, ann.preprocess, batch_size, storage_options, max_image_pixels)
     cuda = getattr(ann, "device", None) is not None and torch.device(ann.device).type == "cuda"
     loader = DataLoader(
@@ -565,17 +598,22 @@ def _run(
         for e in chunk["entries"]:
             if "reason" in e:
                 shard.fail(_failure(e["key"], e["source"], e["reason"]))
+                if placeholders and e["key"]:  # the key keeps its place in the label shard: no label
+                    shard.add(e["key"], [(f"{e['key']}.{LABELMAP_EXT}", b"")])
                 continue
             values, indices = outputs[e["group"]]
             v, i = values[e["row"]].numpy(), indices[e["row"]].numpy()  # (k, h, w)
             shapes.setdefault(index, set()).add(tuple(v.shape[1:]))
             try:
-                record = encode_label_map(v, i, num_classes, encoding=encoding)
+                record = encode_label_map(
+                    v, i, num_classes, encoding=encoding, image=ImageBinding(*e["image"])
+                )
             except ValueError as err:  # e.g. non-finite logits from a broken checkpoint: name the sample
                 raise ValueError(
                     f"{job.filename(index)} key {e['key']}: cannot encode its label map: {err}"
                 ) from err
-            shard.add(e["key"], [*e["members"], (f"{e['key']}.{LABELMAP_EXT}", record)])
+            member = (f"{e['key']}.{LABELMAP_EXT}", record)
+            shard.add(e["key"], [member] if labels_only else [*e["members"], member])
             if e.get("label") is not None:
                 classes.setdefault(index, Counter())[e["label"]] += 1
 
@@ -633,4 +671,21 @@ def _project(
     }
     if len(shapes) > 1:
         project["map_shapes"] = [list(s) for s in shapes]
+    if settings.get("labels_only"):
+        project.update(label_set_fields(stats, src.shard_urls if src.kind == "shards" else None))
     return project
+
+
+def label_set_fields(stats: list[ShardStats], image_shards: Sequence[str] | None) -> dict:
+    """``kind`` and ``pairs_with`` of a label set whose shard i was made from ``image_shards[i]`` (None: from
+    an image folder, paired with nothing yet)."""
+    from relabel_shards.pairing import KIND_LABELS, key_digest, pairs_with_entry
+
+    pairs = None
+    if image_shards is not None:
+        pairs = pairs_with_entry(
+            [u.rsplit("/", 1)[-1] for u in image_shards],
+            [st.record.num_samples for st in stats],
+            [key_digest(st.keys) for st in stats],
+        )
+    return {"kind": KIND_LABELS, "pairs_with": pairs}

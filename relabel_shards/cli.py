@@ -130,6 +130,9 @@ def _echo_summary(summary, out: str) -> None:
 @click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
 @click.option("--resume-check", type=click.Choice(["sha256", "size"]), default="sha256",
               help="How complete shards are checked before a rerun skips them.")
+@click.option("--labels-only", is_flag=True,
+              help="Write label shards (key.rlm only, no image) that pair with SOURCE's image shards "
+                   "one to one, instead of full shards.")
 @click.option("--shuffle-seed", type=click.IntRange(min=0), default=0,
               help="Seed of the global permutation a folder's or list's images are written in (every shard "
                    "then holds a fair sample of the classes).")
@@ -235,8 +238,12 @@ def info_command(url: str, split: str | None, max_shards: int, as_json: bool) ->
 @click.option("--max-problems", default=50, type=click.IntRange(min=1),
               help="Problems listed (all are counted).")
 @click.option("--progress/--no-progress", default=True, help="A progress bar on stderr.")
+@click.option("--images", default=None,
+              help="For label shards: the image shards they pair with (folder or URL prefix); each record's "
+                   "image binding is checked against its image (length, sha256, width and height).")
 @user_errors
-def verify_command(url: str, split: str | None, max_problems: int, progress: bool) -> None:
+def verify_command(url: str, split: str | None, max_problems: int, progress: bool,
+                   images: str | None) -> None:
     """Read every shard and check it against _info.json; exit 1 and list what is wrong.
 
     Checks each sample's members (image, .cls, .json, .rlm; adjacent; unique keys without dots), that every
@@ -254,7 +261,8 @@ def verify_command(url: str, split: str | None, max_problems: int, progress: boo
     total = sum(r.get("bytes", 0) for r in (s.get("relabel_shards") or {}).get("shards", []))
     with tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
               disable=not progress, file=sys.stderr) as bar:
-        report = verify_shards(url, split=split, max_problems=max_problems, progress=bar.update)
+        report = verify_shards(url, split=split, max_problems=max_problems, progress=bar.update,
+                               images=images)
     for problem in report.problems:
         click.echo(problem)
     for warning in report.warnings:
@@ -275,15 +283,17 @@ def verify_command(url: str, split: str | None, max_problems: int, progress: boo
 @click.option("--panel-size", default=320, type=click.IntRange(min=16), help="Panel image size in pixels.")
 @click.option("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
               help="A larger image is an error (0: no limit).")
+@click.option("--images", default=None,
+              help="For label shards: the image shards they pair with (folder or URL prefix).")
 @user_errors
 def show_command(url: str, key: str | None, out: str, topk: int, split: str | None, shard: str | None,
-                 panel_size: int, max_image_pixels: int) -> None:
+                 panel_size: int, max_image_pixels: int, images: str | None) -> None:
     """Draw a sample: the image, then a heatmap of each of its top classes over it, each named."""
     from relabel_shards.show import SampleNotFoundError, show_sample
 
     try:
         result = show_sample(url, key, out, topk=topk, split=split, shard=shard, panel_size=panel_size,
-                             max_image_pixels=max_image_pixels)
+                             max_image_pixels=max_image_pixels, images=images)
     except SampleNotFoundError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {result.path} ({result.size[0]}x{result.size[1]}): {result.key} from {result.shard}")
@@ -312,6 +322,12 @@ def show_command(url: str, key: str | None, out: str, topk: int, split: str | No
                                              "listing it.")
 @click.option("--check-images/--no-check-images", default=True,
               help="Decode every image (JPEGs at 1/8 scale) to catch broken files; off: read headers only.")
+@click.option("--labels-only", is_flag=True,
+              help="IMAGES are image shards: write label shards aligned to them (key.rlm only), not full "
+                   "shards (--shard-size, --check-images and shuffling do not apply).")
+@click.option("--match-by", default="key",
+              help="With --labels-only: find a sample's map by its key ('key', the ImageNet file stem) or by "
+                   "the file name in a .json field ('json:FIELD', e.g. json:filename).")
 @click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
 @click.option("--shuffle-seed", type=click.IntRange(min=0), default=0,
               help="Seed of the global permutation the images are written in (every shard then holds a fair "
@@ -328,15 +344,92 @@ def convert(images: str, relabel_root: str, out: str, progress: bool, **kwargs) 
     files are listed in _info.json. Rerunning the same command resumes; --rank/--world-size split the work
     over CPU processes. Check the orientation with 'relabel-shards show OUT --key KEY -o x.png'.
     """
-    from relabel_shards.convert import convert_official
+    from relabel_shards.convert import convert_official, convert_official_labels
 
+    labels_only, match_by = kwargs.pop("labels_only"), kwargs.pop("match_by")
     kwargs["shuffle"] = not kwargs.pop("no_shuffle")
     with _ProgressBar("convert", progress) as bar:
-        summary = convert_official(images, relabel_root, out, progress=bar.callback, **kwargs)
+        if labels_only:
+            for unused in ("shard_size", "check_images", "shuffle", "shuffle_seed"):  # image shards' order
+                kwargs.pop(unused)
+            summary = convert_official_labels(images, relabel_root, out, match_by=match_by,
+                                              progress=bar.callback, **kwargs)
+        else:
+            summary = convert_official(images, relabel_root, out, progress=bar.callback, **kwargs)
     _echo_summary(summary, out)
     layout = kwargs["layout"]
     click.echo(f"layout {layout}: label_pooling(..., swap_xy={layout == 'hw'}) reproduces the official "
                "targets")
+
+
+# ---- join / publish: label shards beside image shards (issue 9) --------------------------------------
+
+
+@cli.command("join")
+@click.argument("labels")
+@click.argument("images", nargs=-1, required=True)
+@click.argument("out")
+@click.option("--labels-only", is_flag=True,
+              help="Write label shards aligned one to one with IMAGES (image shards) instead of full shards.")
+@click.option("--shard-size", type=int, default=1000, help="Samples per shard for an image folder.")
+@click.option("--prefix", default=None, help="Shard name prefix [default: the split name].")
+@click.option("--split", default="train", help="Split name in OUT's _info.json.")
+@click.option("--labels-split", default=None, help="The label set's split [default: its only one].")
+@click.option("--num-workers", type=int, default=4, help="Worker processes that read images and records.")
+@click.option("--rank", type=int, default=None, help="This rank [default: $RANK, else 0].")
+@click.option("--world-size", type=int, default=None, help="Number of ranks [default: $WORLD_SIZE, else 1].")
+@click.option("--strict", is_flag=True,
+              help="An image without a label or a label without an image is an error, not a listed failure.")
+@click.option("--name", default=None, help="Dataset name in _info.json [default: OUT's last component].")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar (images/s, ETA).")
+@user_errors
+def join_command(labels: str, images: tuple[str, ...], out: str, progress: bool, **kwargs) -> None:
+    """Pair the label set LABELS with IMAGES by sample key and write shards to OUT.
+
+    LABELS is label shards or full shards with _info.json. IMAGES is image shards (paths, brace patterns,
+    URLs) or an ImageFolder directory. OUT gets full shards, or with --labels-only label shards aligned to
+    IMAGES. Images without a label and labels without an image are listed in _info.json.
+    """
+    from relabel_shards.join import join_labels
+
+    src: str | list[str] = images[0] if len(images) == 1 else list(images)
+    with _ProgressBar("join", progress) as bar:
+        summary = join_labels(labels, src, out, progress=bar.callback, **kwargs)
+    _echo_summary(summary, out)
+    if summary.info is not None:
+        proj = summary.info["relabel_shards"]
+        click.echo(f"{proj['images_without_label']} images without a label, "
+                   f"{proj['labels_without_image']['count']} labels without an image, "
+                   f"{proj['rebound']} records bound to another copy of their image")
+
+
+@cli.command("publish")
+@click.argument("dataset")
+@click.argument("dest")
+@click.option("--images", default=None,
+              help="The image shards a label set pairs with (folder or URL prefix), for the preview picture.")
+@click.option("--preview/--no-preview", default=True, help="Draw preview.png when images are at hand.")
+@click.option("--license", "license", default=None,
+              help="The card's license id [default: ImageNet's terms for 1000-class maps, else 'other'].")
+@click.option("--title", default=None, help="The card's title [default: the dataset name in _info.json].")
+@click.option("--progress/--no-progress", default=True, help="A progress bar (bytes read) on stderr.")
+@user_errors
+def publish_command(dataset: str, dest: str, progress: bool, **kwargs) -> None:
+    """Copy DATASET's shards to DEST as a release: _info.json, a dataset card README.md, SHA256SUMS.
+
+    DEST is a folder, an s3:// or gs:// prefix, or hf://datasets/ORG/NAME (needs the 'hf' extra and a Hub
+    login). Files already at DEST with the same size and sha256 are kept, so a rerun resumes.
+    """
+    from tqdm import tqdm
+
+    from relabel_shards.publish import publish
+
+    with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="publish", disable=not progress,
+              file=sys.stderr) as bar:
+        summary = publish(dataset, dest, progress=lambda name, n: bar.update(n), **kwargs)
+    total = sum(b for b, _ in summary.files.values())
+    click.echo(f"{dest}: {len(summary.files) + 1} files ({total:,} bytes); wrote {len(summary.uploaded)}, "
+               f"kept {len(summary.kept)} already there. Check a download with: sha256sum -c SHA256SUMS")
 
 
 # ---- pool: a short LabelPooling demo (issue 2) ------------------------------------------------------

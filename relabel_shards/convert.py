@@ -76,7 +76,7 @@ CHUNK = 32  # samples per worker -> main-process hand-off (bounded memory, a smo
 ConvertSummary = BuildSummary
 
 
-def _failure(key: str, source: str, reason: str, **extra: str) -> dict:
+def _failure(key: str, source: str, reason: str, **extra: Any) -> dict:
     return {"key": key, "source": source, "reason": reason, **extra}
 
 
@@ -457,3 +457,142 @@ def _project(stats: list[ShardStats], src: Source, relabel_root: str, layout: st
         "order": settings["order"],
         "shard_classes": [_top_entry(st) for st in stats],
     }
+
+
+# ------------------------------------------------------------------------------- label shards (issue 9)
+
+
+class _OfficialLabeler:
+    """``labeler`` for ``join.run_aligned``: the official map of a key (``class/stem.pt``), encoded with the
+    image's binding."""
+
+    def __init__(self, relabel_root: str, by_key: dict[str, str], layout: str, encoding: str,
+                 storage_options: dict | None):
+        self.relabel_root = relabel_root
+        self.paths = sorted(by_key.items())
+        self.rows = {k: i for i, (k, _) in enumerate(self.paths)}
+        self.layout = layout
+        self.encoding = encoding
+        self.storage_options = storage_options
+
+    def find(self, keys: list[str]):
+        import numpy as np
+
+        return np.array([self.rows.get(k, -1) for k in keys], dtype=np.int64)
+
+    def __call__(self, key: str, row: int, image: bytes, size: tuple[int, int] | None) -> tuple[bytes, bool]:
+        from relabel_shards.join import upright_size
+        from relabel_shards.labelmap import ImageBinding, encode_label_map
+
+        mrel = self.paths[row][1]
+        try:
+            raw = read_bytes(join(self.relabel_root, mrel), self.storage_options)
+        except OSError as e:
+            raise ValueError(f"cannot read label map {mrel}: {e.strerror or e}") from None
+        try:
+            values, indices = split_official_map(load_official_map(raw), self.layout)  # (k, rows, cols)
+        except OfficialMapError as e:
+            raise ValueError(f"bad label map {mrel}: {e}") from None
+        w, h = size if size is not None else upright_size(image)
+        record = encode_label_map(values, indices, NUM_CLASSES, encoding=self.encoding,
+                                  image=ImageBinding.of(image, w, h))
+        return record, False
+
+
+def _maps_without_image(by_key: dict[str, str], stats: list) -> list[dict]:
+    """Maps no image took; a class folder none of whose maps was taken is one entry with its count."""
+    taken = {k for st in stats for k in st.extra.get("matched_by", st.keys)}
+    failed = {f["key"] for st in stats for f in st.failures}
+    taken -= failed
+    folders: dict[str, list[str]] = {}
+    for k, rel in sorted(by_key.items(), key=lambda kv: kv[1]):
+        folders.setdefault(rel.split("/", 1)[0] if "/" in rel else "", []).append(k)
+    out: list[dict] = []
+    for folder, keys in folders.items():
+        left = [k for k in keys if k not in taken]
+        if folder and len(left) == len(keys) and len(keys) > 1:
+            out.append(_failure(key_from_path(folder), f"{folder}/", f"{len(keys)} label maps without an "
+                                "image (no image of this class folder in the image shards)", count=len(keys)))
+            continue
+        out += [_failure(k, by_key[k], "label map without an image") for k in left]
+    return out
+
+
+def convert_official_labels(
+    images: str | os.PathLike | list[str],
+    relabel_root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    layout: str = "hw",
+    encoding: str = "compact",
+    match_by: str = "key",
+    prefix: str | None = None,
+    split: str = "train",
+    num_workers: int = 4,
+    rank: int | None = None,
+    world_size: int | None = None,
+    strict: bool = False,
+    storage_options: dict | None = None,
+    progress: ProgressFn | None = None,
+    name: str | None = None,
+):
+    """The official release as label shards aligned to image shards (``convert --labels-only``).
+
+    Label shard i holds, for each sample of image shard i in order, the official map of its key
+    (``RELABEL_ROOT/<class>/<key>.pt``) as a record bound to that image; ``_info.json`` pairs the set with the
+    image shards (``relabel_shards.pairing``). An image without a map keeps its place with an empty record.
+
+    Args:
+        images: image shards (paths, brace patterns, URLs), e.g. ``timm/imagenet-1k-wds``'s train shards.
+        relabel_root, out, layout, encoding, prefix, split, num_workers, rank, world_size, strict,
+            storage_options, progress, name: as in :func:`convert_official`.
+        match_by: ``"key"``: a sample's key is the ImageNet file stem (``n01440764_10026``); ``"json:FIELD"``:
+            the stem of the file name in the sample's ``.json`` field FIELD (e.g. ``json:filename``).
+
+    Returns:
+        ``relabel_shards.join.JoinSummary`` of this rank.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`convert_official`; IMAGES not shards; two maps with one stem.
+    """
+    from relabel_shards.build import label_set_fields
+    from relabel_shards.join import parse_match_by, run_aligned
+    from relabel_shards.pairing import key_digest
+
+    prefix = _check_args(1, 1, num_workers, encoding, split, prefix)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    parse_match_by(match_by)
+    out, relabel_root = os.fspath(out), os.fspath(relabel_root)
+    src = open_source(images, storage_options)
+    if src.kind != "shards":
+        raise ValueError(f"--labels-only needs image shards as IMAGES (label shards pair with image shards "
+                         f"one to one), got a {src.kind} source: {src.url!r}")
+    maps = _map_files(relabel_root, storage_options)
+    by_key: dict[str, str] = {}
+    for rel in sorted(maps):
+        k = key_from_path(rel)
+        if k in by_key:
+            raise ValueError(f"relabel_root {relabel_root!r}: {by_key[k]} and {rel} have the same file stem "
+                             f"{k!r}")
+        by_key[k] = rel
+    labeler = _OfficialLabeler(relabel_root, by_key, layout, encoding, storage_options)
+    settings = {"layout": layout, "encoding": encoding, "prefix": prefix, "split": split, "labels_only": True,
+                "match_by": match_by}
+    description = {**_job_description(src, relabel_root, maps, settings), "job": "convert-labels",
+                   "image_shards": key_digest(src.shard_urls)}
+    fingerprint = job_fingerprint(description)
+    check_output(out, prefix, fingerprint, description, storage_options)
+
+    def project(stats: list) -> dict:
+        kept = {"shard_size": None, "check_images": False, "order": order_info(False, None, "shards")}
+        proj = _project(stats, src, relabel_root, layout, encoding, kept)
+        proj.update(label_set_fields(stats, src.shard_urls))
+        proj["match_by"] = match_by
+        return proj
+
+    return run_aligned(src, out, labeler, fingerprint, project, labels_only=True, shard_size=1, prefix=prefix,
+                       split=split, num_workers=num_workers, rank=rank, world_size=world_size, strict=strict,
+                       storage_options=storage_options, progress=progress, name=name,
+                       unused=lambda stats: _maps_without_image(by_key, stats), match_by=match_by,
+                       description=description)

@@ -175,6 +175,10 @@ def decode_sample(key: str, members: dict[str, bytes], url: str, cfg: CropConfig
     maps, got_geos, bindings = {}, {}, {}
     image_bytes = members[img_ext]
     for name, (lurl, lkey, data) in sources.items():
+        if records is not None and not data:  # relabel_shards.pairing: an empty record keeps the key's place
+            raise SampleError(url, key, "unlabeled",
+                              f"label set {name or lurl!r} has no label for this image (an empty record in "
+                              f"{lurl}: the build could not annotate it, see that label set's failures)")
         what = f".{LABELMAP_EXT}" if records is None else f"{lurl} key {lkey!r}"
         where, wkey = (url, key) if records is None else (lurl, lkey)
         values, indices, got, binding = _decode_record(where, wkey, data, geos.get(name), what)

@@ -17,7 +17,7 @@ from relabel_shards.shards import INFO_NAME, get_split, join, read_info
 # Keys of the project section that the summary lays out itself; any other scalar key is listed as is.
 _KNOWN = {"format_version", "shards", "annotator", "k", "height", "width", "num_classes", "class_names",
           "failures", "num_failures", "map_shapes", "encoding", "labelmap_ext", "source", "dataset_classes",
-          "order", "shard_classes"}
+          "order", "shard_classes", "kind", "pairs_with"}
 
 
 def human_bytes(n: float) -> str:
@@ -138,6 +138,17 @@ def format_split(split: Mapping[str, Any], *, max_shards: int = 4) -> list[str]:
                                        subsequent_indent="    ", break_on_hyphens=False))
         elif annotator:
             lines.append(f"  annotator: {_scalar(annotator)}")
+        if section.get("kind") == "labels":  # label shards (relabel_shards.pairing)
+            pw = section.get("pairs_with")
+            if isinstance(pw, Mapping) and pw.get("filenames"):
+                names = list(pw["filenames"])
+                shown = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
+                total = sum(int(n) for n in pw.get("shard_lengths") or [])
+                lines.append(f"  label shards: pair with {len(names):,} image shards ({shown}, {total:,} "
+                             f"samples; key digests in {INFO_NAME})")
+            else:
+                lines.append("  label shards: pair with no image shards yet (built from an image folder; "
+                             "see relabel-shards join)")
         source = section.get("source")
         if isinstance(source, Mapping):
             lines.append("  source: " + ", ".join(f"{key} {v}" for key, v in source.items()))

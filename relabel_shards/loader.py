@@ -455,7 +455,8 @@ class ReLabelDataset(IterableDataset):
                 sample, got = decode_sample(item.key, item.members, item.url, self.crop, rng, geometry,
                                             records=item.records if records_wanted else None)
             except SampleError as e:
-                if self.on_error == "raise":
+                # an image its label set has no label for (the build listed it as failed) is skipped anyway
+                if self.on_error == "raise" and e.reason != "unlabeled":
                     raise
                 fails += 1
                 if pas == 0:  # a sample read again to fill the quota is not counted twice

@@ -329,6 +329,18 @@ def render(photo: Image.Image, values: Any, indices: Any, num_classes: int, name
     return fig, classes
 
 
+def _paired_image(url: str, images: str, shard_name: str, key: str, section: Mapping[str, Any],
+                  split: str | None, storage_options: dict | None) -> dict[str, bytes]:
+    """The members of ``key`` in the image shard paired with label shard ``shard_name`` (label sets)."""
+    names = list(get_split(read_info(url, storage_options), split).get("filenames") or [])
+    paired = list((section.get("pairs_with") or {}).get("filenames") or [])
+    if shard_name not in names or names.index(shard_name) >= len(paired):
+        raise ValueError(f"{shard_name}: the label set's pairs_with names no image shard for it")
+    _, members, _ = find_sample(join(images, paired[names.index(shard_name)]), key,
+                                storage_options=storage_options)
+    return members
+
+
 def image_format(out: str) -> str:
     """The Pillow format for a figure file, from its suffix (``x.jpg`` -> JPEG; no suffix -> PNG).
 
@@ -346,7 +358,8 @@ def image_format(out: str) -> str:
 
 def show_sample(url: str, key: str | None, out: str | os.PathLike, *, topk: int = 5, split: str | None = None,
                 shard: str | None = None, storage_options: dict | None = None,
-                panel_size: int = 320, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> ShowResult:
+                panel_size: int = 320, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+                images: str | None = None) -> ShowResult:
     """Find sample ``key`` in the dataset at ``url`` and write its figure (see :func:`render`).
 
     Args:
@@ -358,6 +371,8 @@ def show_sample(url: str, key: str | None, out: str | os.PathLike, *, topk: int 
         split, shard, storage_options: see :func:`find_sample`.
         panel_size: longer side of each panel's image in pixels.
         max_image_pixels: a larger image is an error naming the sample (0 or None: no limit).
+        images: for label shards, the image shards they pair with (directory or URL prefix): the image is
+            read from the image shard paired with the label shard that holds ``key``.
 
     Raises:
         SampleNotFoundError: no such key.
@@ -372,6 +387,8 @@ def show_sample(url: str, key: str | None, out: str | os.PathLike, *, topk: int 
     fmt = image_format(out)
     shard_name, key, members, section = _find(url, key, split=split, storage_options=storage_options,
                                               shard=shard)
+    if find_image_ext(members) is None and images is not None and section.get("kind") == "labels":
+        members = {**_paired_image(url, images, shard_name, key, section, split, storage_options), **members}
     image_ext = find_image_ext(members)
     if image_ext is None or LABELMAP_EXT not in members:
         raise ValueError(f"{shard_name}: key {key!r} has members {sorted(members)}; show needs an image "

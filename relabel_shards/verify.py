@@ -214,8 +214,6 @@ class _SplitChecker:
                 self.report.add(f"{later}: key {key!r}: duplicate key, already in {earlier}")
 
     def check_sample(self, shard: str, key: str, members: dict[str, bytes]) -> None:
-        from relabel_shards.labelmap import LabelMapError, decode_label_map
-
         add = self.report.add
         where = f"{shard}: key {key!r}"
         images = [e for e in members if e.lower() in IMAGE_EXTS]
@@ -238,24 +236,32 @@ class _SplitChecker:
             except (UnicodeDecodeError, ValueError) as e:
                 add(f"{where}: .json is not a JSON object ({e})")
         if LABELMAP_EXT in members:
-            try:
-                lm = decode_label_map(members[LABELMAP_EXT])
-            except LabelMapError as e:
-                add(f"{where}: label map: {e}")
-            else:
-                k, h, w = (int(x) for x in lm.values.shape)
-                geo = (k, h, w, int(lm.num_classes))
-                first = self.geometries.setdefault(geo, 0) == 0
-                self.geometries[geo] += 1
-                want = tuple(e if e is not None else g for e, g in zip(self.expected, geo, strict=True))
-                if (h, w) in self.map_shapes:
-                    want = (want[0], h, w, want[3])
-                if geo != want and first:
-                    add(f"{where}: label map has k={k} h={h} w={w} C={geo[3]}, _info.json says "
-                        f"k={want[0]} h={want[1]} w={want[2]} C={want[3]}")
-                if self.report.geometry is None:
-                    self.report.geometry = geo
-                self.report.map_shapes.add((h, w))
+            self.check_record(where, members[LABELMAP_EXT])
+
+    def check_record(self, where: str, record: bytes) -> Any:
+        """Decode one record and check its geometry; the decoded map, or None when it does not decode."""
+        from relabel_shards.labelmap import LabelMapError, decode_label_map
+
+        add = self.report.add
+        try:
+            lm = decode_label_map(record)
+        except LabelMapError as e:
+            add(f"{where}: label map: {e}")
+            return None
+        k, h, w = (int(x) for x in lm.values.shape)
+        geo = (k, h, w, int(lm.num_classes))
+        first = self.geometries.setdefault(geo, 0) == 0
+        self.geometries[geo] += 1
+        want = tuple(e if e is not None else g for e, g in zip(self.expected, geo, strict=True))
+        if (h, w) in self.map_shapes:
+            want = (want[0], h, w, want[3])
+        if geo != want and first:
+            add(f"{where}: label map has k={k} h={h} w={w} C={geo[3]}, _info.json says "
+                f"k={want[0]} h={want[1]} w={want[2]} C={want[3]}")
+        if self.report.geometry is None:
+            self.report.geometry = geo
+        self.report.map_shapes.add((h, w))
+        return lm
 
     def read_shard(self, fileobj: _HashingReader, shard: str) -> int:
         """Stream one tar; check each sample; return the number of samples read."""
@@ -310,8 +316,117 @@ class _SplitChecker:
         return n
 
 
+class _LabelChecker(_SplitChecker):
+    """A label set: one ``.rlm`` per sample (empty for a listed failure); with image shards, read in lockstep,
+    each record's image binding checked against its image (size, sha256, upright width and height)."""
+
+    def __init__(self, report: VerifyReport, expected_geometry: tuple[Any, Any, Any, Any],
+                 map_shapes: set[tuple[int, int]], failed: set[str], images: str | None,
+                 pairs: Mapping[str, Any], storage_options: dict | None) -> None:
+        super().__init__(report, expected_geometry, map_shapes)
+        self.failed = failed
+        self.images = images
+        self.pairs = pairs
+        self.storage_options = storage_options
+        self._image_iter: Any = None
+        self._image_url = ""
+
+    def start_shard(self, index: int) -> None:
+        """Open the image shard paired with label shard ``index`` (``images`` given)."""
+        if self.images is None:
+            return
+        from relabel_shards.sources import iter_shard_samples
+
+        names = list(self.pairs.get("filenames") or [])
+        if index >= len(names):
+            self.report.add(f"_info.json: pairs_with names {len(names)} image shards; label shard {index} "
+                            "has none")
+            self._image_iter = iter(())
+            return
+        self._image_url = join(self.images, names[index])
+        self._image_iter = iter_shard_samples(self._image_url, self.storage_options)
+
+    def _next_image(self) -> tuple[str, list[tuple[str, bytes]]] | None:
+        from relabel_shards.shards import ShardError
+
+        try:
+            return next(self._image_iter)
+        except StopIteration:
+            return None
+        except (ShardError, OSError) as e:
+            self.report.add(f"{self._image_url}: unreadable image shard ({e})")
+            self._image_iter = iter(())
+            return None
+
+    def end_shard(self, shard: str) -> None:
+        if self._image_iter is None:
+            return
+        extra = self._next_image()
+        if extra is not None:
+            self.report.add(f"{shard}: ends before its image shard {self._image_url} (which goes on with key "
+                            f"{extra[0]!r})")
+        self._image_iter = None
+
+    def check_sample(self, shard: str, key: str, members: dict[str, bytes]) -> None:
+        add = self.report.add
+        where = f"{shard}: key {key!r}"
+        if set(members) != {LABELMAP_EXT}:
+            add(f"{where}: a label shard sample holds one .{LABELMAP_EXT} member, found "
+                f"{', '.join(sorted(members)) or 'none'}")
+        record = members.get(LABELMAP_EXT)
+        lm = None
+        if record == b"":
+            if key not in self.failed:
+                add(f"{where}: empty .{LABELMAP_EXT} (no label) but the key is not listed in failures")
+        elif record is not None:
+            lm = self.check_record(where, record)
+        if self._image_iter is None:
+            return
+        image = self._next_image()
+        if image is None:
+            add(f"{where}: its image shard {self._image_url} has no sample left")
+            return
+        ikey, imembers = image
+        if ikey != key:
+            add(f"{where}: the image shard {self._image_url} has key {ikey!r} here; the shards are not "
+                "aligned")
+            return
+        if lm is None or lm.image is None:
+            if lm is not None:
+                add(f"{where}: the record has no image binding to check")
+            return
+        self._check_binding(where, lm.image, imembers)
+
+    def _check_binding(self, where: str, bound: Any, imembers: list[tuple[str, bytes]]) -> None:
+        import hashlib
+
+        from relabel_shards.join import upright_size
+        from relabel_shards.sources import image_member
+
+        add = self.report.add
+        img = image_member(imembers)
+        if img is None:
+            add(f"{where}: no image member in {self._image_url}")
+            return
+        data = img[1]
+        if len(data) != bound.size or hashlib.sha256(data).digest() != bound.sha256:
+            add(f"{where}: the record was made from another image ({bound.size:,} bytes, sha256 "
+                f"{bound.sha256.hex()[:16]}…) than {self._image_url}'s {img[0]} ({len(data):,} bytes, sha256 "
+                f"{hashlib.sha256(data).hexdigest()[:16]}…)")
+            return
+        try:
+            size = upright_size(data)
+        except ValueError as e:
+            add(f"{where}: image {img[0]} in {self._image_url}: {e}")
+            return
+        if size != (bound.width, bound.height):
+            add(f"{where}: the record was annotated at {bound.width}x{bound.height} px, the upright image is "
+                f"{size[0]}x{size[1]}")
+
+
 def verify_shards(url: str, *, split: str | None = None, storage_options: dict | None = None,
-                  max_problems: int = 50, progress: Callable[[int], None] | None = None) -> VerifyReport:
+                  max_problems: int = 50, progress: Callable[[int], None] | None = None,
+                  images: str | None = None) -> VerifyReport:
     """Read every shard of one split sequentially and check it (see the module docstring).
 
     Args:
@@ -320,6 +435,9 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
         storage_options: passed to fsspec.
         max_problems: problems kept in the report's list (all are counted), >= 1.
         progress: called with each number of bytes read (for a progress bar).
+        images: for a label set: the image shards it pairs with (directory or URL prefix holding the files its
+            ``pairs_with`` names); each image shard is read beside its label shard and every record's image
+            binding checked (byte length, sha256, upright width and height).
 
     Returns:
         The report; ``report.ok`` is False when anything is wrong, and ``report.problems`` says what.
@@ -362,10 +480,20 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
         add(f"_info.json: num_samples {s.get('num_samples')} != sum of shard_lengths {sum(lengths)}")
 
     shapes = {tuple(x) for x in section.get("map_shapes") or [] if isinstance(x, list) and len(x) == 2}
-    source = section.get("source")
-    passed_through = isinstance(source, Mapping) and source.get("kind") == "shards"  # build's member rule
-    checker = _SplitChecker(report, tuple(section.get(x) for x in ("k", "height", "width", "num_classes")),
-                            shapes, own_json=not passed_through)
+    geometry = tuple(section.get(x) for x in ("k", "height", "width", "num_classes"))
+    checker: _SplitChecker
+    if section.get("kind") == "labels":
+        pairs = section.get("pairs_with") or {}
+        if images is not None:
+            _check_image_pairing(s, images, storage_options, add)
+        failed = {str(f.get("key")) for f in section.get("failures") or [] if isinstance(f, Mapping)}
+        checker = _LabelChecker(report, geometry, shapes, failed, images, pairs, storage_options)
+    else:
+        if images is not None:
+            add("--images applies to label shards; this split holds full shards (their images are inside)")
+        source = section.get("source")
+        passed_through = isinstance(source, Mapping) and source.get("kind") == "shards"  # build's member rule
+        checker = _SplitChecker(report, geometry, shapes, own_json=not passed_through)
     checker.resolve_key = lambda shard, h: _key_with_hash(join(url, shard), storage_options, h)
     observed: list[ShardClasses] = []  # each shard's class make-up, from its .cls (a few numbers per shard)
     for i, name in enumerate(filenames):
@@ -379,7 +507,11 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
         with f:
             reader = _HashingReader(f, progress)
             checker.labels = []
+            if isinstance(checker, _LabelChecker):
+                checker.start_shard(i)
             n = checker.read_shard(reader, name)
+            if isinstance(checker, _LabelChecker):
+                checker.end_shard(name)
             observed.append(shard_classes(checker.labels))
         report.shards += 1
         report.samples += n
@@ -409,3 +541,20 @@ def verify_shards(url: str, *, split: str | None = None, storage_options: dict |
         report.warnings.append(warning)
     logger.info("%s", report.summary())
     return report
+
+
+def _check_image_pairing(split: Mapping[str, Any], images: str, storage_options: dict | None,
+                         add: Callable[[str], None]) -> None:
+    """``pairs_with`` against the image shards' own ``_info.json`` when they have one."""
+    from relabel_shards.pairing import check_pairs_with
+    from relabel_shards.shards import ShardError
+
+    try:
+        image_info = read_info(images, storage_options)
+    except FileNotFoundError:
+        return  # anyone's shards: the keys are compared sample by sample
+    try:
+        check_pairs_with(split, get_split(image_info, split.get("name") if split.get("name") in
+                                          image_info.get("splits", {}) else None, join(images, "_info.json")))
+    except ShardError as e:
+        add(str(e))

@@ -228,3 +228,33 @@ def test_join_checks_the_record_binding_against_the_image(tmp_path):
                 shuffle_buffer=0,
             )
         )
+
+
+@pytest.mark.slow  # two small builds with the annotator
+def test_join_of_built_label_shards_streams_the_full_builds_maps(tmp_path):
+    """The loader half of issue 9's oracle: `build --labels-only` joined to its image shards gives, key for
+    key, the label maps a full build of the same image shards gives; an image the build could not annotate
+    (an empty record keeps its place) is skipped and counted, also with on_error="raise"."""
+    from labels_factory import make_image_shards
+
+    from relabel_shards.build import build_shards
+
+    keys = [["n01_a", "n01_b", "n02_c"], ["n02_d", "n03_e"], ["n03_f", "n04_g", "n04_h", "n05_i"]]
+    imgs = make_image_shards(tmp_path / "imgs", keys, broken={"n03_e"})
+    small = {"model": "test_efficientnet", "input_size": 64, "batch_size": 4, "num_workers": 0}
+    build_shards(imgs, tmp_path / "labels", labels_only=True, **small)
+    build_shards(imgs, tmp_path / "full", **small)
+    opts = dict(batch_size=3, num_workers=0, image_size=16, shuffle_buffer=0)
+    full = {
+        k: (v, i)
+        for b in make_loader(str(tmp_path / "full"), **opts)
+        for k, v, i in zip(b["keys"], b["values"], b["indices"], strict=True)
+    }
+    loader = make_loader(str(tmp_path / "imgs"), labels=str(tmp_path / "labels"), **opts)
+    seen = set()
+    for b in loader:
+        for k, v, i in zip(b["keys"], b["values"], b["indices"], strict=True):
+            assert torch.equal(v, full[k][0]) and torch.equal(i, full[k][1]), k
+            seen.add(k)
+    assert seen == set(full) == {k for shard in keys for k in shard} - {"n03_e"}
+    assert loader.skipped == {"unlabeled": 1}

@@ -11,7 +11,10 @@ DataLoader workers, batch size and output size, in one run:
     ``torch.save`` file per image loaded in ``__getitem__`` (here with ``weights_only=True``), torchvision's
     RandomResizedCrop on the full decode, then per batch the dense ``[B, 1000, 15, 15]`` scatter,
     ``roi_align`` and softmax (``relabel_shards/pooling/official.py``);
-(b-s3) (b) reading the shards from an S3 API server (moto) on loopback.
+(b-s3) (b) reading the shards from an S3 API server (moto) on loopback;
+(j) a join: (a)'s image shards + label shards holding the same records (``make_loader(images, labels=...)``,
+    each image shard read with its label shard in lockstep), against (b) full shards (goal >= 0.97x);
+(j-s3) (j) from the S3 API server, against (b-s3).
 
 Images/s is the steady rate of one full pass after its first batch (worker start-up and the shuffle-buffer
 fill excluded; the pass time with them is shown too), median over repeats; the configurations run
@@ -49,6 +52,7 @@ from relabel_shards.decode import CropConfig, decode_image  # noqa: E402
 from relabel_shards.labelmap import encode_label_map  # noqa: E402
 from relabel_shards.loader import make_loader  # noqa: E402
 from relabel_shards.order import derive_seed  # noqa: E402
+from relabel_shards.pairing import key_digest  # noqa: E402
 from relabel_shards.pooling import label_pooling  # noqa: E402
 from relabel_shards.pooling.official import get_labelmaps, get_relabel  # noqa: E402
 from relabel_shards.shards import make_split_info, sample_members, shard_name, write_info, write_shard  # noqa: E402
@@ -103,8 +107,8 @@ def make_map(i: int) -> tuple[np.ndarray, np.ndarray]:
 def write_datasets(root: Path, images, per_shard: int) -> dict[str, str]:
     """The same images as (a) plain shards, (b) label-map shards, (c) an ImageFolder + .pt files."""
     paths = {"plain": str(root / "plain"), "relabel": str(root / "relabel"), "folder": str(root / "folder"),
-             "pt": str(root / "pt")}
-    plain, relabel = [], []
+             "pt": str(root / "pt"), "labels": str(root / "labels")}
+    plain, relabel, labels, digests = [], [], [], []
     for j in range(0, len(images), per_shard):
         chunk = images[j:j + per_shard]
         p_samples, r_samples = [], []
@@ -128,9 +132,17 @@ def write_datasets(root: Path, images, per_shard: int) -> dict[str, str]:
         name = shard_name("train", j // per_shard)
         plain.append(write_shard(paths["plain"], name, p_samples))
         relabel.append(write_shard(paths["relabel"], name, r_samples))
+        labels.append(write_shard(paths["labels"], name, [[m for m in s if m[0].endswith(".rlm")]
+                                                            for s in r_samples]))
+        digests.append(key_digest(key for key, _, _ in chunk))
     write_info(paths["plain"], make_split_info("train", plain, {}))
     write_info(paths["relabel"], make_split_info("train", relabel, {"k": K, "height": H, "width": W,
                                                                      "num_classes": C}))
+    pairs = {"filenames": [r.filename for r in plain], "shard_lengths": [r.num_samples for r in plain],
+             "key_digests": digests}
+    write_info(paths["labels"], make_split_info("train", labels, {"kind": "labels", "k": K, "height": H,
+                                                                  "width": W, "num_classes": C,
+                                                                  "pairs_with": pairs}))
     return paths
 
 
@@ -207,9 +219,9 @@ def run_plain(root, args):
         yield images.shape[0]
 
 
-def run_relabel(root, args, draft=True, storage_options=None):
+def run_relabel(root, args, draft=True, storage_options=None, labels=None):
     loader = make_loader(root, args.batch_size, args.workers, image_size=args.image_size, seed=args.seed,
-                         draft=draft, storage_options=storage_options)
+                         draft=draft, storage_options=storage_options, labels=labels)
     for batch in loader:
         target = label_pooling(batch["values"], batch["indices"], batch["boxes"], C)
         assert target.shape == (batch["images"].shape[0], C)
@@ -258,8 +270,8 @@ def measure(batches) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------- S3
 
 
-def start_s3(root: str) -> tuple[subprocess.Popen, str, dict]:
-    """A moto S3 server in its own process (so it does not share this process's GIL); upload ``root``."""
+def start_s3(paths: dict[str, str]) -> tuple[subprocess.Popen, dict[str, str], dict]:
+    """A moto S3 server in its own process (not sharing this process's GIL); upload the shard sets."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -279,8 +291,11 @@ def start_s3(root: str) -> tuple[subprocess.Popen, str, dict]:
 
     fs = s3fs.S3FileSystem(**opts)
     fs.mkdir("bench")
-    fs.put(root.rstrip("/") + "/", "bench/relabel/", recursive=True)
-    return proc, "s3://bench/relabel", opts
+    urls = {}
+    for name in ("relabel", "plain", "labels"):
+        fs.put(paths[name].rstrip("/") + "/", f"bench/{name}/", recursive=True)
+        urls[name] = f"s3://bench/{name}"
+    return proc, urls, opts
 
 
 def draft_micro(args) -> list[dict]:
@@ -347,13 +362,18 @@ def main(argv: list[str] | None = None) -> None:
             "(a) plain shards, labels only": lambda: run_plain(paths["plain"], args),
             "(b) ReLabel shards + label_pooling": lambda: run_relabel(paths["relabel"], args),
             "(b') (b) without draft mode": lambda: run_relabel(paths["relabel"], args, draft=False),
+            "(j) image shards + label shards (join)": lambda: run_relabel(paths["plain"], args,
+                                                                          labels=paths["labels"]),
             "(c) official ImageFolder + .pt + dense": lambda: run_official(paths, args),
         }
         proc = None
         if not args.no_s3:
-            proc, s3_url, s3_opts = start_s3(paths["relabel"])
-            configs["(b-s3) (b) from S3 on loopback"] = lambda: run_relabel(s3_url, args,
+            proc, s3_urls, s3_opts = start_s3(paths)
+            configs["(b-s3) (b) from S3 on loopback"] = lambda: run_relabel(s3_urls["relabel"], args,
                                                                             storage_options=s3_opts)
+            configs["(j-s3) (j) from S3 on loopback"] = lambda: run_relabel(s3_urls["plain"], args,
+                                                                            storage_options=s3_opts,
+                                                                            labels=s3_urls["labels"])
         runs: dict[str, list[dict]] = {k: [] for k in configs}
         try:
             names = list(configs)
@@ -389,10 +409,17 @@ def main(argv: list[str] | None = None) -> None:
              "cpu_b_vs_c": cpu["(c)"] / cpu["(b)"], "cpu_draft_gain": cpu["(b')"] / cpu["(b)"]}
     if "(b-s3)" in ips:
         goals["s3_vs_local"] = ips["(b-s3)"] / ips["(b)"]
+    goals["join_vs_full"] = ips["(j)"] / ips["(b)"]
+    goals["cpu_join_vs_full"] = cpu["(b)"] / cpu["(j)"]
+    if "(j-s3)" in ips:
+        goals["join_vs_full_s3"] = ips["(j-s3)"] / ips["(b-s3)"]
     print(f"# images/s: (b)/(a) = {goals['b_vs_a']:.3f} (goal >= 0.97); "
           f"(b)/(c) = {goals['b_vs_c']:.2f}x (goal >= 1.3); "
           f"draft mode gain in (b): {goals['draft_gain']:.2f}x"
           + (f"; S3/local = {goals['s3_vs_local']:.3f}" if "s3_vs_local" in goals else ""))
+    s3 = f"; from S3 (j-s3)/(b-s3) = {goals['join_vs_full_s3']:.3f}" if "join_vs_full_s3" in goals else ""
+    print(f"# join: (j)/(b) = {goals['join_vs_full']:.3f} (goal >= 0.97), CPU {goals['cpu_join_vs_full']:.3f}"
+          + s3)
     print(f"# CPU per image: (b)/(a) = {goals['cpu_b_vs_a']:.3f}; (b)/(c) = {goals['cpu_b_vs_c']:.2f}x; "
           f"draft mode gain: {goals['cpu_draft_gain']:.2f}x")
     print(f"# bytes per image: JPEG {sizes['jpeg']:.0f}, official .pt {sizes['pt']:.0f}, "

@@ -7,6 +7,7 @@ the same order on any machine, whatever the number of processes that read the da
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 import random
 from collections.abc import Iterable, Iterator, Sequence
@@ -51,12 +52,14 @@ def assign_shards(lengths: Sequence[int], num_slots: int, seed: int, epoch: int)
                          f"least {num_slots} shards; write more, smaller shards or use fewer workers")
     order = list(range(n))
     random.Random(derive_seed("shards", seed, epoch)).shuffle(order)
-    loads = [0] * num_slots
+    # A heap of (load, shards held, slot): the same choice as a scan for the smallest tuple, in O(log slots)
+    # per shard instead of O(slots) (10,000 shards x 1,024 readers: 3.4 s by scan; bench_stream.py).
+    heap = [(0, 0, j) for j in range(num_slots)]
     slots: list[list[int]] = [[] for _ in range(num_slots)]
     for i in order:
-        s = min(range(num_slots), key=lambda j: (loads[j], len(slots[j]), j))
+        load, count, s = heap[0]
         slots[s].append(i)
-        loads[s] += lengths[i]
+        heapq.heapreplace(heap, (load + lengths[i], count + 1, s))
     return slots
 
 

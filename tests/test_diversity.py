@@ -173,7 +173,8 @@ def test_make_loader_batches_on_built_shards_sorted_vs_shuffled(tmp_path):
             shuffle=shuffle,
         )
         loader = make_loader(
-            str(out), batch_size=batch, num_workers=0, image_size=16, shuffle_buffer=1, seed=0
+            str(out), batch_size=batch, num_workers=0, image_size=16, shuffle_buffer=1, seed=0,
+            shards_in_flight=1,  # one shard at a time (the loader's default interleaves 4)
         )
         counts = [len(set(b["labels"].tolist())) for b in loader]
         assert len(counts) == 12

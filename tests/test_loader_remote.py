@@ -121,3 +121,19 @@ def test_retry_gives_up_and_missing_files_are_not_retried(tmp_path):
     with pytest.raises(FileNotFoundError):
         RetryingReader(missing, "nope.tar", backoff=0.0).read(10)
     assert calls == [0]
+
+
+def test_http_resume_mid_epoch(http_dir):
+    """Plain HTTP serves no byte ranges here: a resume reads the needed shards from their start."""
+    local, url = http_dir
+    make_shards(local, [3, 3, 3, 3])
+    opts = dict(batch_size=2, num_workers=0, image_size=16, seed=2, shards_in_flight=2, shuffle_buffer=2)
+    first = make_loader(url, **opts)
+    head = []
+    for i, b in enumerate(first):
+        head += b["keys"]
+        if i == 2:
+            break
+    second = make_loader(url, **opts)
+    second.load_state_dict(first.state_dict())
+    assert sorted(head + [k for b in second for k in b["keys"]]) == ALL

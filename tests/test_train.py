@@ -106,7 +106,7 @@ def test_resume_continues_where_the_checkpoint_left(data, tmp_path):
     part = train_mod.train(_cfg(data, tmp_path / "b", epochs=2, max_steps=3, val=None, cutmix=1.0))
     assert len(part["loss"]) == 3
     ck = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    assert ck["step"] == 3 and ck["loaders"][0]["workers"]["0"]["good"] == 48
+    assert ck["step"] == 3 and ck["loaders"][0]["readers"]["0"]["good"] == 48
     again = train_mod.train(_cfg(data, tmp_path / "b", epochs=2, max_steps=3, val=None, cutmix=1.0))
     assert len(again["loss"]) == 3  # a rerun of a finished --max-steps run trains no extra step
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["step"] == 3
@@ -225,7 +225,8 @@ def test_ddp_under_torchrun_two_cpu_ranks(data, tmp_path):
     ck = torch.load(tmp_path / "last.pt", weights_only=True)  # one checkpoint, from rank 0
     assert ck["step"] == 4
     for rank in (0, 1):
-        assert ck["loaders"][rank]["rank"] == rank and ck["loaders"][rank]["world_size"] == 2
+        # the loader's state_dict() gathers the ranks: each rank's entry holds the whole job's state
+        assert ck["loaders"][rank]["ranks"] == [0, 1] and ck["loaders"][rank]["world_size"] == 2
     assert not list(tmp_path.glob("last-rank*.pt"))
 
 

@@ -215,20 +215,21 @@ def test_class_sorted_warning_is_logged_once(sorted_data, monkeypatch, caplog):
 @pytest.mark.network
 @pytest.mark.slow
 def test_resume_at_90_percent_reads_again_at_most_5_percent_of_the_bytes(s3_bucket, monkeypatch):
-    """Bytes fetched from the S3 server on loopback (s3fs's range requests), per object."""
+    """Bytes fetched from the S3 server on loopback (s3fs's range GETs, ``_cat_file``: every read of the
+    loader's bounded openers and of its resume fetches), per object."""
     import s3fs
 
     url = f"{s3_bucket}/resume"
     make_shards(url, [6] * 100)
     fetched: dict[str, int] = {}
-    real = s3fs.core.S3File._fetch_range
+    real = s3fs.S3FileSystem._cat_file
 
-    def counting(self, start, end):
-        data = real(self, start, end)
-        fetched[self.key] = fetched.get(self.key, 0) + len(data)
+    async def counting(self, path, *args, **kwargs):
+        data = await real(self, path, *args, **kwargs)
+        fetched[path] = fetched.get(path, 0) + len(data)
         return data
 
-    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counting)
+    monkeypatch.setattr(s3fs.S3FileSystem, "_cat_file", counting)
     fs = s3fs.S3FileSystem()
     epoch_bytes = sum(fs.size(p) for p in fs.glob(f"{url}/*.tar"))
     opts = dict(batch_size=10, num_workers=0, image_size=8, seed=1, shards_in_flight=2, shuffle_buffer=4)

@@ -10,9 +10,9 @@ In one run:
   a 1,250-sample shard (timm/imagenet-1k-wds' shard size);
 - baselines measured on the same maps: the same records without the image binding (48 bytes), and the
   official release's legacy ``torch.save`` of the float32 ``[2, 5, 15, 15]`` map;
-- what would close a gap to the 3,000-byte goal: the same maps (their float32 originals) encoded with
-  coarser ``compact`` steps, with the pooled-target error against the float32 map (``bench_labelmap.py``'s
-  oracle and boxes; the record's bound is 2e-3).
+- the same maps (their float32 originals) encoded with coarser ``compact`` steps, and as the writers encode
+  them (step 0.01, or ``labelmap.TAR_FIT_STEP`` where that saves a 512-byte tar block), with the pooled-target
+  error against the float32 map (``bench_labelmap.py``'s oracle and boxes; the record's bound is 2e-3).
 
     python benchmarks/bench_label_bytes.py           # ~1 min on 2 cores (annotator at 480 px on the CPU)
 """
@@ -53,7 +53,7 @@ def main() -> None:
     from PIL import Image
 
     from relabel_shards.build import build_shards
-    from relabel_shards.labelmap import decode_label_map, encode_label_map
+    from relabel_shards.labelmap import decode_label_map, encode_label_map, read_header
     from relabel_shards.shards import write_shard
 
     info = machine_info()
@@ -87,7 +87,8 @@ def main() -> None:
         no_binding, official = [], []
         for _, d in members:
             lm = decode_label_map(d)
-            no_binding.append(len(encode_label_map(lm.values, lm.indices, lm.num_classes, step=0.01)))
+            step = read_header(d).step  # the record's own (0.01, or TAR_FIT_STEP where that saved a block)
+            no_binding.append(len(encode_label_map(lm.values, lm.indices, lm.num_classes, step=step)))
             t = torch.from_numpy(np.stack([lm.values.astype(np.float32), lm.indices.astype(np.float32)]))
             b = io.BytesIO()
             torch.save(t, b, _use_new_zipfile_serialization=False)
@@ -173,17 +174,20 @@ def _step_sweep(size: int, bound_record: bytes, shard_overhead: int) -> list[dic
     from _real_maps import real_label_maps
     from bench_labelmap import _boxes, _pool
 
-    from relabel_shards.labelmap import decode_label_map, encode_label_map
+    from relabel_shards.labelmap import TAR_FIT_STEP, decode_label_map, encode_label_map
 
     binding = decode_label_map(bound_record).image  # a binding of the right size (the bytes do not matter)
     V, IX = (t.numpy() for t in real_label_maps(size=size))
     boxes = _boxes(256)
     refs = [_pool(torch.from_numpy(V[n]), torch.from_numpy(IX[n]), boxes, 1000) for n in range(len(V))]
     rows = []
-    for step in (0.01, 0.015, 0.02, 0.025):
+    for step in (0.01, 0.015, 0.02, 0.025, "0.01, tar_fit_step 0.02 (as written)"):
         sizes, err = [], 0.0
         for n in range(len(V)):
-            rec = encode_label_map(V[n], IX[n], 1000, step=step, image=binding)
+            if isinstance(step, str):  # what build/convert write: 0.02 only where it saves a tar block
+                rec = encode_label_map(V[n], IX[n], 1000, image=binding, tar_fit_step=TAR_FIT_STEP)
+            else:
+                rec = encode_label_map(V[n], IX[n], 1000, step=step, image=binding)
             sizes.append(len(rec))
             lm = decode_label_map(rec)
             got = _pool(

@@ -492,7 +492,7 @@ def build_shards(
     with named_errors(str(where)):
         src = open_source(source, storage_options, key_from=key_from)
     from relabel_shards.annotator import create_annotator
-    from relabel_shards.labelmap import encode_label_map
+    from relabel_shards.labelmap import TAR_FIT_STEP, encode_label_map
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -517,6 +517,7 @@ def build_shards(
         "split": split,
         "seed": seed if ann.weights_sha256 is None else None,
         "order": order_info(shuffle, shuffle_seed, src.kind),
+        "tar_fit_step": TAR_FIT_STEP if encoding == "compact" else None,
     }
     if labels_only:
         settings["labels_only"] = True  # only then: full builds keep their fingerprint
@@ -588,7 +589,9 @@ def _run(
     labels_only: bool = False,
     placeholders: bool = False,
 ) -> None:
-    from relabel_shards.labelmap import ImageBinding
+    from relabel_shards.labelmap import TAR_FIT_STEP, ImageBinding
+
+    fit = TAR_FIT_STEP if encoding == "compact" else None  # a coarser step where it saves a tar block
 
     stream = _ChunkStream(tasks, ann.preprocess, batch_size, storage_options, max_image_pixels)
     cuda = getattr(ann, "device", None) is not None and torch.device(ann.device).type == "cuda"
@@ -618,7 +621,7 @@ def _run(
             shapes.setdefault(index, set()).add(tuple(v.shape[1:]))
             try:
                 record = encode_label_map(
-                    v, i, num_classes, encoding=encoding, image=ImageBinding(*e["image"])
+                    v, i, num_classes, encoding=encoding, image=ImageBinding(*e["image"]), tar_fit_step=fit
                 )
             except ValueError as err:  # e.g. non-finite logits from a broken checkpoint: name the sample
                 raise ValueError(

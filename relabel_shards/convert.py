@@ -141,6 +141,14 @@ def _upright(data: bytes) -> tuple[int, int, int]:
     return im.width, im.height, im.orientation
 
 
+def _fit(encoding: str) -> float | None:
+    """``encode_label_map``'s ``tar_fit_step`` for an encoding: a coarser compact step where it saves a tar
+    block (``labelmap.TAR_FIT_STEP``)."""
+    from relabel_shards.labelmap import TAR_FIT_STEP
+
+    return TAR_FIT_STEP if encoding == "compact" else None
+
+
 def _oriented(maps: tuple[Any, Any], orientation: int) -> tuple[Any, Any]:
     """The official (values, indices) turned upright with their image.
 
@@ -238,7 +246,7 @@ class _ConvertStream(IterableDataset):
             return _failure(it.key, mrel, f"bad label map: {e}", image=it.source)
         values, indices = _oriented(split_official_map(t, self.layout), orientation)  # (k, rows, cols)
         record = encode_label_map(values, indices, NUM_CLASSES, encoding=self.encoding,
-                                  image=ImageBinding.of(image, w, h))
+                                  image=ImageBinding.of(image, w, h), tar_fit_step=_fit(self.encoding))
         meta: dict[str, Any] = {"source": it.source, "width": w, "height": h, "labelmap_source": mrel}
         if it.class_name is not None:
             meta["class_name"] = it.class_name
@@ -409,7 +417,7 @@ def convert_official(
     plan_orphans = _assign_orphans(plan, orphans)
     settings = {"layout": layout, "encoding": encoding, "shard_size": shard_size, "prefix": prefix,
                 "split": split, "check_images": bool(check_images),
-                "order": order_info(shuffle, shuffle_seed, src.kind)}
+                "order": order_info(shuffle, shuffle_seed, src.kind), "tar_fit_step": _fit(encoding)}
     description = _job_description(src, relabel_root, maps, settings)
     fingerprint = job_fingerprint(description)
     check_output(out, prefix, fingerprint, description, storage_options)
@@ -533,7 +541,7 @@ class _OfficialLabeler:
         w, h, orientation = _upright(image)  # the image itself, not its .json (``size``), decides
         values, indices = _oriented(maps, orientation)
         record = encode_label_map(values, indices, NUM_CLASSES, encoding=self.encoding,
-                                  image=ImageBinding.of(image, w, h))
+                                  image=ImageBinding.of(image, w, h), tar_fit_step=_fit(self.encoding))
         return record, False
 
 
@@ -617,7 +625,7 @@ def convert_official_labels(
         by_key[k] = rel
     labeler = _OfficialLabeler(relabel_root, by_key, layout, encoding, storage_options)
     settings = {"layout": layout, "encoding": encoding, "prefix": prefix, "split": split, "labels_only": True,
-                "match_by": match_by}
+                "match_by": match_by, "tar_fit_step": _fit(encoding)}
     description = {**_job_description(src, relabel_root, maps, settings), "job": "convert-labels",
                    "image_shards": key_digest(src.shard_urls)}
     fingerprint = job_fingerprint(description)

@@ -713,6 +713,32 @@ def test_real_maps_compact_within_2e3_and_lossless_exact(real_maps):
     assert np.mean(sizes) <= 2500
 
 
+def test_tar_fit_step_saves_a_tar_block_within_the_bound(real_maps):
+    """tar_fit_step re-encodes at the coarser step only where that saves a 512-byte tar block, and the
+    coarser record still pools within the record's 2e-3 bound (benchmarks/bench_label_bytes.py at scale)."""
+    from relabel_shards.labelmap import TAR_FIT_STEP, read_header
+
+    values, indices = real_maps
+    boxes = _boxes(256)
+    blocks = lambda rec: -(-len(rec) // 512)  # noqa: E731
+    coarsened = 0
+    for v, i in zip(values, indices, strict=True):
+        fine = encode_label_map(v, i, 1000)
+        coarse = encode_label_map(v, i, 1000, step=TAR_FIT_STEP)
+        fit = encode_label_map(v, i, 1000, tar_fit_step=TAR_FIT_STEP)
+        if blocks(coarse) < blocks(fine) and len(fine) - (blocks(fine) - 1) * 512 <= 0.15 * len(fine):
+            assert fit == coarse and read_header(fit).step == np.float32(TAR_FIT_STEP)
+            coarsened += 1
+        else:
+            assert fit == fine and read_header(fit).step == np.float32(0.01)
+        lm = decode_label_map(fit)
+        err = float((_pool(lm.values, lm.indices, boxes, 1000) - _pool(v, i, boxes, 1000)).abs().max())
+        assert err <= 2e-3, err
+    assert coarsened >= 1  # these photos include records just over 2,048 bytes
+    with pytest.raises(ValueError, match="tar_fit_step applies to encoding='compact' only"):
+        encode_label_map(values[0], indices[0], 1000, encoding="lossless", tar_fit_step=0.02)
+
+
 # ------------------------------------------------------------------ a reader's bounds: expect, max_elements
 
 

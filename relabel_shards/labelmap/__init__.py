@@ -38,7 +38,7 @@ from relabel_shards.labelmap._codec import _unzigzag as _unzigzag
 from relabel_shards.labelmap._codec import _zigzag as _zigzag
 from relabel_shards.labelmap._decode import _zstd_frame_end as _zstd_frame_end
 from relabel_shards.labelmap._decode import decode_label_map
-from relabel_shards.labelmap._encode import encode_label_map
+from relabel_shards.labelmap._encode import TAR_FIT_STEP, encode_label_map
 from relabel_shards.labelmap._header import (
     DEFAULT_LEVEL,
     ENCODINGS,
@@ -84,6 +84,7 @@ __all__ = [
     "MAX_CLASSES",
     "MAX_DIM",
     "MAX_ELEMENTS",
+    "TAR_FIT_STEP",
     "MAX_STEP",
     "VALUE_CODECS",
     "VERSION",

@@ -536,14 +536,7 @@ def build_shards(
         resume_check=resume_check,
         overwrite=overwrite,
     )
-    todo = job.pending()
-    summary = BuildSummary(
-        rank=job.rank,
-        world_size=job.world_size,
-        num_shards=len(plan),
-        written=list(todo),
-        skipped=[i for i in job.owned() if i not in set(todo)],
-    )
+    todo, summary = job.start(BuildSummary)
     total = _input_shard_total(src, todo) if src.kind == "shards" else sum(len(plan[i]) for i in todo)
     if todo:
         _run(

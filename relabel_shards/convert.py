@@ -423,9 +423,7 @@ def convert_official(
     check_output(out, prefix, fingerprint, description, storage_options)
     job = ShardJob(out, prefix=prefix, num_shards=n, fingerprint=fingerprint, rank=rank,
                    world_size=world_size, storage_options=storage_options, overwrite=overwrite)
-    todo = job.pending()
-    summary = ConvertSummary(rank=job.rank, world_size=job.world_size, num_shards=n, written=list(todo),
-                             skipped=[i for i in job.owned() if i not in set(todo)])
+    todo, summary = job.start(ConvertSummary)
     if todo:
         stream = _ConvertStream([(i, plan[i], plan_orphans[i]) for i in todo], relabel_root, frozenset(maps),
                                 layout, encoding, bool(check_images), storage_options)

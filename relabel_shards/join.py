@@ -471,14 +471,7 @@ def run_aligned(
         storage_options=storage_options,
         overwrite=overwrite,
     )
-    todo = job.pending()
-    summary = JoinSummary(
-        rank=job.rank,
-        world_size=job.world_size,
-        num_shards=len(plan),
-        written=list(todo),
-        skipped=[i for i in job.owned() if i not in set(todo)],
-    )
+    todo, summary = job.start(JoinSummary)
     total = _input_shard_total(src, todo) if src.kind == "shards" else sum(len(plan[i]) for i in todo)
     rebound: dict[int, int] = {}
     matched: dict[int, list[str]] = {}  # lookup keys per shard, when they are not the sample keys

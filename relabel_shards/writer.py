@@ -380,6 +380,20 @@ class ShardJob:
                     except FileNotFoundError:
                         pass
 
+    def start(self, summary_type: Callable[..., Any]) -> tuple[list[int], Any]:
+        """:meth:`pending`, and a job summary of this rank made from it: ``summary_type(rank=, world_size=,
+        num_shards=, written=, skipped=)`` (build's, convert's and join's summaries share these fields).
+
+        Returns:
+            ``(todo, summary)``: the shards still to write, and the summary (``written``: those,
+            ``skipped``: this rank's shards that were complete already).
+        """
+        todo = self.pending()
+        left = set(todo)
+        summary = summary_type(rank=self.rank, world_size=self.world_size, num_shards=self.num_shards,
+                               written=list(todo), skipped=[i for i in self.owned() if i not in left])
+        return todo, summary
+
     def pending(self) -> list[int]:
         """This rank's shards still to write, in order (stale temporary files of its shards are removed).
 

@@ -10,8 +10,10 @@ distinct classes of every batch are counted. The baseline, in the same run, is t
 the simulation. Goal: shuffled shards >= 97% of i.i.d.
 
 The script is a set of sections, each a function returning rows; ``SECTIONS`` maps a name to it and the
-JSON output holds one key per section (more rows, e.g. interleaved reading, resume bytes, assignment time,
-are added as sections). Run: ``python benchmarks/bench_order.py [--scale 0.1] [--sections diversity]``.
+JSON output holds one key per section: ``diversity`` (above), ``interleave`` (class-sorted shards at 1-16
+shards in flight), ``assignment`` (10k shards to 1,024 readers) and ``resume`` (bytes read again at 90 %),
+the last three from the loader's epoch plan (``bench_stream.py``, which also measures resume bytes through
+S3 with ``--s3``). Run: ``python benchmarks/bench_order.py [--scale 0.1] [--sections diversity ...]``.
 """
 
 from __future__ import annotations
@@ -128,8 +130,44 @@ def diversity_rows(cfg: dict[str, int], epochs: int = 3, seed: int = 0) -> list[
     return rows
 
 
+def interleave_rows(cfg: dict[str, int]) -> list[dict[str, Any]]:
+    """Issue 10, item 2: classes per batch on class-sorted shards at several shards in flight, through the
+    loader's own epoch plan (``relabel_shards.stream``; ``bench_stream.py``), 8 of the 64 readers, at the
+    full ImageNet layout whatever ``--scale``."""
+    import bench_stream as bs
+
+    readers = list(range(0, 64, 8))
+    iid = bs.CLASSES * (1 - (1 - 1 / bs.CLASSES) ** bs.BATCH)
+    rows = []
+    for shuffled, flights in ((False, (1, 2, 4, 8, 16)), (True, (4,))):
+        lengths, classes = bs.imagenet_layout(shuffled=shuffled)
+        for k in flights:
+            row = bs.diversity(lengths, classes, k, readers, 1000)
+            rows.append({"shards": "shuffled" if shuffled else "class-sorted", "in_flight": k, **row,
+                         "vs_iid": row["mean"] / iid})
+    return rows
+
+
+def assignment_rows(cfg: dict[str, int]) -> list[dict[str, Any]]:
+    """Issue 10, item 6: 10,000 shards to 1,024 readers, the heap against the former linear scan, same run."""
+    import bench_stream as bs
+
+    return [bs.assignment(5)]
+
+
+def resume_rows(cfg: dict[str, int]) -> list[dict[str, Any]]:
+    """Issue 10, item 4: what a resume at 90 % of an epoch reads again, from the plan (same topology and
+    elastic); ``bench_stream.py --s3`` adds the row measured through the S3 server on loopback."""
+    import bench_stream as bs
+
+    return bs.resume_bytes(bs.imagenet_layout(shuffled=False)[0])
+
+
 SECTIONS: dict[str, Callable[[dict[str, int]], list[dict[str, Any]]]] = {
     "diversity": diversity_rows,
+    "interleave": interleave_rows,
+    "assignment": assignment_rows,
+    "resume": resume_rows,
 }
 COLUMNS = {
     "diversity": [
@@ -146,6 +184,9 @@ COLUMNS = {
         "estimate",
         "seconds",
     ],
+    "interleave": ["shards", "in_flight", "median", "mean", "p5", "min", "vs_iid", "batches"],
+    "assignment": ["heap_ms", "scan_ms", "speedup"],
+    "resume": ["resume", "read_fraction", "read_again_fraction", "shards_opened"],
 }
 
 

@@ -16,7 +16,7 @@ Shards (``relabel_shards.shards``)
 Object storage errors (``relabel_shards.storage``)
     ``StorageError``, ``StorageTimeoutError``
 Crop geometry and the streaming loader (``relabel_shards.crops``, ``relabel_shards.loader``)
-    ``random_resized_crop_params``, ``ReLabelDataset``, ``make_loader``
+    ``random_resized_crop_params``, ``ReLabelDataset``, ``make_loader``, ``merge_state_dicts``
 Import of the official release (``relabel_shards.convert``)
     ``convert_official``, ``convert_official_labels``
 Label shards beside image shards (``relabel_shards.join``, ``.pairing``, ``.publish``)
@@ -56,6 +56,7 @@ _EXPORTS: dict[str, str] = {
     "random_resized_crop_params": "relabel_shards.crops",
     "ReLabelDataset": "relabel_shards.loader",
     "make_loader": "relabel_shards.loader",
+    "merge_state_dicts": "relabel_shards.loader",
     "convert_official": "relabel_shards.convert",
     "convert_official_labels": "relabel_shards.convert",
     "join_labels": "relabel_shards.join",
@@ -93,6 +94,7 @@ __all__ = [
     "random_resized_crop_params",
     "ReLabelDataset",
     "make_loader",
+    "merge_state_dicts",
     "convert_official",
     "convert_official_labels",
     "join_labels",
@@ -138,7 +140,7 @@ if TYPE_CHECKING:  # static tools see the real names
         decode_label_map,
         encode_label_map,
     )
-    from relabel_shards.loader import ReLabelDataset, make_loader
+    from relabel_shards.loader import ReLabelDataset, make_loader, merge_state_dicts
     from relabel_shards.losses import soft_target_cross_entropy, token_labeling_loss
     from relabel_shards.pairing import check_pairs_with, key_digest
     from relabel_shards.pooling import LabelPooling, SparseTargets, label_pooling, reference_label_pooling

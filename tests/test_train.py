@@ -100,6 +100,19 @@ def test_targets_move_the_model_the_right_way(tmp_path):
     assert hist["val"][-1]["top1"] <= 20
 
 
+def test_training_on_image_shards_with_a_label_set_equals_full_shards(data, tmp_path):
+    """--labels: the same samples, crops and targets as the full shards they were split from, so the same
+    losses (a published label set trains like shards that hold the maps)."""
+    from test_loader_factory import split_into_columns
+
+    split_into_columns(data / "train", tmp_path / "images", tmp_path / "labels")
+    full = train_mod.train(_cfg(data, tmp_path / "a", epochs=2, val=None))
+    joined = train_mod.train(_cfg(data, tmp_path / "b", epochs=2, val=None, train=str(tmp_path / "images"),
+                                  labels=str(tmp_path / "labels")))
+    np.testing.assert_allclose(joined["loss"], full["loss"], rtol=1e-5, atol=1e-6)
+    assert len(full["loss"]) == 8
+
+
 def test_resume_continues_where_the_checkpoint_left(data, tmp_path):
     """With CutMix on every step: its draws after a resume are those of the uninterrupted run."""
     full = train_mod.train(_cfg(data, tmp_path / "a", epochs=2, ckpt_every=3, val=None, cutmix=1.0))

@@ -60,6 +60,7 @@ class TrainConfig:
     """Everything a run depends on; saved in each checkpoint. ``HELP`` documents each field (``--help``)."""
 
     train: str
+    labels: str | None = None  # label shards joined by key with --train's image shards
     model: str = "resnet50"
     val: str | None = None
     out: str = "runs/relabel"
@@ -91,6 +92,8 @@ class TrainConfig:
 
 HELP = {
     "train": "training shards: a directory or URL prefix with _info.json, or shard URLs",
+    "labels": "label shards (a published label set) joined by key with --train's image shards while "
+              "streaming; without it --train holds full shards (image and label map in one tar)",
     "model": "timm model name (random init)",
     "val": "validation shards (center crop; top-1, and ReaL top-1 for ImageNet validation keys)",
     "out": "directory for last.pt (the checkpoint a rerun resumes from)",
@@ -497,8 +500,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     loader = make_loader(cfg.train, batch_size=cfg.batch_size, num_workers=cfg.workers,
                          image_size=cfg.image_size, seed=cfg.seed, pin_memory=device.type == "cuda",
-                         storage_options=cfg.storage_options or None)
-    geo = loader.dataset.geometry
+                         storage_options=cfg.storage_options or None, labels=cfg.labels)
+    sets = loader.dataset.label_sets  # a join: the label set's geometry (the image shards have none)
+    geo = sets[0].geometry if sets else loader.dataset.geometry
     num_classes = cfg.num_classes or (geo.num_classes if geo else None)
     if num_classes is None:
         raise ValueError("num_classes: _info.json gives no label-map geometry; pass --num-classes")

@@ -429,6 +429,7 @@ def build_shards(
     key_from: str = "stem",
     labels_only: bool = False,
     overwrite: bool = False,
+    check_classes: bool = True,
 ) -> BuildSummary:
     """Annotate every image of ``source`` and write WebDataset shards with label maps to ``out``.
 
@@ -473,6 +474,8 @@ def build_shards(
             ``_info.json`` names the image shards it pairs with (``relabel_shards.pairing``).
         overwrite: write into a folder that holds a dataset this project did not write (refused otherwise;
             ``relabel_shards.writer.ShardJob.check_output``).
+        check_classes: warn when the source's classes (``.cls``) differ from the annotator's (count, names,
+            or labels out of range); False where ``.cls`` only describes the images (the demo's photos).
 
     Returns:
         BuildSummary of this rank's work; ``info`` is the split written to ``_info.json`` by this call,
@@ -505,7 +508,7 @@ def build_shards(
             device=_default_device(device),
             keep_aspect=keep_aspect,
         )
-    mismatch = _class_mismatch(src, ann)
+    mismatch = _class_mismatch(src, ann) if check_classes else None
     if mismatch is not None:
         log.warning("%s: .cls holds the source's class index, while the label maps use the annotator's "
                     "classes; pooled targets and .cls then name different classes", mismatch)

@@ -42,11 +42,13 @@ def test_demo_without_scikit_image_names_the_install(monkeypatch):
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
+def test_demo_end_to_end(tmp_path, caplog):
     pytest.importorskip("skimage")
     out = tmp_path / "out"
     res = CliRunner().invoke(cli, ["demo", str(out)])
     assert res.exit_code == 0, res.output + repr(res.exception)
+    # the README's first command prints no warning (its .cls describe the photos: no class check)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
     text = res.output
     assert "OK: split 'train' of " in text and "6 samples in 1 shard " in text
     for key in [COLLAGE, *PHOTOS]:

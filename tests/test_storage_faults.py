@@ -50,9 +50,16 @@ def http_dataset(http_dir):
 
 @pytest.fixture
 def proxy(http_root):
+    """A fault proxy in front of the HTTP server. fsspec keeps one HTTPFileSystem (and its aiohttp connection
+    pool) per process: a pooled keep-alive connection from an earlier test, to an earlier proxy on a port
+    the OS hands out again, must not stand in for this proxy's connections, so the cache starts empty."""
+    from fsspec.implementations.http import HTTPFileSystem
+
+    HTTPFileSystem.clear_instance_cache()
     _, base = http_root
     with FaultProxy(int(base.rsplit(":", 1)[1])) as p:
         yield p
+    HTTPFileSystem.clear_instance_cache()
 
 
 def _timed(fn, exc, match):

@@ -145,6 +145,12 @@ def bin_axis_weights(start: torch.Tensor, end: torch.Tensor, size: int, bins: in
     first = torch.floor((-1.0 - bin_start) / spacing - 0.5) - 1.0
     first = torch.clamp(first, 0.0, float(2**24))
     num_candidates = 2 * size + 6
+    if start.device.type == "cpu" and batch:
+        # a window from `first` of grid + 1 candidates holds every sample of the bin that matters: on the
+        # CPU (where reading the largest grid costs no sync) use that when it is smaller; typical crops
+        # have 1 or 2 samples per bin, so this is 4 candidates instead of 2 * size + 6 (bench_pooling.py
+        # --output-size 14). The extra candidates only ever added zero weights.
+        num_candidates = min(num_candidates, int(grid.max()) + 2)
     i = first[..., None] + torch.arange(num_candidates, device=start.device, dtype=torch.float32)  # (B, P, S)
     y = bin_start[..., None] + ((i + 0.5) * step_bin[:, None, None]) / grid[:, None, None]
     valid = (i < grid[:, None, None]) & (y >= -1.0) & (y <= float(size))
@@ -277,28 +283,35 @@ def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor
 def _softmax_into(out: torch.Tensor, classes: torch.Tensor, logits: torch.Tensor, num_classes: int) -> None:
     """:func:`densify` for :func:`sparse_pool`'s ``pad_absent`` result: every slot holds a class (unused ones
     a class absent from the image, logit 0, which is that class's own target), distinct except repeats of
-    that absent class. ``logits`` Tensor[B, oh, U, ow]; writes Tensor[B, oh, ow, C] ``out``."""
+    that absent class. ``logits`` Tensor[B, oh, U, ow], overwritten (the softmax runs in place on it);
+    writes Tensor[B, oh, ow, C] ``out``.
+
+    Each bin's row is one constant (the probability of every absent class) with the support's U values set
+    on top: the rows are filled from a broadcast and the support scattered a few images at a time, while
+    those rows are still in cache, so ``out`` is written about once (bench_pooling.py --output-size 14).
+    """
     batch, oh, num_slots, ow = logits.shape
     m = logits.amax(2)  # (B, oh, ow)
     if num_slots < num_classes:  # some class is absent (or an unused slot holds logit 0): max with 0
-        m = m.clamp_min_(0.0)
-    e = torch.exp(logits - m[:, :, None, :])  # (B, oh, U, ow)
-    base = torch.exp(-m)
-    total = e.sum(2).add_(base * (num_classes - num_slots))
-    e.div_(total[:, :, None, :])
-    base.div_(total)
+        m.clamp_min_(0.0)
+    e = logits.sub_(m[:, :, None, :]).exp_()  # (B, oh, U, ow), in place
+    base = m.neg_().exp_()  # exp(0 - m), the absent classes' share
+    inv = e.sum(2).add_(base, alpha=float(num_classes - num_slots)).reciprocal_()
+    e.mul_(inv[:, :, None, :])
+    base.mul_(inv)
     # where each (bin, slot) lands in out's rows: (i * ow + j) * C + class
     cell = torch.arange(oh * ow, device=out.device).view(1, oh, 1, ow) * num_classes
-    where = cell + classes.view(batch, 1, num_slots, 1)  # (B, oh, U, ow)
+    where = (cell + classes.view(batch, 1, num_slots, 1)).view(batch, -1)  # (B, oh * U * ow)
+    e = e.view(batch, -1)
     cells = oh * ow
     rows = out.view(batch, cells * num_classes)
+    base = base.view(batch, cells, 1)
     # a few images at a time, so that the support's writes land in rows the fill has just brought to cache
     step = max(1, (1 << 20) // (cells * num_classes))
     for b0 in range(0, batch, step):
-        sl = slice(b0, b0 + step)
-        part = rows[sl]
-        part.view(-1, cells, num_classes).copy_(base[sl].reshape(-1, cells, 1).expand(-1, cells, num_classes))
-        part.scatter_(1, where[sl].reshape(part.shape[0], -1), e[sl].reshape(part.shape[0], -1))
+        part = rows[b0:b0 + step]
+        part.view(-1, cells, num_classes).copy_(base[b0:b0 + step].expand(-1, cells, num_classes))
+        part.scatter_(1, where[b0:b0 + step], e[b0:b0 + step])
 
 
 def densify(classes: torch.Tensor, logits: torch.Tensor, num_classes: int,

@@ -13,6 +13,8 @@ last bits may vary between runs unless ``torch.use_deterministic_algorithms(True
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -283,35 +285,33 @@ def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor
 def _softmax_into(out: torch.Tensor, classes: torch.Tensor, logits: torch.Tensor, num_classes: int) -> None:
     """:func:`densify` for :func:`sparse_pool`'s ``pad_absent`` result: every slot holds a class (unused ones
     a class absent from the image, logit 0, which is that class's own target), distinct except repeats of
-    that absent class. ``logits`` Tensor[B, oh, U, ow], overwritten (the softmax runs in place on it);
-    writes Tensor[B, oh, ow, C] ``out``.
+    that absent class. ``logits`` Tensor[B, oh, U, ow]; writes Tensor[B, oh, ow, C] ``out``.
 
-    Each bin's row is one constant (the probability of every absent class) with the support's U values set
-    on top: the rows are filled from a broadcast and the support scattered a few images at a time, while
-    those rows are still in cache, so ``out`` is written about once (bench_pooling.py --output-size 14).
+    One softmax over U + 1 logits per bin does the reductions: the extra logit ``log(C - U)`` stands for the
+    ``C - U`` classes without a slot (logit 0 each), so its probability divided by ``C - U`` is theirs. Each
+    bin's row is then that constant with the U support values set on top: the rows are filled from a
+    broadcast and the support scattered a few images at a time, while those rows are still in cache, so
+    ``out`` is written about once (bench_pooling.py --output-size 14).
     """
     batch, oh, num_slots, ow = logits.shape
-    m = logits.amax(2)  # (B, oh, ow)
-    if num_slots < num_classes:  # some class is absent (or an unused slot holds logit 0): max with 0
-        m.clamp_min_(0.0)
-    e = logits.sub_(m[:, :, None, :]).exp_()  # (B, oh, U, ow), in place
-    base = m.neg_().exp_()  # exp(0 - m), the absent classes' share
-    inv = e.sum(2).add_(base, alpha=float(num_classes - num_slots)).reciprocal_()
-    e.mul_(inv[:, :, None, :])
-    base.mul_(inv)
-    # where each (bin, slot) lands in out's rows: (i * ow + j) * C + class
-    cell = torch.arange(oh * ow, device=out.device).view(1, oh, 1, ow) * num_classes
-    where = (cell + classes.view(batch, 1, num_slots, 1)).view(batch, -1)  # (B, oh * U * ow)
-    e = e.view(batch, -1)
     cells = oh * ow
-    rows = out.view(batch, cells * num_classes)
-    base = base.view(batch, cells, 1)
+    rest = num_classes - num_slots
+    ext = torch.empty(batch, oh, ow, num_slots + 1, dtype=torch.float32, device=out.device)
+    ext[..., :num_slots].copy_(logits.permute(0, 1, 3, 2))
+    ext[..., num_slots] = math.log(rest) if rest else float("-inf")
+    probs = torch.softmax(ext, dim=-1).view(batch, cells, num_slots + 1)
+    del ext
+    # (B, cells, 1): the probability of each class without a slot
+    base = probs[..., num_slots:] / rest if rest else torch.zeros_like(probs[..., num_slots:])
+    support = probs[..., :num_slots]  # (B, cells, U)
+    where = classes.view(batch, 1, num_slots).expand(batch, cells, num_slots)
+    rows = out.view(batch, cells, num_classes)
     # a few images at a time, so that the support's writes land in rows the fill has just brought to cache
     step = max(1, (1 << 20) // (cells * num_classes))
     for b0 in range(0, batch, step):
         part = rows[b0:b0 + step]
-        part.view(-1, cells, num_classes).copy_(base[b0:b0 + step].expand(-1, cells, num_classes))
-        part.scatter_(1, where[b0:b0 + step], e[b0:b0 + step])
+        part.copy_(base[b0:b0 + step].expand(-1, cells, num_classes))
+        part.scatter_(2, where[b0:b0 + step], support[b0:b0 + step])
 
 
 def densify(classes: torch.Tensor, logits: torch.Tensor, num_classes: int,

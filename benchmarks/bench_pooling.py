@@ -21,7 +21,9 @@ and int16 indices on the GPU by default (``--value-dtype``, ``--index-dtype``).
 roi_align to N x N, softmax over C) against ``label_pooling(..., output_size=N)`` at B=256 (CPU) or B in
 {256, 1024} (CUDA, where the PyTorch path and the Triton bins kernel run): time, and peak tensor memory beyond
 the ``[B, N, N, C]`` result both routes return. Goals on the CPU: >= 20x faster, >= 20x less memory beyond
-the output.
+the output. The routes, ``out=`` a reused buffer, and the floor of writing the output once (a fresh
+``torch.empty(...).fill_`` and a fill of the reused buffer) are timed in interleaved rounds (median of each),
+so that the load of a shared machine hits them alike.
 
     python benchmarks/bench_pooling.py                 # CPU, about a minute on 2 cores
     python benchmarks/bench_pooling.py --output-size 14                  # Token Labeling targets, CPU
@@ -33,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -178,6 +182,21 @@ def tokenlabeling_route(values: torch.Tensor, indices: torch.Tensor, boxes: torc
     return torch.softmax(pooled, dim=1)
 
 
+def timeit_rounds(fns, rounds: int) -> list[float]:
+    """Median seconds of each of ``fns``, timed in ``rounds`` rounds that call each once in turn (after one
+    uncounted call each), so that a change of the machine's load during the run hits every route alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            out = fn()
+            ts.append(time.perf_counter() - t0)
+            del out  # freed before the next call, as with timeit
+    return [statistics.median(ts) for ts in times]
+
+
 def _thp_setting() -> str:
     try:
         return Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
@@ -220,15 +239,12 @@ def bench_cpu_tokens(args) -> dict:
             oracle = reference_label_pooling(values[:n], indices[:n], boxes[:n], C, output_size=size)
             diff = (run_ours()[:n] - oracle).abs().max().item()
             diff_tl = (run_tl()[:n].permute(0, 2, 3, 1) - oracle).abs().max().item()
-            t_tl = timeit(run_tl, repeats=max(2, args.repeats // 3), warmup=1)["median_s"]
-            t_our = timeit(run_ours, repeats=args.repeats, warmup=1)["median_s"]
-            t_out = timeit(run_ours_out, repeats=args.repeats, warmup=1)["median_s"]
             # the floor of any route that returns this output: writing [B, N, N, C] float32 once, into a fresh
             # tensor (the operating system first-touches its pages) and into the reused buffer
             shape = (batch, size, size, C)
-            t_fresh = timeit(lambda shape=shape: torch.empty(shape).fill_(0.5), repeats=args.repeats,
-                             warmup=1)["median_s"]
-            t_fill = timeit(lambda buf=buf: buf.fill_(0.5), repeats=args.repeats, warmup=1)["median_s"]
+            t_tl, t_our, t_out, t_fresh, t_fill = timeit_rounds(
+                [run_tl, run_ours, run_ours_out, lambda shape=shape: torch.empty(shape).fill_(0.5),
+                 lambda buf=buf: buf.fill_(0.5)], rounds=args.repeats)
             out_bytes = batch * size * size * C * 4
             m_tl = peak_cpu_bytes(run_tl) - out_bytes
             m_our = peak_cpu_bytes(run_ours_direct) - out_bytes

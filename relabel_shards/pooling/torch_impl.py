@@ -230,10 +230,30 @@ def _slots(idx: torch.Tensor, num_classes: int, pad_absent: bool
     return slot, classes, num_slots
 
 
+def bin_weights(boxes: torch.Tensor, h: int, w: int, output_size: tuple[int, int], swap_xy: bool,
+                flips: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(finite Tensor[B] bool, row weights Tensor[B, oh, h], column weights Tensor[B, ow, w]) of the boxes,
+    the columns mirrored for flipped crops (a mirrored crop's bins left to right are the box's right to
+    left); a non-finite box gets the whole image's weights (its result is NaN, see :func:`finite_boxes`)."""
+    oh, ow = output_size
+    finite, boxes = finite_boxes(boxes)
+    rs, re, cs, ce = box_extents(boxes, h, w, swap_xy)
+    wy = bin_axis_weights(rs, re, h, oh)  # (B, oh, h)
+    wx = bin_axis_weights(cs, ce, w, ow)  # (B, ow, w)
+    if flips is not None and ow > 1:
+        wx = torch.where(flips.to(wx.device).view(-1, 1, 1), wx.flip(1), wx)
+    return finite, wy, wx
+
+
 def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, num_classes: int,
                 output_size: tuple[int, int], swap_xy: bool = False, flips: torch.Tensor | None = None,
-                indices_checked: bool = False, pad_absent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                indices_checked: bool = False, pad_absent: bool = False,
+                weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled logits on each image's support, for one chunk of images (inputs checked by the caller).
+
+    ``weights``: these images' :func:`bin_weights`, if the caller has computed them (for the whole batch at
+    once, which saves the small operations per chunk); else they are computed from ``boxes``.
 
     Each image's distinct class indices become slots ``u < U`` (U: the largest count in the chunk); the
     compact map ``D[b, u, r, q]`` (the sum of the values of class u at cell (r, q)) is pooled with the
@@ -263,12 +283,7 @@ def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor
     dense = torch.zeros(batch, h * num_slots * w, dtype=torch.float32, device=dev)
     dense.scatter_add_(1, where, val)  # 0 on unused slots
     del slot, val, where
-    finite, boxes = finite_boxes(boxes)
-    rs, re, cs, ce = box_extents(boxes, h, w, swap_xy)
-    wy = bin_axis_weights(rs, re, h, oh)  # (B, oh, h)
-    wx = bin_axis_weights(cs, ce, w, ow)  # (B, ow, w)
-    if flips is not None and ow > 1:  # a mirrored crop: its bins left to right are the box's right to left
-        wx = torch.where(flips.to(dev).view(batch, 1, 1), wx.flip(1), wx)
+    finite, wy, wx = bin_weights(boxes, h, w, output_size, swap_xy, flips) if weights is None else weights
     # float64 on CUDA, where TF32 matmul settings would cost 1e-3
     mm = torch.float64 if dev.type == "cuda" else torch.float32
     rows = torch.bmm(wy.to(mm), dense.view(batch, h, num_slots * w).to(mm))  # (B, oh, U * w)
@@ -371,14 +386,15 @@ def label_pooling_bins_torch(values: torch.Tensor, indices: torch.Tensor, boxes:
     batch, k, h, w = values.shape
     one = oh == 1 and ow == 1
     step = _chunk_size(batch, k * h * w, oh, ow, h, w)
+    weights = bin_weights(boxes, h, w, output_size, swap_xy, flips)  # B * (oh * h + ow * w) floats
     if out is not None:
         out = out.view(batch, oh, ow, num_classes)
     parts = []
     for b0 in range(0, batch, step):
         sl = slice(b0, min(batch, b0 + step))
-        fl = None if flips is None else flips[sl]
         classes, logits = sparse_pool(values[sl], indices[sl], boxes[sl], num_classes, output_size, swap_xy,
-                                      fl, indices_checked, pad_absent=not sparse)
+                                      None, indices_checked, pad_absent=not sparse,
+                                      weights=tuple(t[sl] for t in weights))
         if sparse:
             parts.append((classes, logits))
             continue

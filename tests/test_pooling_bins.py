@@ -40,6 +40,18 @@ def test_bins_match_torchvision(shape, output_size):
         torch.testing.assert_close(sparse.probs(), want, atol=TOL, rtol=0, msg=f"sparse swap_xy={swap_xy}")
 
 
+@pytest.mark.parametrize("output_size", [7, 14, (3, 5)])
+def test_bins_each_edge_box_alone(output_size):
+    # On the CPU the sample window per bin is sized by the batch's largest samples-per-bin count: alone, each
+    # edge box gets its own tight window (1 sample per bin for small boxes, many for the huge one).
+    values, indices, boxes = make_inputs(12, 5, 15, 15, 300, seed=5)
+    for b in range(12):
+        sl = slice(b, b + 1)
+        want = reference_label_pooling(values[sl], indices[sl], boxes[sl], 300, output_size=output_size)
+        got = label_pooling(values[sl], indices[sl], boxes[sl], 300, output_size=output_size, backend="torch")
+        torch.testing.assert_close(got, want, atol=TOL, rtol=0, msg=f"box {EDGE_BOXES[b]}")
+
+
 def test_reference_is_torchvision_roi_align_per_bin():
     # The oracle itself, written out once more: dense map, roi_align(output_size=(oh, ow)), softmax over C.
     from torchvision.ops import roi_align

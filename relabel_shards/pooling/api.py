@@ -81,7 +81,7 @@ def label_pooling(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tens
             :func:`relabel_shards.losses.soft_target_cross_entropy`. Runs the PyTorch path.
         out: optional contiguous float32 tensor of the result's shape, on the inputs' device, to write into:
             a training loop that reuses one buffer saves the operating system's first-touch cost of a fresh
-            ``[B, oh, ow, C]`` result each step (on the CPU about as much as the pooling itself,
+            ``[B, oh, ow, C]`` result each step (on the CPU about three times the pooling itself,
             bench_pooling.py --output-size 14). Runs the backend directly, not through the registered op.
 
     Returns:

@@ -13,6 +13,8 @@ last bits may vary between runs unless ``torch.use_deterministic_algorithms(True
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -145,6 +147,12 @@ def bin_axis_weights(start: torch.Tensor, end: torch.Tensor, size: int, bins: in
     first = torch.floor((-1.0 - bin_start) / spacing - 0.5) - 1.0
     first = torch.clamp(first, 0.0, float(2**24))
     num_candidates = 2 * size + 6
+    if start.device.type == "cpu" and batch:
+        # a window from `first` of grid + 1 candidates holds every sample of the bin that matters: on the
+        # CPU (where reading the largest grid costs no sync) use that when it is smaller; typical crops
+        # have 1 or 2 samples per bin, so this is 4 candidates instead of 2 * size + 6 (bench_pooling.py
+        # --output-size 14). The extra candidates only ever added zero weights.
+        num_candidates = min(num_candidates, int(grid.max()) + 2)
     i = first[..., None] + torch.arange(num_candidates, device=start.device, dtype=torch.float32)  # (B, P, S)
     y = bin_start[..., None] + ((i + 0.5) * step_bin[:, None, None]) / grid[:, None, None]
     valid = (i < grid[:, None, None]) & (y >= -1.0) & (y <= float(size))
@@ -222,10 +230,30 @@ def _slots(idx: torch.Tensor, num_classes: int, pad_absent: bool
     return slot, classes, num_slots
 
 
+def bin_weights(boxes: torch.Tensor, h: int, w: int, output_size: tuple[int, int], swap_xy: bool,
+                flips: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(finite Tensor[B] bool, row weights Tensor[B, oh, h], column weights Tensor[B, ow, w]) of the boxes,
+    the columns mirrored for flipped crops (a mirrored crop's bins left to right are the box's right to
+    left); a non-finite box gets the whole image's weights (its result is NaN, see :func:`finite_boxes`)."""
+    oh, ow = output_size
+    finite, boxes = finite_boxes(boxes)
+    rs, re, cs, ce = box_extents(boxes, h, w, swap_xy)
+    wy = bin_axis_weights(rs, re, h, oh)  # (B, oh, h)
+    wx = bin_axis_weights(cs, ce, w, ow)  # (B, ow, w)
+    if flips is not None and ow > 1:
+        wx = torch.where(flips.to(wx.device).view(-1, 1, 1), wx.flip(1), wx)
+    return finite, wy, wx
+
+
 def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor, num_classes: int,
                 output_size: tuple[int, int], swap_xy: bool = False, flips: torch.Tensor | None = None,
-                indices_checked: bool = False, pad_absent: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                indices_checked: bool = False, pad_absent: bool = False,
+                weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled logits on each image's support, for one chunk of images (inputs checked by the caller).
+
+    ``weights``: these images' :func:`bin_weights`, if the caller has computed them (for the whole batch at
+    once, which saves the small operations per chunk); else they are computed from ``boxes``.
 
     Each image's distinct class indices become slots ``u < U`` (U: the largest count in the chunk); the
     compact map ``D[b, u, r, q]`` (the sum of the values of class u at cell (r, q)) is pooled with the
@@ -255,12 +283,7 @@ def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor
     dense = torch.zeros(batch, h * num_slots * w, dtype=torch.float32, device=dev)
     dense.scatter_add_(1, where, val)  # 0 on unused slots
     del slot, val, where
-    finite, boxes = finite_boxes(boxes)
-    rs, re, cs, ce = box_extents(boxes, h, w, swap_xy)
-    wy = bin_axis_weights(rs, re, h, oh)  # (B, oh, h)
-    wx = bin_axis_weights(cs, ce, w, ow)  # (B, ow, w)
-    if flips is not None and ow > 1:  # a mirrored crop: its bins left to right are the box's right to left
-        wx = torch.where(flips.to(dev).view(batch, 1, 1), wx.flip(1), wx)
+    finite, wy, wx = bin_weights(boxes, h, w, output_size, swap_xy, flips) if weights is None else weights
     # float64 on CUDA, where TF32 matmul settings would cost 1e-3
     mm = torch.float64 if dev.type == "cuda" else torch.float32
     rows = torch.bmm(wy.to(mm), dense.view(batch, h, num_slots * w).to(mm))  # (B, oh, U * w)
@@ -277,28 +300,33 @@ def sparse_pool(values: torch.Tensor, indices: torch.Tensor, boxes: torch.Tensor
 def _softmax_into(out: torch.Tensor, classes: torch.Tensor, logits: torch.Tensor, num_classes: int) -> None:
     """:func:`densify` for :func:`sparse_pool`'s ``pad_absent`` result: every slot holds a class (unused ones
     a class absent from the image, logit 0, which is that class's own target), distinct except repeats of
-    that absent class. ``logits`` Tensor[B, oh, U, ow]; writes Tensor[B, oh, ow, C] ``out``."""
+    that absent class. ``logits`` Tensor[B, oh, U, ow]; writes Tensor[B, oh, ow, C] ``out``.
+
+    One softmax over U + 1 logits per bin does the reductions: the extra logit ``log(C - U)`` stands for the
+    ``C - U`` classes without a slot (logit 0 each), so its probability divided by ``C - U`` is theirs. Each
+    bin's row is then that constant with the U support values set on top: the rows are filled from a
+    broadcast and the support scattered a few images at a time, while those rows are still in cache, so
+    ``out`` is written about once (bench_pooling.py --output-size 14).
+    """
     batch, oh, num_slots, ow = logits.shape
-    m = logits.amax(2)  # (B, oh, ow)
-    if num_slots < num_classes:  # some class is absent (or an unused slot holds logit 0): max with 0
-        m = m.clamp_min_(0.0)
-    e = torch.exp(logits - m[:, :, None, :])  # (B, oh, U, ow)
-    base = torch.exp(-m)
-    total = e.sum(2).add_(base * (num_classes - num_slots))
-    e.div_(total[:, :, None, :])
-    base.div_(total)
-    # where each (bin, slot) lands in out's rows: (i * ow + j) * C + class
-    cell = torch.arange(oh * ow, device=out.device).view(1, oh, 1, ow) * num_classes
-    where = cell + classes.view(batch, 1, num_slots, 1)  # (B, oh, U, ow)
     cells = oh * ow
-    rows = out.view(batch, cells * num_classes)
+    rest = num_classes - num_slots
+    ext = torch.empty(batch, oh, ow, num_slots + 1, dtype=torch.float32, device=out.device)
+    ext[..., :num_slots].copy_(logits.permute(0, 1, 3, 2))
+    ext[..., num_slots] = math.log(rest) if rest else float("-inf")
+    probs = torch.softmax(ext, dim=-1).view(batch, cells, num_slots + 1)
+    del ext
+    # (B, cells, 1): the probability of each class without a slot
+    base = probs[..., num_slots:] / rest if rest else torch.zeros_like(probs[..., num_slots:])
+    support = probs[..., :num_slots]  # (B, cells, U)
+    where = classes.view(batch, 1, num_slots).expand(batch, cells, num_slots)
+    rows = out.view(batch, cells, num_classes)
     # a few images at a time, so that the support's writes land in rows the fill has just brought to cache
     step = max(1, (1 << 20) // (cells * num_classes))
     for b0 in range(0, batch, step):
-        sl = slice(b0, b0 + step)
-        part = rows[sl]
-        part.view(-1, cells, num_classes).copy_(base[sl].reshape(-1, cells, 1).expand(-1, cells, num_classes))
-        part.scatter_(1, where[sl].reshape(part.shape[0], -1), e[sl].reshape(part.shape[0], -1))
+        part = rows[b0:b0 + step]
+        part.copy_(base[b0:b0 + step].expand(-1, cells, num_classes))
+        part.scatter_(2, where[b0:b0 + step], support[b0:b0 + step])
 
 
 def densify(classes: torch.Tensor, logits: torch.Tensor, num_classes: int,
@@ -358,14 +386,15 @@ def label_pooling_bins_torch(values: torch.Tensor, indices: torch.Tensor, boxes:
     batch, k, h, w = values.shape
     one = oh == 1 and ow == 1
     step = _chunk_size(batch, k * h * w, oh, ow, h, w)
+    weights = bin_weights(boxes, h, w, output_size, swap_xy, flips)  # B * (oh * h + ow * w) floats
     if out is not None:
         out = out.view(batch, oh, ow, num_classes)
     parts = []
     for b0 in range(0, batch, step):
         sl = slice(b0, min(batch, b0 + step))
-        fl = None if flips is None else flips[sl]
         classes, logits = sparse_pool(values[sl], indices[sl], boxes[sl], num_classes, output_size, swap_xy,
-                                      fl, indices_checked, pad_absent=not sparse)
+                                      None, indices_checked, pad_absent=not sparse,
+                                      weights=tuple(t[sl] for t in weights))
         if sparse:
             parts.append((classes, logits))
             continue

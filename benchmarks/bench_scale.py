@@ -89,6 +89,10 @@ def _table(n: int, classes: int):
 
 
 def part_source(cfg: dict) -> dict:
+    import numpy  # noqa: F401  (imports are not the items' memory)
+
+    import relabel_shards.sources  # noqa: F401
+
     pk, t0 = _Peak().begin(), time.perf_counter()
     table = _table(cfg["linear_samples"], cfg["classes"])
     return {
@@ -96,7 +100,7 @@ def part_source(cfg: dict) -> dict:
         "peak_mb": pk.end(),
         "n": len(table),
         "linear": True,
-        "table_mb": (len(table.blob) + table.offsets.nbytes + table.labels.nbytes) / 2**20,
+        "table_mb": table.nbytes / 2**20,
     }
 
 

@@ -502,3 +502,28 @@ def test_a_storage_failure_stops_the_job_with_its_own_type():
                               "storage": "StorageTimeoutError"}])
     with pytest.raises(StorageTimeoutError, match="s3://b/x.tar: read got no answer"):
         FailureTally("build").take(chunk, strict=False)
+
+
+def test_duplicate_key_check_names_the_first_repeat_in_shard_order(monkeypatch):
+    """The key check hashes keys (no dict of every key) and names the first key met twice, in shard order,
+    with both shards (oracle: a dict walk over the keys in order)."""
+    import tracemalloc
+
+    from relabel_shards.shards import ShardRecord
+    from relabel_shards.writer import ShardStats, _check_unique_keys
+
+    def stats(name, keys):
+        rec = ShardRecord(filename=name, num_samples=len(keys), bytes=0, sha256="0" * 64)
+        return ShardStats(record=rec, keys=tuple(keys), failures=(), fingerprint="f")
+
+    shards = [stats("a.tar", ["k1", "k2", "k3"]), stats("b.tar", ["k4", "k3", "k2"]), stats("c.tar", ["k1"])]
+    with pytest.raises(ValueError, match=r"^duplicate sample key 'k3': in a\.tar and in b\.tar$"):
+        _check_unique_keys(shards)
+    big = [stats(f"s{i}.tar", [f"n{i:04d}_{j}" for j in range(1000)]) for i in range(200)]
+    tracemalloc.start()
+    try:
+        _check_unique_keys(big)  # 200k unique keys
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * 200_000, peak / 200_000  # the hashes (8 bytes a key); a dict took ~60

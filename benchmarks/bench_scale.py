@@ -5,8 +5,9 @@ imports and inputs excluded) is its own. Parts, at 13M samples, 13k shards of 1,
 readers (8 x 128), unless ``--scale`` shrinks them (sample counts then are extrapolated linearly in the
 ``at_full_scale`` columns):
 
-- ``source``: the folder/list source's items (one ``sources.FileItem`` per image, as ``open_source`` makes
-  them for ``root/class/image.JPEG``), built from synthetic names.
+- ``source``: the folder source's items as ``open_source`` makes them for ``root/class/image.JPEG`` (the
+  ``sources.ItemTable`` column store, a directory listing at a time, then the key-uniqueness check), built
+  from synthetic names.
 - ``plan``: build's plan on those items: the seeded permutation, the cut into shards, the fingerprint.
 - ``info``: ``_info.json`` of 13k shards (sizes, sha256, per-shard class histograms of shuffled shards,
   21k class names): ``make_split_info`` + ``write_info``, then ``read_info``; its size on disk.

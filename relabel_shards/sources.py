@@ -109,7 +109,7 @@ class ItemTable(Sequence[FileItem]):
     part that differs within its segment (a run of rows added together, e.g. one directory listing): the
     segment's common prefix (``n01440764/n01440764_``) and suffix (``.JPEG``) are stored once, the middle
     (``10026``) in one UTF-8 buffer with uint32 offsets. The key, the full path, the class name and an
-    extension error derive from the source. At ImageNet-21k scale (13M images) this takes about 15 bytes an
+    extension error derive from the source. At ImageNet-21k scale (13M images) this takes about 12 bytes an
     image (benchmarks/bench_scale.py); a tuple of FileItems took about 450.
 
     Args:

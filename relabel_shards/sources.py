@@ -162,15 +162,18 @@ class ItemTable(Sequence[FileItem]):
         mid = self.blob[int(self.offsets[i]) : int(self.offsets[i + 1]) - 1].decode()
         return self.heads[s] + mid + self.tails[s]
 
-    def _text(self, a: int, b: int) -> str:
+    def _text(self, a: int, b: int, names: bool = False) -> str:
         """The sources of items ``a`` to ``b - 1`` (``a < b``) joined by NUL, built a segment at a time by
-        C-level string operations (the middles are NUL-separated in the blob already)."""
+        C-level string operations (the middles are NUL-separated in the blob already). ``names``: without the
+        directories that a segment's prefix holds (the file names, what a key is made of, stay the same)."""
         parts: list[str] = []
         s = self._segment(a)
         while a < b:
             end = min(b, int(self.seg_first[s + 1]))
             mids = self.blob[int(self.offsets[a]) : int(self.offsets[end]) - 1].decode()
             head, tail = self.heads[s], self.tails[s]
+            if names:  # the prefix's directories: the file name (the last part) stays the same
+                head = head.replace("\\", "/").rsplit("/", 1)[-1]
             parts.append(head + mids.replace("\0", f"{tail}\0{head}") + tail if head or tail else mids)
             a, s = end, s + 1
         return "\0".join(parts)
@@ -179,10 +182,10 @@ class ItemTable(Sequence[FileItem]):
         """The sources of items ``a`` to ``b - 1``, in order (decoded a segment at a time)."""
         return self._text(a, b).split("\0") if a < b else []
 
-    def _chunks(self, chunk: int = 1 << 16) -> Iterator[str]:
+    def _chunks(self, chunk: int = 1 << 16, names: bool = False) -> Iterator[str]:
         n = len(self)
         for a in range(0, n, chunk):
-            yield self._text(a, min(n, a + chunk))
+            yield self._text(a, min(n, a + chunk), names)
 
     def iter_sources(self) -> Iterator[str]:
         """Every source in order, decoded a chunk at a time (several times faster than :meth:`source`)."""
@@ -200,8 +203,9 @@ class ItemTable(Sequence[FileItem]):
                 except ValueError:
                     yield ""
             return
-        for text in self._chunks():
-            text = _DIRS.sub("", text.replace("\\", "/"))
+        for text in self._chunks(names=True):
+            if "/" in text or "\\" in text:  # some segment kept its directories
+                text = _DIRS.sub("", text.replace("\\", "/"))
             yield from _UNSAFE.sub("_", _EXT.sub("", text)).split("\0")
 
     def _path(self, src: str) -> str:

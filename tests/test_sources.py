@@ -286,7 +286,7 @@ def test_item_table_segments_give_back_every_row():
     from relabel_shards.sources import _TableBuilder
 
     rng = np.random.default_rng(0)
-    alphabet = list("ab/._-é中X0")
+    alphabet = list("ab/._-é中X0\\")
     rows: list[tuple[str, int]] = []
     builder = _TableBuilder()
     batches = [
@@ -296,9 +296,11 @@ def test_item_table_segments_give_back_every_row():
         (["x/é1.png", "x/é22.png"], 3),  # non-ASCII around and in the middle
         (["a.jpg", "b.jpg"], [4, 5]),  # a label per row
         (["single/one.jpg"], 6),
+        (["w\\x\\k1.png", "w\\x\\k22.png"], 6),  # backslashes in the prefix: keys from the file names
+        (["a/x/f.jpg", "b/x/f.jpg"], 6),  # the suffix holds the directory and the whole name
         ([], 7),
     ]
-    for _ in range(20):  # and random rows sharing random prefixes
+    for _ in range(60):  # and random rows sharing random prefixes
         stem = "".join(rng.choice(alphabet, rng.integers(0, 5)))
         names = [
             stem + "".join(rng.choice(alphabet, rng.integers(0, 6))) + ".jpg"

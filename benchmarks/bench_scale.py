@@ -5,8 +5,9 @@ imports and inputs excluded) is its own. Parts, at 13M samples, 13k shards of 1,
 readers (8 x 128), unless ``--scale`` shrinks them (sample counts then are extrapolated linearly in the
 ``at_full_scale`` columns):
 
-- ``source``: the folder/list source's items (one ``sources.FileItem`` per image, as ``open_source`` makes
-  them for ``root/class/image.JPEG``), built from synthetic names.
+- ``source``: the folder source's items as ``open_source`` makes them for ``root/class/image.JPEG`` (the
+  ``sources.ItemTable`` column store, a directory listing at a time, then the key-uniqueness check), built
+  from synthetic names.
 - ``plan``: build's plan on those items: the seeded permutation, the cut into shards, the fingerprint.
 - ``info``: ``_info.json`` of 13k shards (sizes, sha256, per-shard class histograms of shuffled shards,
   21k class names): ``make_split_info`` + ``write_info``, then ``read_info``; its size on disk.
@@ -16,6 +17,9 @@ readers (8 x 128), unless ``--scale`` shrinks them (sample counts then are extra
   call).
 - ``verify``: ``verify_shards``'s cost per shard on small real shards (x 13k), and the memory of its
   split-wide bookkeeping (every key, for duplicates) at 13M keys.
+- ``finalize``: ``ShardJob.finalize`` (build, convert and join's last step) over 13k synthetic sidecars of
+  1,000 keys: reading them all, the key-uniqueness check, ``_info.json``; and the key check alone by
+  64-bit hashes against the dict of every key it used before.
 
 Goal (issue 12, item 10): each part well under a minute and a few hundred MB.
 Run: ``python benchmarks/bench_scale.py [--scale 0.1] [--parts info order]``.
@@ -89,6 +93,10 @@ def _table(n: int, classes: int):
 
 
 def part_source(cfg: dict) -> dict:
+    import numpy  # noqa: F401  (imports are not the items' memory)
+
+    import relabel_shards.sources  # noqa: F401
+
     pk, t0 = _Peak().begin(), time.perf_counter()
     table = _table(cfg["linear_samples"], cfg["classes"])
     return {
@@ -96,7 +104,7 @@ def part_source(cfg: dict) -> dict:
         "peak_mb": pk.end(),
         "n": len(table),
         "linear": True,
-        "table_mb": (len(table.blob) + table.offsets.nbytes + table.labels.nbytes) / 2**20,
+        "table_mb": table.nbytes / 2**20,
     }
 
 
@@ -270,6 +278,88 @@ def part_verify(cfg: dict) -> dict:
     }
 
 
+def part_finalize(cfg: dict) -> dict:
+    """``ShardJob.finalize`` over synthetic sidecars as build writes them (1,000 keys, the full class
+    histogram, the job description; empty shard files): reading every sidecar, the key-uniqueness check,
+    the project (build's ``shard_classes``) and ``_info.json``. Baselines on the same sidecars: every
+    ``ShardStats`` held as parsed (what finalize held before), and the key check by a dict of every key."""
+    import gc
+
+    import numpy as np
+
+    from relabel_shards.build import _top_entry
+    from relabel_shards.diversity import shard_classes_entry
+    from relabel_shards.shards import ShardRecord
+    from relabel_shards.writer import ShardJob, ShardStats, _check_unique_keys
+
+    per = cfg["shard_size"]
+    shards = -(-cfg["linear_samples"] // per)
+    rng = np.random.default_rng(0)
+    job_desc = {
+        "source": {"kind": "folder", "url": "/data/imagenet21k/train", "num_files": cfg["samples"]},
+        "items": "0" * 64,
+        "settings": {"shard_size": per, "seed": 0},
+        "annotator": {"model": "x"},
+    }
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(shards):  # sidecars as build writes them: keys, full class histogram, job description
+            name = f"train-{i:06d}.tar"
+            open(os.path.join(d, name), "wb").close()
+            keys = tuple(f"n{(i * per + j) // 619:08d}_{i * per + j}" for j in range(per))
+            rec = ShardRecord(filename=name, num_samples=per, bytes=0, sha256="0" * 64)
+            c, k = np.unique(rng.integers(0, cfg["classes"], per), return_counts=True)
+            extra = {
+                "map_shapes": [[15, 15]],
+                "job": job_desc,
+                "classes": shard_classes_entry(dict(zip(c.tolist(), k.tolist(), strict=True)), top=1 << 30),
+            }
+            with open(os.path.join(d, f"train-{i:06d}_stats.json"), "wb") as f:
+                f.write(
+                    ShardStats(record=rec, keys=keys, failures=(), fingerprint="f", extra=extra).to_json()
+                )
+        with tempfile.TemporaryDirectory() as warm:  # imports and thread pools are not finalize's memory
+            w = ShardJob(warm, prefix="train", num_shards=1, fingerprint="w", world_size=1, rank=0)
+            out = w.open(0)
+            out.add("k", [("k.txt", b"x")])
+            out.commit()
+            w.finalize("train", {"k": 1})
+        job = ShardJob(d, prefix="train", num_shards=shards, fingerprint="f", world_size=1, rank=0)
+        gc.collect()
+        pk, t0 = _Peak().begin(), time.perf_counter()
+        info = job.finalize("train", lambda stats: {"shard_classes": [_top_entry(st) for st in stats]})
+        seconds = time.perf_counter() - t0
+        peak = pk.end()
+        assert info is not None and info["num_samples"] == shards * per
+        gc.collect()
+        pk, t3 = _Peak().begin(), time.perf_counter()
+        stats = [job.read_stats(i) for i in range(shards)]  # what finalize held before: every ShardStats
+        full_s, full_mb = time.perf_counter() - t3, pk.end()
+    pk, t1 = _Peak().begin(), time.perf_counter()
+    _check_unique_keys(stats)
+    check_s, check_mb = time.perf_counter() - t1, pk.end()
+    gc.collect()
+    pk, t2 = _Peak().begin(), time.perf_counter()
+    seen: dict[str, str] = {}  # the check before: a dict of every key
+    for st in stats:
+        for k in st.keys:
+            if k in seen:
+                raise AssertionError(k)
+            seen[k] = st.record.filename
+    dict_s, dict_mb = time.perf_counter() - t2, pk.end()
+    return {
+        "seconds": seconds,
+        "peak_mb": peak,
+        "shards": shards,
+        "keys_check_seconds": check_s,
+        "keys_check_mb": check_mb,
+        "keys_dict_seconds_before": dict_s,
+        "keys_dict_mb_before": dict_mb,
+        "all_stats_seconds_before": full_s,
+        "all_stats_mb_before": full_mb,
+        "linear": True,
+    }
+
+
 PARTS = {
     "source": part_source,
     "plan": part_plan,
@@ -277,6 +367,7 @@ PARTS = {
     "order": part_order,
     "diversity": part_diversity,
     "verify": part_verify,
+    "finalize": part_finalize,
 }
 
 

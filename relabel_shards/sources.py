@@ -105,39 +105,87 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_\-\0]")
 class ItemTable(Sequence[FileItem]):
     """The items of a folder or list source, stored as columns; a :class:`FileItem` is made on access.
 
-    Per item only the relative path (``source``, UTF-8 in one shared buffer) and the label (int32) are kept;
-    the key, the full path, the class name and an extension error derive from them. At ImageNet-21k scale
-    (13M images) this takes about 40 bytes an image where a tuple of FileItems took about 450
-    (benchmarks/bench_scale.py).
+    Per item only the relative path (``source``) and the label (int32) are kept, and of the path only the
+    part that differs within its segment (a run of rows added together, e.g. one directory listing): the
+    segment's common prefix (``n01440764/n01440764_``) and suffix (``.JPEG``) are stored once, the middle
+    (``10026``) in one UTF-8 buffer with uint32 offsets. The key, the full path, the class name and an
+    extension error derive from the source. At ImageNet-21k scale (13M images) this takes about 12 bytes an
+    image (benchmarks/bench_scale.py); a tuple of FileItems took about 450.
 
     Args:
         kind: ``"folder"`` (path = root + "/" + source) or ``"list"`` (path = source when it is a URL or
             absolute, else normalized against the list file's folder).
         url: the source URL as given; ``fs`` and ``base`` (the folder root, or the list file's folder) as
             ``url_to_fs`` gave them.
-        blob, offsets: the sources, each followed by a NUL byte (no path holds one):
-            ``blob[offsets[i]:offsets[i + 1] - 1]`` (uint64 ``[n + 1]``).
+        blob, offsets: the middles, each followed by a NUL byte (no path holds one):
+            ``blob[offsets[i]:offsets[i + 1] - 1]`` (uint32 or uint64 ``[n + 1]``).
         labels: int32 ``[n]``.
+        seg_first: int64 ``[s + 1]``, the first item of each segment, then ``n``; ``heads``, ``tails``: each
+            segment's common prefix and suffix (``source(i) = heads[s] + middle(i) + tails[s]``).
         classes: class names by label, or None (then ``class_name`` is None).
     """
 
-    def __init__(self, kind: str, url: str, fs, base: str, blob: bytes, offsets, labels,
-                 classes: Sequence[str] | None, key_from: str = "stem"):
+    def __init__(
+        self,
+        kind: str,
+        url: str,
+        fs,
+        base: str,
+        blob: bytes,
+        offsets,
+        labels,
+        seg_first,
+        heads: Sequence[str],
+        tails: Sequence[str],
+        classes: Sequence[str] | None,
+        key_from: str = "stem",
+    ):
         self.kind, self.url, self.fs, self.base, self.key_from = kind, url, fs, base, key_from
         self.blob, self.offsets, self.labels = blob, offsets, labels
+        self.seg_first, self.heads, self.tails = seg_first, list(heads), list(tails)
         self.classes = tuple(classes) if classes is not None else None
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def source(self, i: int) -> str:
-        return self.blob[int(self.offsets[i]) : int(self.offsets[i + 1]) - 1].decode()
+    @property
+    def nbytes(self) -> int:
+        """The bytes held by the columns (the segments' strings counted by their UTF-8 length)."""
+        strings = sum(len(s.encode()) for s in self.heads) + sum(len(s.encode()) for s in self.tails)
+        return len(self.blob) + self.offsets.nbytes + self.labels.nbytes + self.seg_first.nbytes + strings
 
-    def _chunks(self, chunk: int = 1 << 16) -> Iterator[str]:
+    def _segment(self, i: int) -> int:
+        return int(self.seg_first.searchsorted(i, "right")) - 1
+
+    def source(self, i: int) -> str:
+        s = self._segment(i)
+        mid = self.blob[int(self.offsets[i]) : int(self.offsets[i + 1]) - 1].decode()
+        return self.heads[s] + mid + self.tails[s]
+
+    def _text(self, a: int, b: int, names: bool = False) -> str:
+        """The sources of items ``a`` to ``b - 1`` (``a < b``) joined by NUL, built a segment at a time by
+        C-level string operations (the middles are NUL-separated in the blob already). ``names``: without the
+        directories that a segment's prefix holds (the file names, what a key is made of, stay the same)."""
+        parts: list[str] = []
+        s = self._segment(a)
+        while a < b:
+            end = min(b, int(self.seg_first[s + 1]))
+            mids = self.blob[int(self.offsets[a]) : int(self.offsets[end]) - 1].decode()
+            head, tail = self.heads[s], self.tails[s]
+            if names:  # the prefix's directories: the file name (the last part) stays the same
+                head = head.replace("\\", "/").rsplit("/", 1)[-1]
+            parts.append(head + mids.replace("\0", f"{tail}\0{head}") + tail if head or tail else mids)
+            a, s = end, s + 1
+        return "\0".join(parts)
+
+    def sources(self, a: int, b: int) -> list[str]:
+        """The sources of items ``a`` to ``b - 1``, in order (decoded a segment at a time)."""
+        return self._text(a, b).split("\0") if a < b else []
+
+    def _chunks(self, chunk: int = 1 << 16, names: bool = False) -> Iterator[str]:
         n = len(self)
         for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            yield self.blob[int(self.offsets[a]) : int(self.offsets[b]) - 1].decode()
+            yield self._text(a, min(n, a + chunk), names)
 
     def iter_sources(self) -> Iterator[str]:
         """Every source in order, decoded a chunk at a time (several times faster than :meth:`source`)."""
@@ -155,8 +203,9 @@ class ItemTable(Sequence[FileItem]):
                 except ValueError:
                     yield ""
             return
-        for text in self._chunks():
-            text = _DIRS.sub("", text.replace("\\", "/"))
+        for text in self._chunks(names=True):
+            if "/" in text or "\\" in text:  # some segment kept its directories
+                text = _DIRS.sub("", text.replace("\\", "/"))
             yield from _UNSAFE.sub("_", _EXT.sub("", text)).split("\0")
 
     def _path(self, src: str) -> str:
@@ -189,14 +238,31 @@ class ItemTable(Sequence[FileItem]):
         return [self.item(int(i)) for i in indices]
 
     def digest(self) -> str:
-        """sha256 over kind, base, the sources, the labels and the class names, in order."""
+        """sha256 over kind, base, the sources, the labels and the class names, in order: the offsets of the
+        NUL-terminated sources (uint64), the sources, the labels (int32), as one buffer of whole sources
+        would give them (so fingerprints do not depend on how the columns are stored)."""
         import hashlib
 
         import numpy as np
 
         h = hashlib.sha256(f"{self.kind}\n{self.base}\n{self.key_from}\n".encode())
-        h.update(np.asarray(self.offsets, dtype="<u8").tobytes())
-        h.update(self.blob)
+        n, step = len(self), 1 << 20
+        # bytes each segment adds to each of its sources (its prefix and suffix)
+        extra = np.array(
+            [len(a.encode()) + len(b.encode()) for a, b in zip(self.heads, self.tails, strict=True)] + [0],
+            dtype=np.uint64,
+        )
+        total = np.zeros(1, dtype="<u8")
+        h.update(total.tobytes())
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            segs = self.seg_first.searchsorted(np.arange(a, b), "right") - 1
+            lengths = np.diff(self.offsets[a : b + 1].astype(np.uint64)) + extra[segs]
+            ends = np.cumsum(lengths, dtype=np.uint64) + total[0]
+            h.update(ends.astype("<u8").tobytes())
+            total[0] = ends[-1]
+        for text in self._chunks():
+            h.update(text.encode() + b"\0")
         h.update(np.asarray(self.labels, dtype="<i4").tobytes())
         h.update("\n".join(self.classes or ()).encode())
         return h.hexdigest()
@@ -207,6 +273,15 @@ class ItemTable(Sequence[FileItem]):
     __hash__ = None  # type: ignore[assignment]
 
 
+def _common_suffix(a: str, b: str) -> str:
+    n = 0
+    for x, y in zip(reversed(a), reversed(b), strict=False):
+        if x != y:
+            break
+        n += 1
+    return a[len(a) - n :]
+
+
 class _TableBuilder:
     """Collects (source, label) rows for an :class:`ItemTable` without a Python object per row."""
 
@@ -214,30 +289,83 @@ class _TableBuilder:
         import array
 
         self.blob = bytearray()
-        self.offsets = array.array("Q", [0])
+        self.offsets = array.array("I", [0])  # uint32 while the middles fit in 4 GiB, then uint64
         self.labels = array.array("i")
+        self.seg_first = array.array("q")
+        self.heads: list[str] = []
+        self.tails: list[str] = []
 
-    def add(self, source: str, label: int) -> None:
-        self.blob += source.encode() + b"\0"
-        self.offsets.append(len(self.blob))
-        self.labels.append(label)
-
-    def add_many(self, sources: Sequence[str], label: int) -> None:
-        """Rows of one label (a folder's files) at once."""
+    def _append(self, middles: Sequence[str], labels: int | Sequence[int]) -> None:
+        import array
         import itertools
 
-        encoded = [s.encode() + b"\0" for s in sources]
-        ends = itertools.accumulate((len(e) for e in encoded), initial=len(self.blob))
-        self.offsets.extend(itertools.islice(ends, 1, None))  # the first (the current end) is there already
-        self.blob += b"".join(encoded)
-        self.labels.extend([label] * len(encoded))
+        text = "\0".join(middles)
+        data = text.encode()
+        sizes = map(len, middles) if len(data) == len(text) else (len(m.encode()) for m in middles)
+        if len(self.blob) + len(data) + 1 >= 1 << 32 and self.offsets.typecode == "I":
+            self.offsets = array.array("Q", self.offsets)
+        ends = itertools.accumulate((k + 1 for k in sizes), initial=len(self.blob))
+        next(ends)  # the current end is there already
+        self.offsets.extend(ends)
+        self.blob += data
+        self.blob += b"\0"
+        if isinstance(labels, int):
+            self.labels.extend(array.array("i", [labels]) * len(middles))
+        else:
+            self.labels.extend(labels)
+
+    def add(self, source: str, label: int) -> None:
+        """One row (kept whole, in a segment without prefix and suffix)."""
+        if not self.heads or self.heads[-1] or self.tails[-1]:
+            self.seg_first.append(len(self.labels))
+            self.heads.append("")
+            self.tails.append("")
+        self._append([source], label)
+
+    def add_many(self, sources: Sequence[str], label: int | Sequence[int]) -> None:
+        """Rows (a folder's files, one label; or a block of a list, a label each) as one segment: their
+        common prefix and suffix are stored once."""
+        if len(sources) < 2:
+            for s, lab in zip(
+                sources, [label] * len(sources) if isinstance(label, int) else label, strict=True
+            ):
+                self.add(s, lab)
+            return
+        head = posixpath.commonprefix(sources)  # type: ignore[arg-type]
+        k = len(head)
+        room = min(map(len, sources)) - k  # the suffix must not overlap the prefix
+        tail = _common_suffix(sources[0], sources[-1])[-room:] if room > 0 else ""
+        for s in sources:
+            if not tail:
+                break
+            if not s.endswith(tail):
+                tail = _common_suffix(tail, s)
+        j = len(tail)
+        self.seg_first.append(len(self.labels))
+        self.heads.append(head)
+        self.tails.append(tail)
+        self._append([s[k : len(s) - j] for s in sources] if k or j else sources, label)
 
     def table(self, kind: str, url: str, fs, base: str, classes, key_from: str = "stem") -> ItemTable:
         import numpy as np
 
         # the buffers are shared, not copied (the blob stays a bytearray)
-        return ItemTable(kind, url, fs, base, self.blob, np.frombuffer(self.offsets, dtype=np.uint64),
-                         np.frombuffer(self.labels, dtype=np.int32), classes, key_from)
+        first = np.array([*self.seg_first, len(self.labels)], dtype=np.int64)
+        offsets = np.frombuffer(self.offsets, dtype=np.uint32 if self.offsets.typecode == "I" else np.uint64)
+        return ItemTable(
+            kind,
+            url,
+            fs,
+            base,
+            self.blob,
+            offsets,
+            np.frombuffer(self.labels, dtype=np.int32),
+            first,
+            self.heads,
+            self.tails,
+            classes,
+            key_from,
+        )
 
 
 @dataclass(frozen=True)
@@ -433,11 +561,12 @@ def _list_source(url: str, fs, path: str, storage_options, key_from: str) -> Sou
         classes = sorted({lab for _, lab, _ in rows})
         index = {c: i for i, c in enumerate(classes)}
         labels = [index[lab] for _, lab, _ in rows]
-    table = _TableBuilder()
-    for (p, _, lineno), label in zip(rows, labels, strict=True):
+    for (_, _, lineno), label in zip(rows, labels, strict=True):
         if label < 0:
             raise ValueError(f"{url}:{lineno}: label must be >= 0, got {label}")
-        table.add(p, label)
+    table = _TableBuilder()
+    for a in range(0, len(rows), 1024):  # a segment per block of lines: their common prefix stored once
+        table.add_many([p for p, _, _ in rows[a : a + 1024]], labels[a : a + 1024])
     items = table.table("list", url, fs, base, classes, key_from)
     paths = (items._path(items.source(i)) for i in range(len(items)))
     missing = [i for i, p in enumerate(paths) if not _is_url(p) and not os.path.exists(p)]

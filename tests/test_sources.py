@@ -263,3 +263,110 @@ def test_iter_shard_samples_repeated_member_is_an_error_or_reported(tmp_path):
     got = list(iter_shard_samples(url, on_duplicate=seen.append))
     assert [k for k, _ in got] == ["a", "d"]  # the ambiguous samples are left out whole
     assert [(e.url, e.key, e.member) for e in seen] == [(url, "b", "b.jpg"), (url, "c", "c.jpg")]
+
+
+def _reference_digest(kind: str, base: str, key_from: str, rows: list[tuple[str, int]], classes) -> str:
+    """ItemTable.digest's definition on whole sources: uint64 offsets of the NUL-terminated UTF-8 sources,
+    the sources, the int32 labels, the class names (what fingerprints of earlier builds were made of)."""
+    import hashlib
+
+    blob = b"".join(s.encode() + b"\0" for s, _ in rows)
+    ends = np.cumsum([0] + [len(s.encode()) + 1 for s, _ in rows]).astype("<u8")
+    h = hashlib.sha256(f"{kind}\n{base}\n{key_from}\n".encode())
+    h.update(ends.tobytes())
+    h.update(blob)
+    h.update(np.asarray([lab for _, lab in rows], dtype="<i4").tobytes())
+    h.update("\n".join(classes or ()).encode())
+    return h.hexdigest()
+
+
+def test_item_table_segments_give_back_every_row():
+    """Rows stored as segments (common prefix and suffix once, the middles in one buffer) come back exactly:
+    sources, keys, labels, items, ranges and the digest, whatever the rows share (oracle: the rows given)."""
+    from relabel_shards.sources import _TableBuilder
+
+    rng = np.random.default_rng(0)
+    alphabet = list("ab/._-é中X0\\")
+    rows: list[tuple[str, int]] = []
+    builder = _TableBuilder()
+    batches = [
+        (["c0/n0_1.JPEG", "c0/n0_12.JPEG", "c0/n0_2.JPEG"], 0),  # prefix c0/n0_, suffix .JPEG
+        (["same.jpg", "same.jpg"], 1),  # the whole string in common: empty middles
+        (["ab.jpg", "abab.jpg", "ab"], 2),  # the suffix may not overlap the prefix
+        (["x/é1.png", "x/é22.png"], 3),  # non-ASCII around and in the middle
+        (["a.jpg", "b.jpg"], [4, 5]),  # a label per row
+        (["single/one.jpg"], 6),
+        (["w\\x\\k1.png", "w\\x\\k22.png"], 6),  # backslashes in the prefix: keys from the file names
+        (["a/x/f.jpg", "b/x/f.jpg"], 6),  # the suffix holds the directory and the whole name
+        ([], 7),
+    ]
+    for _ in range(60):  # and random rows sharing random prefixes
+        stem = "".join(rng.choice(alphabet, rng.integers(0, 5)))
+        names = [
+            stem + "".join(rng.choice(alphabet, rng.integers(0, 6))) + ".jpg"
+            for _ in range(rng.integers(1, 9))
+        ]
+        batches.append((names, int(rng.integers(0, 50))))
+    for sources, label in batches:
+        if len(sources) == 1 and rng.random() < 0.5:
+            builder.add(sources[0], label)
+        else:
+            builder.add_many(sources, label)
+        labels = [label] * len(sources) if isinstance(label, int) else label
+        rows += list(zip(sources, labels, strict=True))
+    builder.add("tail/k1.jpg", 8)  # add after add_many, then again into the same raw segment
+    builder.add("tail/k2.jpg", 8)
+    rows += [("tail/k1.jpg", 8), ("tail/k2.jpg", 8)]
+    table = builder.table("list", "l", None, "/", None)
+    srcs = [s for s, _ in rows]
+    assert len(table) == len(rows)
+    assert list(table.iter_sources()) == srcs
+    assert [table.source(i) for i in range(len(rows))] == srcs
+    assert table.sources(3, 17) == srcs[3:17]
+    assert table.labels.tolist() == [lab for _, lab in rows]
+    keys = []
+    for s in srcs:
+        try:
+            keys.append(sample_key(s))
+        except ValueError:
+            keys.append("")
+    assert list(table.iter_keys()) == keys
+    assert [(it.key, it.source, it.label) for it in table.take([2, 0, 5])] == [
+        ("n0_2", "c0/n0_2.JPEG", 0),
+        ("n0_1", "c0/n0_1.JPEG", 0),
+        ("ab", "ab.jpg", 2),
+    ]
+    assert table.digest() == _reference_digest("list", "/", "stem", rows, None)
+    assert table.nbytes < len(b"".join(s.encode() + b"\0" for s in srcs)) + 12 * len(rows)
+
+
+def test_item_table_memory_per_image():
+    """Building a folder's items holds about 14 bytes an ImageNet-style image (columns of whole paths held
+    48), and the key check adds its 8-byte hashes and one chunk of keys (goal: a few hundred MB at
+    ImageNet-21k's 13M images; tracemalloc counts numpy's buffers too)."""
+    import tracemalloc
+
+    from relabel_shards.sources import _check_unique, _TableBuilder
+
+    n, per = 200_000, 1300
+    names = [f"n{c:08d}" for c in range(-(-n // per))]
+    listings = [
+        [f"{d}/{d}_{i}.JPEG" for i in range(c * per, min(n, (c + 1) * per))] for c, d in enumerate(names)
+    ]
+    tracemalloc.start()
+    try:
+        builder = _TableBuilder()
+        for c, files in enumerate(listings):
+            builder.add_many(files, c)
+        table = builder.table("folder", "/r", None, "/r", names)
+        held, build_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        _check_unique(table)
+        _, check_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(table) == n and table.source(n - 1) == listings[-1][-1]
+    assert held / n < 16 and table.nbytes / n < 16, (held / n, table.nbytes / n)
+    assert build_peak / n < 18, build_peak / n
+    # the key check: 8 bytes a key for the hashes, plus a chunk of 65,536 keys in flight (~8 MB)
+    assert check_peak - held < 8 * n + 10 * 2**20, (check_peak - held) / n
